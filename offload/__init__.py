@@ -1,0 +1,18 @@
+"""offload: background work as a first-class part of Python web apps, on Celery."""
+
+from .context import current_task, progress
+from .core import Offload
+from .exceptions import BrokerUnavailable, ConfigurationError, NotAllowedError, OffloadError
+from .futures import Future
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "Future",
+    "NotAllowedError",
+    "Offload",
+    "OffloadError",
+    "current_task",
+    "progress",
+]
+__version__ = "0.1.0"

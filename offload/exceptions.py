@@ -1,0 +1,24 @@
+"""The exceptions offload raises, each saying what to do about it."""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base class of every error offload raises itself."""
+
+
+class ConfigurationError(OffloadError, ValueError):
+    """A setting has a value offload cannot use."""
+
+
+class NotAllowedError(OffloadError):
+    """A worker was asked to run a function outside the allow-list.
+
+    Raised on the worker (and so seen by the future's ``result()``) when a
+    message names a function that is neither registered with ``@off.task``
+    nor inside a package listed in ``OFFLOAD_ALLOW``.
+    """
+
+
+class BrokerUnavailable(OffloadError, ConnectionError):
+    """The broker could not be reached in time to send a task."""

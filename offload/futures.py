@@ -1,0 +1,357 @@
+"""``Future`` and the per-process result watcher.
+
+A :class:`Future` is a real :class:`concurrent.futures.Future`: it works with
+``wait``, ``as_completed``, ``add_done_callback`` and ``await``. It is
+completed by one :class:`ResultWatcher` per ``Offload`` per process, never by
+a thread or a subscription per future: on a Redis result backend the watcher
+holds one pub/sub connection (Celery publishes every state it stores), on
+other backends it polls all outstanding ids in one batch, quickly at first and
+more slowly while nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import Future as _BaseFuture
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import Any
+
+from celery import states
+from celery.exceptions import TaskRevokedError
+from celery.result import AsyncResult
+
+__all__ = ["Future", "ResultWatcher"]
+
+logger = logging.getLogger("offload.futures")
+
+_RUNNING_STATES = frozenset({states.STARTED, "PROGRESS"})
+
+
+class Future(_BaseFuture):
+    """The future of one task: a :class:`concurrent.futures.Future`.
+
+    Besides the standard API it has ``id``, ``state`` (Celery's state name)
+    and ``progress`` (the latest ``progress()`` report), and it can be
+    awaited.
+
+    >>> fut = off.submit(add, 1, 2)          # doctest: +SKIP
+    >>> fut.result(timeout=10)               # doctest: +SKIP
+    3
+    """
+
+    def __init__(self, async_result: AsyncResult, watcher: ResultWatcher | None = None) -> None:
+        super().__init__()
+        self._async_result = async_result
+        self._watcher = watcher
+        self._task_state: str = states.PENDING
+        self._progress: Any = None
+
+    def __repr__(self) -> str:
+        return f"<offload.Future {self.id} {self._task_state}>"
+
+    @property
+    def id(self) -> str:
+        """The task id, to look the task up again with ``off.get(id)``."""
+        return self._async_result.id
+
+    @property
+    def state(self) -> str:
+        """The task's Celery state: PENDING, STARTED, PROGRESS, SUCCESS, ..."""
+        return self._task_state
+
+    @property
+    def progress(self) -> Any:
+        """The meta of the latest ``progress()`` report, or None."""
+        return self._progress
+
+    @property
+    def async_result(self) -> AsyncResult:
+        """The Celery :class:`~celery.result.AsyncResult` behind this future."""
+        return self._async_result
+
+    def cancel(self) -> bool:
+        """Revoke the task if it has not started; False if it has.
+
+        A running task is never killed: ``cancel()`` returns False and the
+        task runs to its end, as ``concurrent.futures`` does for a running
+        call.
+        """
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state in (RUNNING, FINISHED):
+                return False
+        if self._watcher is not None:
+            # The watcher's view may lag behind the backend by a poll.
+            self._watcher.refresh(self)
+            if self._state in (RUNNING, FINISHED):
+                return False
+        self._async_result.revoke()
+        self._task_state = states.REVOKED
+        cancelled = super().cancel()
+        if self._watcher is not None:
+            self._watcher.forget(self)
+        return cancelled
+
+    def add_done_callback(self, fn: Callable[..., Any]) -> None:
+        """Call ``fn(future)`` when the task ends (``fn()`` is accepted too)."""
+        super().add_done_callback(_adapt_callback(fn))
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        # wrap_future hooks a done-callback and wakes the loop thread-safely:
+        # no thread is parked per awaited future.
+        return asyncio.wrap_future(self).__await__()
+
+    # The watcher's side -------------------------------------------------
+
+    def _apply_meta(self, meta: dict[str, Any]) -> bool:
+        """Take a backend meta dict; True once the future is done."""
+        state = meta.get("status") or states.PENDING
+        result = meta.get("result")
+        self._task_state = state
+        if state == "PROGRESS":
+            self._progress = result
+        if self.done():
+            return True
+        if state in _RUNNING_STATES:
+            with self._condition:
+                if self._state == PENDING:
+                    self._state = RUNNING
+            return False
+        if state == states.SUCCESS:
+            self._finish(result=result)
+            return True
+        if state in states.EXCEPTION_STATES and state != states.RETRY:
+            if state == states.REVOKED and self._state == PENDING and super().cancel():
+                return True
+            if not isinstance(result, BaseException):
+                result = TaskRevokedError(str(result)) if state == states.REVOKED else Exception(str(result))
+            self._finish(exception=result)
+            return True
+        return False
+
+    def _finish(self, result: Any = None, exception: BaseException | None = None) -> None:
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+        except Exception:  # InvalidStateError: cancelled locally meanwhile
+            pass
+
+
+def _adapt_callback(fn: Callable[..., Any]) -> Callable[[Future], Any]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn
+    takes_arg = any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+    if takes_arg:
+        return fn
+    return lambda _future: fn()
+
+
+class ResultWatcher:
+    """Completes every outstanding :class:`Future` of one backend in one thread."""
+
+    _MIN_POLL = 0.002
+    _MAX_POLL = 0.25
+    _SAFETY_POLL = 2.0  # push backends: re-read everything this often
+
+    def __init__(self, backend_factory: Callable[[], Any]) -> None:
+        self._backend_factory = backend_factory
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._pending: dict[str, Future] = {}
+        self._new: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def watch(self, future: Future) -> None:
+        """Complete ``future`` when its task ends."""
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the thread stayed in the parent
+                self._reset()
+            self._pending[future.id] = future
+            self._new.append(future.id)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="offload-result-watcher", daemon=True
+                )
+                self._thread.start()
+        self._wakeup.set()
+
+    def forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.pop(future.id, None)
+
+    def refresh(self, future: Future) -> None:
+        """Read ``future``'s state from the backend now."""
+        backend = self._backend_factory()
+        try:
+            meta = backend.get_task_meta(future.id, cache=False)
+        except Exception:
+            logger.debug("could not refresh %s", future.id, exc_info=True)
+            return
+        if future._apply_meta(meta):
+            self.forget(future)
+
+    # The thread ------------------------------------------------------------
+
+    def _take_new(self) -> list[str]:
+        with self._lock:
+            new, self._new = self._new, []
+            return new
+
+    def _snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self._pending)
+
+    def _deliver(self, task_id: str, meta: dict[str, Any] | None) -> None:
+        if not meta:
+            return
+        future = self._pending.get(task_id)
+        if future is not None and future._apply_meta(meta):
+            self.forget(future)
+
+    def _run(self) -> None:
+        backend = self._backend_factory()
+        strategy = _RedisPush(backend) if _is_redis(backend) else _BatchPoll(backend)
+        while True:
+            try:
+                strategy.run(self)
+            except Exception:
+                logger.warning("result watcher: backend error, retrying", exc_info=True)
+                strategy.reset()
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+                with self._lock:
+                    self._new = list(self._pending)
+
+
+def _is_redis(backend: Any) -> bool:
+    try:
+        from celery.backends.redis import RedisBackend
+    except ImportError:  # redis-py not installed
+        return False
+    return isinstance(backend, RedisBackend) and hasattr(backend, "client")
+
+
+class _BatchPoll:
+    """Reads all outstanding ids in one batch, backing off while idle."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.many = getattr(backend, "mget", None) is not None and hasattr(backend, "get_key_for_task")
+
+    def reset(self) -> None:
+        pass
+
+    def fetch(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        if self.many:
+            keys = [self.backend.get_key_for_task(i) for i in ids]
+            values = self.backend.mget(keys)
+            return {
+                task_id: self.backend.decode_result(value)
+                for task_id, value in zip(ids, values) if value
+            }
+        return {task_id: self.backend.get_task_meta(task_id, cache=False) for task_id in ids}
+
+    def run(self, watcher: ResultWatcher) -> None:
+        delay = ResultWatcher._MIN_POLL
+        seen: dict[str, str] = {}
+        while True:
+            if watcher._take_new():
+                delay = ResultWatcher._MIN_POLL
+            ids = watcher._snapshot()
+            if not ids:
+                seen.clear()
+                watcher._wakeup.wait(30)
+                watcher._wakeup.clear()
+                continue
+            changed = False
+            for start in range(0, len(ids), 500):
+                for task_id, meta in self.fetch(ids[start:start + 500]).items():
+                    status = meta.get("status")
+                    if seen.get(task_id) != status or status == "PROGRESS":
+                        changed = True
+                        seen[task_id] = status
+                    watcher._deliver(task_id, meta)
+            delay = ResultWatcher._MIN_POLL if changed else min(delay * 1.5, ResultWatcher._MAX_POLL)
+            if watcher._wakeup.wait(delay):
+                watcher._wakeup.clear()
+
+
+class _RedisPush:
+    """One pub/sub connection: Celery's Redis backend publishes each state it stores."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.pubsub: Any = None
+        self.channels: dict[bytes, str] = {}
+
+    def reset(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:
+                pass
+        self.pubsub = None
+        self.channels.clear()
+
+    def _read_stored(self, watcher: ResultWatcher, ids: list[str]) -> None:
+        for start in range(0, len(ids), 500):
+            batch = ids[start:start + 500]
+            keys = [self.backend.get_key_for_task(i) for i in batch]
+            for task_id, value in zip(batch, self.backend.client.mget(keys)):
+                if value:
+                    watcher._deliver(task_id, self.backend.decode_result(value))
+
+    def run(self, watcher: ResultWatcher) -> None:
+        self.pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+        last_safety = time.monotonic()
+        while True:
+            new = watcher._take_new()
+            if new:
+                keys = {bytes(self.backend.get_key_for_task(i)): i for i in new}
+                self.channels.update(keys)
+                self.pubsub.subscribe(*keys)
+                # Anything stored before the subscription took effect.
+                self._read_stored(watcher, new)
+            done = [ch for ch, task_id in self.channels.items() if task_id not in watcher._pending]
+            if done:
+                for channel in done:
+                    del self.channels[channel]
+                self.pubsub.unsubscribe(*done)
+            if not self.channels:
+                watcher._wakeup.wait(30)
+                watcher._wakeup.clear()
+                continue
+            # Wake at least every 50 ms to subscribe new ids promptly.
+            message = self.pubsub.get_message(timeout=0.05)
+            while message is not None:
+                if message.get("type") == "message":
+                    task_id = self.channels.get(bytes(message["channel"]))
+                    if task_id is not None:
+                        watcher._deliver(task_id, self.backend.decode_result(message["data"]))
+                message = self.pubsub.get_message(timeout=0)
+            if time.monotonic() - last_safety > ResultWatcher._SAFETY_POLL:
+                last_safety = time.monotonic()
+                self._read_stored(watcher, watcher._snapshot())
