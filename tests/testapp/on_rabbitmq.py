@@ -1,0 +1,4 @@
+from testapp import make
+
+off = make("rabbitmq")
+celery = off.celery
