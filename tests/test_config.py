@@ -1,0 +1,142 @@
+"""Setting spellings, coercion from ini strings, and warnings for typos."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from offload import ConfigurationError, Offload
+from offload.config import celery_key, coerce, read_settings
+
+
+@pytest.mark.parametrize("spelling", [
+    "CELERY_BROKER_URL", "celery.broker_url", "broker_url", "BROKER_URL",
+])
+def test_every_spelling_of_a_setting(spelling):
+    settings = read_settings({spelling: "redis://127.0.0.1:6379/3"})
+    assert settings.celery == {"broker_url": "redis://127.0.0.1:6379/3"}
+
+
+def test_old_uppercase_aliases():
+    assert celery_key("CELERY_ALWAYS_EAGER") == "task_always_eager"
+    assert celery_key("CELERY_RESULT_BACKEND") == "result_backend"
+    assert celery_key("CELERY_TASK_SERIALIZER") == "task_serializer"
+
+
+def test_strings_from_ini_files_take_celerys_types():
+    settings = read_settings({
+        "celery.task_always_eager": "true",
+        "celery.worker_prefetch_multiplier": "4",
+        "celery.task_default_rate_limit": "10/m",
+        "celery.broker_connection_timeout": "2.5",
+        "celery.accept_content": "json, yaml",
+        "celery.broker_transport_options": '{"visibility_timeout": 30}',
+        "celery.worker_concurrency": "3",
+    })
+    assert settings.celery == {
+        "task_always_eager": True,
+        "worker_prefetch_multiplier": 4,
+        "task_default_rate_limit": "10/m",
+        "broker_connection_timeout": 2.5,
+        "accept_content": ["json", "yaml"],
+        "broker_transport_options": {"visibility_timeout": 30},
+        "worker_concurrency": 3,
+    }
+
+
+def test_a_wrong_typed_string_is_a_clear_error():
+    with pytest.raises(ConfigurationError, match="worker_prefetch_multiplier.*int"):
+        coerce("worker_prefetch_multiplier", "four")
+
+
+def test_unknown_celery_key_warns_with_the_closest_valid_key():
+    with pytest.warns(UserWarning, match="CELERY_BROKR_URL.*did you mean CELERY_BROKER_URL"):
+        read_settings({"CELERY_BROKR_URL": "redis://"})
+
+
+def test_framework_keys_are_ignored_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settings = read_settings({"DEBUG": True, "SECRET_KEY": "x", "SQLALCHEMY_DATABASE_URI": "y"})
+    assert settings.celery == {}
+
+
+def test_offloads_own_keys():
+    settings = read_settings({
+        "CELERY_START_LOCAL_WORKERS": "yes",
+        "CELERY_WORKERS": "foo, bar",
+        "CELERY_QUEUES": ["low-priority", "high-priority"],
+        "CELERY_ROUTES": {"core.tasks.quick_task": {"queue": "quick_queue"}},
+        "OFFLOAD_ALLOW": "billing reports",
+    })
+    assert settings.start_local_workers is True
+    assert settings.workers == ["foo", "bar"]
+    assert settings.queues == ["low-priority", "high-priority"]
+    assert settings.routes == {"core.tasks.quick_task": {"queue": "quick_queue"}}
+    assert settings.allow == ["billing", "reports"]
+    assert read_settings({"CELERY_WORKERS": "2"}).workers == 2
+    assert read_settings({"CELERY_WORKERS": {"foo": {"concurrency": 10}}}).workers == {
+        "foo": {"concurrency": 10}}
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, object()])
+def test_bad_workers_value(value):
+    with pytest.raises(ConfigurationError, match="CELERY_WORKERS"):
+        read_settings({"CELERY_WORKERS": value})
+
+
+def test_config_must_be_a_mapping():
+    with pytest.raises(ConfigurationError, match="must be a mapping"):
+        Offload(["broker_url"])
+
+
+def test_pickle_is_refused_unless_opted_in(tmp_path):
+    with pytest.raises(ConfigurationError, match="OFFLOAD_ALLOW_PICKLE"):
+        Offload({"CELERY_TASK_SERIALIZER": "pickle", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigurationError, match="OFFLOAD_ALLOW_PICKLE"):
+        Offload({"celery.accept_content": "json,pickle", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    off = Offload({"CELERY_TASK_SERIALIZER": "pickle", "CELERY_ACCEPT_CONTENT": ["pickle", "json"],
+                   "OFFLOAD_ALLOW_PICKLE": True, "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert off.celery.conf.task_serializer == "pickle"
+
+
+def test_json_and_reliability_defaults(tmp_path):
+    off = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/9"})
+    conf = off.celery.conf
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.result_backend == "redis://127.0.0.1:6379/9"
+    assert conf.broker_transport_options["visibility_timeout"] <= 30
+
+
+def test_defaults_are_overridable():
+    off = Offload({
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/9",
+        "CELERY_TASK_ACKS_LATE": False,
+        "CELERY_BROKER_TRANSPORT_OPTIONS": {"visibility_timeout": 3600},
+    })
+    assert off.celery.conf.task_acks_late is False
+    assert off.celery.conf.broker_transport_options["visibility_timeout"] == 3600
+
+
+def test_no_global_celery_app_leaks():
+    import celery
+
+    before = celery.current_app._get_current_object()
+    Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/9"})
+    assert celery.current_app._get_current_object() is before
+
+
+def test_flask_config_is_read(tmp_path):
+    import flask
+
+    app = flask.Flask(__name__, instance_path=str(tmp_path / "instance"))
+    app.config["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/9"
+    off = Offload()
+    off.init_app(app)
+    assert off.celery.conf.broker_url == "redis://127.0.0.1:6379/9"
+    assert app.extensions["offload"] is off
+    assert off.settings.data_dir == str(tmp_path / "instance")
+    assert Offload(app).celery.conf.broker_url == "redis://127.0.0.1:6379/9"

@@ -1,0 +1,138 @@
+"""offload.Future on real workers: the concurrent.futures contract, and one
+shared result watcher per process."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+from celery.exceptions import TaskRevokedError
+
+from offload import Future
+from testapp import add, crunch, div, noop, sleep_then
+
+
+def wait_until(predicate, timeout=30.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_is_a_concurrent_future(off):
+    future = off.submit(add, 1, 2)
+    assert isinstance(future, concurrent.futures.Future) and isinstance(future, Future)
+    assert future.result(timeout=30) == 3
+    assert future.id and future.state == "SUCCESS"
+    assert off.get(future.id).result(timeout=30) == 3
+
+
+def test_task_exception_keeps_type_and_message(off):
+    future = off.submit(div, 1, 0)
+    with pytest.raises(ZeroDivisionError, match="division by zero"):
+        future.result(timeout=30)
+    assert isinstance(future.exception(timeout=1), ZeroDivisionError)
+    assert future.state == "FAILURE"
+
+
+def test_result_timeout_raises_timeouterror(off):
+    future = off.submit(sleep_then, 3)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert future.result(timeout=30) is None
+
+
+def test_running_is_true_only_once_started(off):
+    blocker = off.submit(sleep_then, 1.5)
+    assert not blocker.running()
+    assert wait_until(blocker.running, 30), blocker.state
+    assert blocker.state == "STARTED"
+    # A running task is never killed by cancel().
+    assert blocker.cancel() is False
+    assert blocker.result(timeout=30) is None
+
+
+def test_cancel_revokes_a_task_that_has_not_started(off):
+    # Occupy both pool processes, then queue one more behind them.
+    busy = [off.submit(sleep_then, 2) for _ in range(2)]
+    assert wait_until(lambda: all(f.running() for f in busy), 30)
+    queued = off.submit(add, 40, 2)
+    assert queued.cancel() is True
+    assert queued.cancelled() and queued.done()
+    with pytest.raises(concurrent.futures.CancelledError):
+        queued.result(timeout=1)
+    for f in busy:
+        f.result(timeout=30)
+    # The revoked task never ran: Celery records it as REVOKED.
+    assert wait_until(lambda: off.celery.AsyncResult(queued.id).state == "REVOKED", 30)
+
+
+def test_revoked_elsewhere_completes_the_future(off):
+    busy = [off.submit(sleep_then, 1.5) for _ in range(2)]
+    queued = off.submit(add, 1, 1)
+    off.celery.control.revoke(queued.id)
+    for f in busy:
+        f.result(timeout=30)
+    with pytest.raises((concurrent.futures.CancelledError, TaskRevokedError)):
+        queued.result(timeout=30)
+
+
+def test_done_callbacks_fire_without_result_calls(off):
+    fired = threading.Event()
+    off.submit(add, 1, 1).add_done_callback(lambda fut: fired.set())
+    assert fired.wait(30)
+
+
+def test_wait_and_as_completed(off):
+    futures = [off.submit(add, i, 1) for i in range(5)] + [off.submit(div, 1, 0)]
+    done, not_done = concurrent.futures.wait(futures, timeout=30)
+    assert not not_done
+    first_error = concurrent.futures.wait(
+        [off.submit(sleep_then, 5), off.submit(div, 1, 0)], timeout=30,
+        return_when=concurrent.futures.FIRST_EXCEPTION)
+    assert any(isinstance(f.exception(), ZeroDivisionError) for f in first_error.done)
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures[:5], timeout=30)) == [1, 2, 3, 4, 5]
+
+
+def test_await(off):
+    async def main():
+        return await asyncio.gather(off.submit(add, 1, 2), off.submit(add, 3, 4))
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == [3, 7]
+
+
+def test_progress_is_visible_on_the_future(off):
+    future = off.submit(crunch, 30, 0.05)
+    assert wait_until(lambda: future.progress is not None, 30)
+    seen = future.progress
+    assert seen["total"] == 30 and seen["message"] == "crunching"
+    assert future.running()
+    assert future.result(timeout=30) is True
+    # Polling backends may miss the last report before SUCCESS overwrites it.
+    assert future.progress["message"] in ("crunching", "done")
+
+
+def test_a_thousand_futures_share_one_watcher_thread(redis_off):
+    redis_off.submit(noop).result(timeout=30)  # the watcher thread exists now
+    threads_before = threading.active_count()
+    futures = [redis_off.submit(noop) for _ in range(1000)]
+    assert threading.active_count() <= threads_before
+    done, not_done = concurrent.futures.wait(futures, timeout=120)
+    assert not not_done
+    assert threading.active_count() <= threads_before
+    watchers = [t for t in threading.enumerate() if t.name == "offload-result-watcher"]
+    assert len(watchers) <= 3  # at most one per Offload in this process
+
+
+def test_get_rejects_a_bad_id(redis_off):
+    with pytest.raises(ValueError, match="non-empty string"):
+        redis_off.get("")
+    with pytest.raises(ValueError):
+        redis_off.get(None)
