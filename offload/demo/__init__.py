@@ -1,0 +1,166 @@
+"""``offload demo``: seed 001's ledger app on the embedded broker.
+
+>>> import offload.demo
+>>> offload.demo.run(host="127.0.0.1", port=8000)   # doctest: +SKIP
+
+serves ``/append``, ``/total`` and ``/result`` with a plain threaded WSGI
+server (the standard library's ``wsgiref``) and a local worker started and
+stopped with it. The app itself is :mod:`offload.demo.app`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+__all__ = ["run"]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """wsgiref's server, one thread per request (a slow client blocks no one)."""
+
+    daemon_threads = True
+    # The demo restarts often; don't wait out TIME_WAIT on the port.
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Access log lines on stderr, without the reverse DNS look-up per request."""
+
+    def address_string(self) -> str:
+        return str(self.client_address[0])
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = None) -> None:
+    """Serve the ledger demo on ``host:port`` with a local worker until Ctrl-C or SIGTERM.
+
+    Parameters:
+        host: the interface to listen on (loopback by default: the demo has
+            no authentication).
+        port: the TCP port.
+        data_dir: where the embedded broker, the results and the ledger live
+            (default: ``$OFFLOAD_DEMO_DATA_DIR``, else a per-user folder under
+            the system temp folder).
+
+    The worker is stopped when the server stops, whatever stopped it.
+    """
+    if data_dir is not None:
+        os.environ["OFFLOAD_DEMO_DATA_DIR"] = os.path.abspath(data_dir)
+    # Imported here, after the environment is set: the module-level Offload
+    # reads its data folder from it.
+    from . import app as demo
+
+    wanted = demo.default_data_dir()
+    if demo.off.settings.data_dir != wanted:  # imported earlier with another folder
+        demo.off.configure(demo.demo_config(wanted))
+    # The worker processes read the same variable: one ledger for both.
+    os.environ["OFFLOAD_DEMO_DATA_DIR"] = wanted
+
+    # Bind before starting a worker: a busy port fails fast, leaving nothing behind.
+    server = make_server(host, port, demo.application,
+                         server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        stop_workers = _start_workers(demo.off)
+    except BaseException:
+        server.server_close()
+        raise
+    try:
+        _print_banner(server, wanted)
+        with _stop_on_signals():
+            server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with _ignore_signals():  # a second Ctrl-C must not orphan the worker
+            print("offload demo: stopping the worker...", file=sys.stderr, flush=True)
+            server.server_close()
+            stop_workers()
+
+
+def _base_url(server: WSGIServer) -> str:
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in str(host) else host
+    return f"http://{shown}:{port}"
+
+
+def _print_banner(server: WSGIServer, data_dir: str) -> None:
+    base = _base_url(server)
+    print(
+        f"offload demo: the ledger app on {base}/ (data in {data_dir})\n"
+        "Try:\n"
+        f"  curl '{base}/append?value=10'\n"
+        f"  curl '{base}/append?value=32'\n"
+        f"  curl '{base}/total?delay=2'          # answers a task id\n"
+        f"  curl '{base}/result?id=<task id>'    # Pending..., then 42\n"
+        "Press Ctrl-C to stop.",
+        flush=True,
+    )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so both end ``serve_forever`` the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _ignore_signals() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _start_workers(off: Any) -> Callable[[], None]:
+    """Start the demo's local worker; return the function that stops it."""
+    try:
+        from offload.workers import LocalWorkers  # noqa: F401
+    except ImportError:
+        return _start_celery_worker()
+    off.start()
+    return off.stop
+
+
+def _start_celery_worker() -> Callable[[], None]:
+    """One ``celery worker`` subprocess (used until offload.workers is available)."""
+    args = [sys.executable, "-m", "celery", "-A", "offload.demo.app", "worker",
+            "-n", "demo@%h", "-c", "2", "-l", "warning", "--without-gossip", "--without-mingle"]
+    # Its own session: Ctrl-C reaches only the demo, which then stops the
+    # worker once (a second SIGINT would make Celery cold-stop mid-task).
+    proc = subprocess.Popen(args, start_new_session=True)
+
+    def stop(timeout: float = 15.0) -> None:
+        if proc.poll() is not None:
+            return
+        proc.terminate()  # warm shutdown: the pool finishes what it runs
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the pool processes too
+            proc.wait(5)
+
+    return stop
