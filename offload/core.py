@@ -64,7 +64,7 @@ REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {
     "visibility_timeout": 20,
     "unacked_restore_interval": 2,
     "unacked_restore_throttle": 1,
-    "socket_timeout": 10,
+    "socket_timeout": 3,
     "socket_connect_timeout": 2,
 }
 
@@ -120,6 +120,8 @@ class Offload:
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
         self._workers: Any = None
         self._exposed: dict[str, Any] = {}
+        self._task_queues: dict[str, str] = {}
+        self._has_routes = False
         self._allow = AllowList(())
         self.celery = Celery(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
@@ -132,8 +134,10 @@ class Offload:
                 raise TypeError("offload.dispatch takes (reference, list of args, dict of kwargs)")
             return allow.resolve(ref)(*args, **kwargs)
 
+        # shared=False: Celery would otherwise add the task to every app
+        # created later in the process, and two Offloads would share one.
         self._dispatcher = self.celery.task(
-            name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True,
+            name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True, shared=False,
         )(dispatch)
         self._watcher = ResultWatcher(lambda: self.celery.backend)
         self.settings = Settings()
@@ -174,8 +178,14 @@ class Offload:
             default = celery_settings.get("task_default_queue", "celery")
             names = [default] + [q for q in settings.queues if q != default]
             celery_settings["task_queues"] = [Queue(name, routing_key=name) for name in names]
+        # Queues given to @off.task(queue=...) come first; a router function
+        # reads them live, so tasks registered after configuration count too.
+        user_routes = celery_settings.get("task_routes") or settings.routes or ()
+        if isinstance(user_routes, (dict, str)) or callable(user_routes):
+            user_routes = (user_routes,)
+        celery_settings["task_routes"] = (self._route_registered, *user_routes)
         if settings.routes:
-            celery_settings["task_routes"] = settings.routes
+            self._has_routes = True
         if settings.allow is not None:
             packages = settings.allow
         else:
@@ -183,6 +193,11 @@ class Offload:
         self._allow.packages = tuple(packages)
         self.settings = settings
         self.celery.conf.update(celery_settings)
+
+    def _route_registered(self, name: str, args: Any, kwargs: Any, options: Any,
+                          task: Any = None, **kw: Any) -> dict[str, str] | None:
+        queue = self._task_queues.get(name)
+        return {"queue": queue} if queue else None
 
     def _own_package(self) -> str | None:
         module = self.import_name
@@ -266,9 +281,10 @@ class Offload:
             raise TypeError(f"task name must be a non-empty string, got {name!r}")
 
         def register(func: Callable[..., Any]) -> Any:
-            if queue is not None:
-                options["queue"] = queue
+            options.setdefault("shared", False)
             task = self.celery.task(name=name, expose=bool(expose), **options)(func)
+            if queue is not None:
+                self._task_queues[task.name] = queue
             self._allow.register(func)
             if expose:
                 self._exposed[name or f"{func.__module__}.{func.__qualname__}"] = task
@@ -325,7 +341,7 @@ class Offload:
             else:
                 ref = reference(fn)
                 dotted = ref.replace(":", ".")
-                if self.settings.routes and "queue" not in options:
+                if self._has_routes and "queue" not in options:
                     route = self.celery.amqp.router.route({}, dotted, args, kwargs)
                     if route.get("queue") is not None:
                         options = {**options, "queue": route["queue"]}

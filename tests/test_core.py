@@ -1,0 +1,155 @@
+"""Offload's submit/map/options/get/task on real workers, eager mode, and
+what happens with bad input or a broker that is not there."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from offload import BrokerUnavailable, Offload, current_task, progress
+from testapp import add, crunch, div, mul, whoami
+
+
+def test_registered_task_keeps_celerys_api_and_gains_submit(off):
+    task = off.celery.tasks["testapp.mul"]
+    assert task.delay(3, 4).get(timeout=30) == 12
+    assert task.apply_async((2, 5)).get(timeout=30) == 10
+    assert task.submit(3, 5).result(timeout=30) == 15
+    assert off.submit(task, 6, 7).result(timeout=30) == 42
+
+
+def test_task_decorator_bare_and_with_arguments(tmp_path):
+    off = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path)})
+    other = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path)})
+
+    @off.task
+    def bare(x):
+        return x + 1
+
+    @off.task(name="custom.name", queue="high", expose=True)
+    def named(x):
+        return x * 2
+
+    assert bare.delay(1).get() == 2
+    assert named.name == "custom.name" and named.expose is True
+    assert off.celery.amqp.router.route({}, "custom.name")["queue"].name == "high"
+    # Tasks belong to their own Offload only: no Celery "shared" task leaks.
+    assert "custom.name" not in other.celery.tasks
+    assert bare.expose is False
+    assert off.exposed_tasks == {"custom.name": named}
+    assert named.submit(4).result(timeout=5) == 8
+    with pytest.raises(TypeError, match="decorates a function"):
+        off.task(42)
+    with pytest.raises(TypeError, match="task name"):
+        off.task(name="")
+
+
+def test_options_and_reserved_queue_keyword(off):
+    assert off.options(countdown=0.5).submit(add, 1, 2).result(timeout=30) == 3
+    # `queue` is reserved: it names the queue, it is not passed to the function.
+    default_queue = off.celery.conf.task_default_queue
+    assert off.submit(add, 1, 2, queue=default_queue).result(timeout=30) == 3
+    assert off.options(queue=default_queue).map(add, [[1, 1], {"x": 2, "y": 2}])[1].result(timeout=30) == 4
+    with pytest.raises(TypeError, match="unknown submit option"):
+        off.options(colour="red")
+
+
+def test_countdown_delays_the_start(off):
+    started = time.monotonic()
+    future = off.options(countdown=1).submit(add, 1, 1)
+    assert future.result(timeout=30) == 2
+    assert time.monotonic() - started >= 0.9
+
+
+def test_map_accepts_args_kwargs_and_single_values(off):
+    futures = off.map(add, [[1, 2], (3, 4), {"x": 5, "y": 6}])
+    assert [f.result(timeout=30) for f in futures] == [3, 7, 11]
+    assert [f.result(timeout=30) for f in off.map(mul.__wrapped__ if hasattr(mul, "__wrapped__") else mul, [[2, 3]])] == [6]
+
+
+def test_routes_apply_to_submitted_functions(redis_off, data_root):
+    """CELERY_ROUTES names functions by dotted path, as Celery names tasks."""
+    from conftest import WorkerProcess, wait_ready
+    from testapp import test_id
+    from testapp.routes_app import ROUTED_QUEUE, off
+
+    worker = WorkerProcess("testapp.routes_app", f"routes-{test_id()}@%h", data_root / "routed.log",
+                           concurrency=1, queues=ROUTED_QUEUE)
+    try:
+        # add is not routed: the default queue's worker (not this one) runs it.
+        assert off.submit(whoami, queue=redis_off.celery.conf.task_default_queue).result(
+            timeout=30).startswith("redis-")
+        assert off.submit(whoami).result(timeout=30).startswith("routes-")
+    finally:
+        worker.stop()
+
+
+def test_current_task_is_falsy_outside_a_task():
+    assert not current_task
+    assert progress(1, 2) is False
+
+
+def test_status_updates_from_the_seed(off):
+    # current_task.update_state works (seed 002 "Status Updates").
+    assert off.submit(crunch, 3).result(timeout=30) is True
+
+
+class TestEagerMode:
+    def make(self, tmp_path):
+        return Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path),
+                        "OFFLOAD_ALLOW": ["testapp"]})
+
+    def test_submit_runs_in_process(self, tmp_path):
+        off = self.make(tmp_path)
+        future = off.submit(add, 1, y=2)
+        assert future.done() and future.result() == 3 and future.state == "SUCCESS"
+
+    def test_exception_is_held_by_the_future(self, tmp_path):
+        future = self.make(tmp_path).submit(div, 1, 0)
+        assert future.done()
+        with pytest.raises(ZeroDivisionError):
+            future.result()
+
+    def test_map_and_progress(self, tmp_path):
+        off = self.make(tmp_path)
+        assert [f.result() for f in off.map(add, [[1, 2], [3, 4]])] == [3, 7]
+        assert off.submit(crunch, 3).result() is True
+
+    def test_old_spelling_from_an_ini_file(self, tmp_path):
+        off = Offload({"CELERY_ALWAYS_EAGER": "true", "OFFLOAD_DATA_DIR": str(tmp_path),
+                       "OFFLOAD_ALLOW": "testapp"})
+        assert off.submit(add, 2, 2).result() == 4
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_unreachable_broker_fails_fast(scheme):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    url = f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"amqp://guest:guest@127.0.0.1:{port}//"
+    off = Offload({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/9"})
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="unreachable"):
+        off.submit(add, 1, 2)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_silent_broker_fails_within_five_seconds(scheme):
+    # A server that accepts connections and never answers (a hung broker).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"amqp://guest:guest@127.0.0.1:{port}//"
+    off = Offload({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/9"})
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            off.submit(add, 1, 2)
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
