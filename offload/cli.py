@@ -1,0 +1,386 @@
+"""The ``offload`` command, and the same commands as ``flask offload``.
+
+::
+
+    offload --app myproject.tasks:off worker -n foo -Q high -c 4
+    offload --app "myproject:create_app" cluster     # every CELERY_WORKERS + Flower
+    offload --app development.ini status             # a Pyramid app
+    offload inspect registered --json                # OFFLOAD_APP / FLASK_APP
+    flask --app myproject offload status
+
+The app comes from ``--app``, else ``OFFLOAD_APP``, else ``FLASK_APP`` (see
+:mod:`offload._boot` for the accepted forms). Monitoring commands ask the
+workers through Celery's control API from this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from ._boot import AppNotFound, find_offload, load_default, spec_from_env
+from .exceptions import OffloadError
+from .workers import BOOT_APP, INSPECT_TARGETS, WorkerSpec, inspect, status
+
+__all__ = ["flask_group", "main"]
+
+
+class _AppError(click.ClickException):
+    """The app could not be found: a usage error, shown without a traceback."""
+
+    exit_code = 2
+
+
+class _Target:
+    """How the commands of one invocation get their Offload (loaded once, lazily)."""
+
+    def __init__(self, spec: str | None = None, loader: Callable[[], Any] | None = None) -> None:
+        self.spec = spec
+        self._loader = loader
+        self._off: Any = None
+
+    def load(self) -> Any:
+        if self._off is not None:
+            return self._off
+        try:
+            if self._loader is not None:
+                off = self._loader()
+            elif self.spec:
+                off = find_offload(self.spec)
+            else:
+                off = load_default()
+        except AppNotFound as exc:
+            raise _AppError(str(exc)) from None
+        spec = self.spec or spec_from_env()
+        if spec and not os.environ.get("OFFLOAD_APP"):
+            # Worker processes must import the app the way this command did.
+            is_ini = spec.partition("#")[0].endswith(".ini")
+            path, sep, rest = spec.partition("#" if is_ini else ":")
+            if path.endswith((".py", ".ini")):
+                spec = os.path.abspath(path) + sep + rest
+            off.workers.app_spec = spec
+        self._off = off
+        return off
+
+
+def _offload(ctx: click.Context) -> Any:
+    target = ctx.find_object(_Target)
+    if target is None:  # a command invoked outside our groups
+        target = ctx.ensure_object(_Target)
+    return target.load()
+
+
+def _fail_on_offload_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Show offload's own errors (they say what to do) without a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OffloadError as exc:
+            if isinstance(exc, AppNotFound):
+                raise _AppError(str(exc)) from None
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _emit(as_json: bool, event: str, text: str, **data: Any) -> None:
+    """One status line on stderr, or one JSON object per line on stdout (--json)."""
+    if as_json:
+        click.echo(json.dumps({"event": event, **data}))
+    else:
+        _say(text)
+
+
+# worker ------------------------------------------------------------------------------
+
+@click.command()
+@click.option("-n", "--name", help="Node name (foo or foo@%h). A name from CELERY_WORKERS "
+              "starts that worker with its configured options.")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: the app's).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool processes.")
+@click.option("-l", "--loglevel", default=None,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+              help="Log level (default INFO).")
+@click.option("-P", "--pool", default=None, help="Pool implementation (prefork, threads, solo, ...).")
+@click.pass_context
+@_fail_on_offload_errors
+def worker(ctx: click.Context, name: str | None, queues: str | None, concurrency: int | None,
+           loglevel: str | None, pool: str | None) -> None:
+    """Run one worker in the foreground (Ctrl-C stops it)."""
+    off = _offload(ctx)
+    from .workers import worker_specs
+
+    configured: WorkerSpec | None = None
+    if name:
+        configured = next((s for s in off.workers.specs if s.name == name.partition("@")[0]), None)
+        if configured is None:
+            configured = worker_specs([name])[0]
+    args = list(configured.args) if configured else ["--loglevel", "INFO"]
+    overrides = {"--concurrency": concurrency, "--queues": queues,
+                 "--loglevel": loglevel.upper() if loglevel else None, "--pool": pool}
+    for flag, value in overrides.items():
+        if value is None:
+            continue
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+    # A task that submits must not start local workers from inside a worker.
+    os.environ["OFFLOAD_IN_WORKER"] = "1"
+    off.celery.worker_main(["worker", *args])
+
+
+# cluster -----------------------------------------------------------------------------
+
+def _flower_installed() -> bool:
+    return importlib.util.find_spec("flower") is not None
+
+
+def _start_flower(off: Any, address: str, port: int) -> subprocess.Popen[bytes]:
+    app_spec, folders = off.workers.resolve_app_spec()
+    env = dict(os.environ)
+    env.update({
+        "OFFLOAD_APP": app_spec,
+        "OFFLOAD_PARENT_PID": str(os.getpid()),  # its watchdog, as for workers
+        "PYTHONPATH": os.pathsep.join([*dict.fromkeys(folders), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    off.workers.folder.mkdir(parents=True, exist_ok=True)
+    with open(off.workers.folder / "flower.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", BOOT_APP, "flower",
+             f"--address={address}", f"--port={port}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, close_fds=True)
+
+
+class _Backoff:
+    """Restart a crashing worker at once, then ever more slowly (up to 30 s)."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, list[float]] = {}
+
+    def delay(self, name: str) -> float:
+        now = time.monotonic()
+        recent = [t for t in self._recent.get(name, []) if now - t < 60]
+        self._recent[name] = recent + [now]
+        return 0.0 if not recent else min(30.0, 2.0 ** len(recent))
+
+
+@click.command()
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every worker.")
+@click.option("--flower/--no-flower", default=True, show_default=True,
+              help="Also run Flower (when it is installed).")
+@click.option("--flower-address", default="127.0.0.1", show_default=True)
+@click.option("--flower-port", default=5555, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Events as JSON lines on stdout.")
+@click.pass_context
+@_fail_on_offload_errors
+def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: str,
+            flower_port: int, as_json: bool) -> None:
+    """Run every worker of CELERY_WORKERS (and Flower) until Ctrl-C, restarting any that dies."""
+    off = _offload(ctx)
+    workers = off.workers
+    specs = workers.specs
+    if not workers.acquire():
+        raise click.ClickException(
+            f"the workers of this app are already run by process {workers.owner_pid()} "
+            f"(it holds {workers.folder / 'starter.lock'}); stop it first")
+    stop = threading.Event()
+    wake = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+        wake.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A dying child wakes the supervisor at once instead of at its next check.
+    previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: wake.set())
+    flower_proc = None
+    try:
+        _emit(as_json, "starting", f"starting {len(specs)} worker(s): "
+              + ", ".join(s.nodename for s in specs) + f" (logs in {workers.folder})",
+              workers=[s.nodename for s in specs], logs=str(workers.folder))
+        workers.ensure_started()
+        if as_json:
+            workers.wait_ready(timeout)
+        else:
+            with click.progressbar(length=len(specs), label="waiting for workers", file=sys.stderr,
+                                   show_pos=True) as bar:
+                def advance(answered: set[str], _specs: list[WorkerSpec]) -> None:
+                    bar.update(len(answered) - bar.pos)
+                workers.wait_ready(timeout, progress=advance)
+        _emit(as_json, "ready", "all workers answer: " + json.dumps(workers.running()),
+              workers=workers.running())
+        if flower and _flower_installed():
+            flower_proc = _start_flower(off, flower_address, flower_port)
+            _emit(as_json, "flower", f"Flower on http://{flower_address}:{flower_port} "
+                  f"(log: {workers.folder / 'flower.log'})", url=f"http://{flower_address}:{flower_port}")
+        elif flower:
+            _emit(as_json, "flower", "Flower is not installed (pip install offload[flower])", url=None)
+        backoff = _Backoff()
+        due: dict[str, float] = {}
+        while not stop.is_set():
+            wake.wait(timeout=min([1.0] + [max(0.05, t - time.monotonic()) for t in due.values()]))
+            wake.clear()
+            if stop.is_set():
+                break
+            for name, code in workers.dead().items():
+                if name not in due:
+                    delay = backoff.delay(name)
+                    due[name] = time.monotonic() + delay
+                    _emit(as_json, "died", f"worker {name} exited with code {code}; restarting "
+                          f"in {delay:g}s (log: {workers.log_path(name)})",
+                          worker=name, exit_code=code, restart_in=delay)
+            for name, when in list(due.items()):
+                if when <= time.monotonic():
+                    del due[name]
+                    pid = workers.restart(name)
+                    _emit(as_json, "restarted", f"worker {name} restarted (pid {pid})",
+                          worker=name, pid=pid)
+            if flower_proc is not None and flower_proc.poll() is not None:
+                _emit(as_json, "flower-died", f"Flower exited with code {flower_proc.returncode}; "
+                      f"see {workers.folder / 'flower.log'}", exit_code=flower_proc.returncode)
+                flower_proc = None
+    finally:
+        _emit(as_json, "stopping", "stopping the workers (warm shutdown)")
+        if flower_proc is not None:
+            flower_proc.terminate()
+        workers.stop()
+        if flower_proc is not None:
+            try:
+                flower_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(flower_proc.pid, signal.SIGKILL)
+                flower_proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _emit(as_json, "stopped", "stopped")
+
+
+# monitoring --------------------------------------------------------------------------
+
+@click.command("status")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
+@click.option("--json", "as_json", is_flag=True, help="Compact one-line JSON.")
+@click.pass_context
+@_fail_on_offload_errors
+def status_command(ctx: click.Context, timeout: float, as_json: bool) -> None:
+    """Ping every worker; print the JSON of off.status(). Exit 1 when none answers."""
+    result = status(_offload(ctx).celery, timeout=timeout)
+    click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    if not result["ping"]:
+        _say("no worker answered (is one running? `offload worker` or `offload cluster`)")
+        ctx.exit(1)
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    for node, items in result.items():
+        click.echo(f"{node}:")
+        if isinstance(items, list):
+            for item in items or ["(none)"]:
+                click.echo(f"  {item if isinstance(item, str) else json.dumps(item)}")
+        else:
+            click.echo("  " + json.dumps(items, indent=2).replace("\n", "\n  "))
+
+
+@click.command("inspect")
+@click.argument("what", type=click.Choice(INSPECT_TARGETS), metavar="WHAT")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
+@click.option("--json", "as_json", is_flag=True, help="Print the replies as JSON.")
+@click.pass_context
+@_fail_on_offload_errors
+def inspect_command(ctx: click.Context, what: str, timeout: float, as_json: bool) -> None:
+    """Ask every worker about WHAT: active, scheduled, reserved, revoked, registered,
+    stats or active_queues. Exit 1 when none answers."""
+    result = inspect(_offload(ctx).celery, what, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_human(result)
+    if not result:
+        _say("no worker answered (is one running? `offload worker` or `offload cluster`)")
+        ctx.exit(1)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+@_fail_on_offload_errors
+def flower(ctx: click.Context, address: str, port: int, flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this app (extra arguments go to Flower)."""
+    if not _flower_installed():
+        raise click.ClickException("Flower is not installed: pip install 'offload[flower]'")
+    off = _offload(ctx)
+    _say(f"Flower on http://{address}:{port}")
+    off.celery.start(["flower", f"--address={address}", f"--port={port}", *flower_args])
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def demo(host: str, port: int) -> None:
+    """Run offload's demo web app (with its own local worker)."""
+    try:
+        from .demo import run
+    except ImportError as exc:
+        raise click.ClickException(f"the demo is not available: {exc}") from None
+    run(host=host, port=port)
+
+
+_COMMANDS = (worker, cluster, status_command, inspect_command, flower, demo)
+
+
+@click.group()
+@click.option("-A", "--app", "app_spec", metavar="SPEC",
+              help="module:attr naming an Offload, a Flask app or app factory, or a Pyramid "
+                   ".ini file (default: $OFFLOAD_APP, then $FLASK_APP).")
+@click.version_option(__version__, prog_name="offload")
+@click.pass_context
+def main(ctx: click.Context, app_spec: str | None) -> None:
+    """Run and watch offload's workers."""
+    ctx.obj = _Target(app_spec)
+
+
+@click.group("offload")
+@click.pass_context
+def flask_group(ctx: click.Context) -> None:
+    """Run and watch offload's workers for this Flask app."""
+    from flask.cli import ScriptInfo
+
+    info = ctx.find_object(ScriptInfo)
+
+    def load() -> Any:
+        app = info.load_app() if info is not None else None
+        found = getattr(app, "extensions", {}).get("offload")
+        if found is None:
+            raise AppNotFound(f"the Flask app {app!r} has no Offload: call off.init_app(app) "
+                              "(or Offload(app)) in it")
+        return found
+
+    spec = info.app_import_path if info is not None else None
+    ctx.obj = _Target(spec, loader=load)
+
+
+for _command in _COMMANDS:
+    main.add_command(_command)
+    flask_group.add_command(_command)
