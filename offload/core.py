@@ -23,6 +23,7 @@ from .config import Settings, read_settings
 from .dispatch import DISPATCH_TASK, AllowList, reference
 from .exceptions import BrokerUnavailable, ConfigurationError
 from .futures import Future, ResultWatcher
+from .reliability import RedisLeaseRenewal
 
 __all__ = ["Offload"]
 
@@ -57,13 +58,17 @@ RELIABILITY_DEFAULTS: dict[str, Any] = {
 }
 
 #: Redis broker: a message taken by a worker that died becomes visible again
-#: after ``visibility_timeout`` (kombu's default is an hour). offload's workers
-#: renew the lease of the messages they hold (offload.reliability), so a long
-#: task is not delivered twice however short this is.
+#: after ``visibility_timeout`` (kombu's default is an hour), checked every
+#: ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds. offload's
+#: workers renew the lease of the messages they hold (offload.reliability), so
+#: a long task is not delivered twice however short this is.
 REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {
     "visibility_timeout": 20,
     "unacked_restore_interval": 2,
     "unacked_restore_throttle": 1,
+    # The sweep holds a mutex while it restores; a worker killed while
+    # holding it would block every sweep for kombu's default 5 minutes.
+    "unacked_mutex_expire": 5,
     "socket_timeout": 3,
     "socket_connect_timeout": 2,
 }
@@ -139,6 +144,7 @@ class Offload:
         self._dispatcher = self.celery.task(
             name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True, shared=False,
         )(dispatch)
+        self.celery.steps["consumer"].add(RedisLeaseRenewal)
         self._watcher = ResultWatcher(lambda: self.celery.backend)
         self.settings = Settings()
         if config is not None and hasattr(config, "config") and hasattr(config, "extensions"):

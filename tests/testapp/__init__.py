@@ -15,9 +15,12 @@ from offload import Offload, current_task, progress
 BROKERS = ("embedded", "redis", "rabbitmq")
 
 
-def test_id() -> str:
+def test_id() -> str:  # noqa: PT004 (not a test)
     """Each pytest-xdist process gets brokers of its own (db, queues, exchange)."""
     return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+
+
+test_id.__test__ = False  # imported into test modules: not a test itself
 
 
 def settings(kind: str) -> dict:

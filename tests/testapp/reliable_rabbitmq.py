@@ -1,0 +1,4 @@
+from testapp.reliable import make
+
+off = make("rabbitmq")
+celery = off.celery

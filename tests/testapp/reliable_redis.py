@@ -1,0 +1,4 @@
+from testapp.reliable import make
+
+off = make("redis")
+celery = off.celery
