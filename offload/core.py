@@ -100,6 +100,45 @@ def _module_root(module: str) -> str:
     return folder
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
+    try:
+        import redis.exceptions
+
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_CONNECTION_ERRORS = _connection_errors()
+
+
+class _CeleryApp(Celery):
+    """Celery, minus a pub/sub subscription per sent task on a Redis backend.
+
+    Celery's Redis result backend subscribes to every task it sends, on the
+    chance that someone will wait for it. offload's result watcher already
+    follows every future on one connection, and ``AsyncResult.get()`` still
+    subscribes when it is called; the eager subscription only costs a round
+    trip per submit and piles up unread messages on a connection nobody reads.
+    """
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()
+        try:
+            from celery.backends.redis import RedisBackend
+        except ImportError:
+            return backend
+        if isinstance(backend, RedisBackend):
+            backend.on_task_call = _no_subscription
+        return backend
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    return None
+
+
 def _is_task(obj: Any) -> bool:
     return isinstance(obj, _CeleryTask) or (
         hasattr(obj, "apply_async") and hasattr(obj, "name") and hasattr(obj, "run")
@@ -128,7 +167,7 @@ class Offload:
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
         self._allow = AllowList(())
-        self.celery = Celery(
+        self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
         )
         allow = self._allow
@@ -358,7 +397,7 @@ class Offload:
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
-        except OperationalError as exc:
+        except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(
                 f"could not send the task: the broker at {self.celery.conf.broker_url!r} "
                 f"is unreachable ({exc}). Is it running?"

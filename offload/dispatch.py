@@ -53,14 +53,14 @@ def reference(fn: Callable[..., Any]) -> str:
             "staticmethod) and pass the data it needs as arguments."
         )
     module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not module or not qualname:
-        raise TypeError(f"cannot submit {fn!r}: it has no module and name to import it by")
+    qualname = getattr(fn, "__qualname__", None) or ""
     if "<lambda>" in qualname:
         raise TypeError(
             "cannot submit a lambda: a worker imports the function by its name and a "
             "lambda has none. Define it with `def` at module level."
         )
+    if not module or not qualname:
+        raise TypeError(f"cannot submit {fn!r}: it has no module and name to import it by")
     if "<locals>" in qualname:
         raise TypeError(
             f"cannot submit {qualname!r}: it is defined inside another function (a "

@@ -123,10 +123,12 @@ def test_a_thousand_futures_share_one_watcher_thread(redis_off):
     redis_off.submit(noop).result(timeout=30)  # the watcher thread exists now
     threads_before = threading.active_count()
     futures = [redis_off.submit(noop) for _ in range(1000)]
-    assert threading.active_count() <= threads_before
+    # Unrelated threads (a pool's, a finished test's) may come and go: allow a
+    # few, never one per future.
+    assert threading.active_count() <= threads_before + 3
     done, not_done = concurrent.futures.wait(futures, timeout=120)
     assert not not_done
-    assert threading.active_count() <= threads_before
+    assert threading.active_count() <= threads_before + 3
     watchers = [t for t in threading.enumerate() if t.name == "offload-result-watcher"]
     assert len(watchers) <= 3  # at most one per Offload in this process
 
