@@ -380,6 +380,10 @@ class Offload:
             self.workers.ensure_started()
         if producer is not None:
             options = {**options, "producer": producer}
+        if not self.celery.conf.task_always_eager:
+            extra = self._watcher.submit_options()
+            if extra:
+                options = {**extra, **options}
         try:
             if _is_task(fn):
                 result = fn.apply_async(args, kwargs, **options)

@@ -177,6 +177,27 @@ class ResultWatcher:
         self._pending: dict[str, Future] = {}
         self._new: list[str] = []
         self._thread: threading.Thread | None = None
+        self._strategy: Any = None
+
+    def _get_strategy(self) -> Any:
+        # Called with the lock held, in the submitting thread: an RPC reply
+        # queue must exist before the first result is sent to it.
+        if self._strategy is None:
+            backend = self._backend_factory()
+            if _is_redis(backend):
+                self._strategy = _RedisPush(backend)
+            elif _is_rpc(backend):
+                self._strategy = _RpcPush(backend)
+            else:
+                self._strategy = _BatchPoll(backend)
+        return self._strategy
+
+    def submit_options(self) -> dict[str, Any]:
+        """Options every submit needs for this backend (an RPC reply queue)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._reset()
+            return self._get_strategy().submit_options()
 
     @property
     def pending_count(self) -> int:
@@ -189,6 +210,7 @@ class ResultWatcher:
                 self._reset()
             self._pending[future.id] = future
             self._new.append(future.id)
+            self._get_strategy()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="offload-result-watcher", daemon=True
@@ -230,8 +252,7 @@ class ResultWatcher:
             self.forget(future)
 
     def _run(self) -> None:
-        backend = self._backend_factory()
-        strategy = _RedisPush(backend) if _is_redis(backend) else _BatchPoll(backend)
+        strategy = self._strategy
         while True:
             try:
                 strategy.run(self)
@@ -252,6 +273,12 @@ def _is_redis(backend: Any) -> bool:
     return isinstance(backend, RedisBackend) and hasattr(backend, "client")
 
 
+def _is_rpc(backend: Any) -> bool:
+    from celery.backends.rpc import RPCBackend
+
+    return isinstance(backend, RPCBackend)
+
+
 class _BatchPoll:
     """Reads all outstanding ids in one batch, backing off while idle."""
 
@@ -261,6 +288,9 @@ class _BatchPoll:
 
     def reset(self) -> None:
         pass
+
+    def submit_options(self) -> dict[str, Any]:
+        return {}
 
     def fetch(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         if not ids:
@@ -306,6 +336,9 @@ class _RedisPush:
         self.backend = backend
         self.pubsub: Any = None
         self.channels: dict[bytes, str] = {}
+
+    def submit_options(self) -> dict[str, Any]:
+        return {}
 
     def reset(self) -> None:
         if self.pubsub is not None:
@@ -355,3 +388,70 @@ class _RedisPush:
             if time.monotonic() - last_safety > ResultWatcher._SAFETY_POLL:
                 last_safety = time.monotonic()
                 self._read_stored(watcher, watcher._snapshot())
+
+
+class _RpcPush:
+    """RPC results (``rpc://``): one reply queue per process, one consumer.
+
+    Celery's RPC backend sends each result to the queue named in the task's
+    ``reply_to``, by default one per submitting *thread*. offload names one
+    queue per process instead, so the watcher consumes every result of the
+    process, whichever thread submitted it. The queue outlives a short
+    disconnect (it expires after 10 idle minutes instead of auto-deleting).
+    """
+
+    def __init__(self, backend: Any) -> None:
+        import uuid
+
+        from kombu import Queue
+
+        self.backend = backend
+        self.queue = Queue(
+            f"offload.reply.{uuid.uuid4()}", exchange=backend.exchange,
+            routing_key=None, durable=False, auto_delete=False,
+            expires=600.0, message_ttl=None,
+        )
+        self.queue.routing_key = self.queue.name
+        self.connection: Any = None
+        self.consumer: Any = None
+        self._connect()
+
+    def submit_options(self) -> dict[str, Any]:
+        return {"reply_to": self.queue.name}
+
+    def _connect(self) -> None:
+        from kombu import Consumer
+
+        self.connection = self.backend.app.connection_for_read()
+        channel = self.connection.default_channel
+        self.queue(channel).declare()
+        self.consumer = Consumer(channel, queues=[self.queue], no_ack=True,
+                                 accept=self.backend.accept, callbacks=[self._on_message])
+        self.consumer.consume()
+        self._watcher: ResultWatcher | None = None
+
+    def reset(self) -> None:
+        try:
+            if self.connection is not None:
+                self.connection.close()
+        except Exception:
+            pass
+        self.connection = None
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        task_id = message.properties.get("correlation_id") or body.get("task_id")
+        if self._watcher is not None and task_id:
+            self._watcher._deliver(task_id, self.backend.meta_from_decoded(dict(body)))
+
+    def run(self, watcher: ResultWatcher) -> None:
+        import socket
+
+        if self.connection is None:
+            self._connect()
+        self._watcher = watcher
+        while True:
+            watcher._take_new()  # nothing to subscribe: every reply comes here
+            try:
+                self.connection.drain_events(timeout=0.25)
+            except socket.timeout:
+                self.connection.heartbeat_check()

@@ -165,6 +165,13 @@ def redis_off(_workers):
 
 
 @pytest.fixture
+def rpc_off(_workers):
+    """RabbitMQ with Celery's rpc:// result backend (offload's default there)."""
+    require_service("rabbitmq")
+    return _workers("rpc")[0]
+
+
+@pytest.fixture
 def worker_of(_workers):
     """The WorkerProcess serving a broker: ``worker_of("redis")``."""
     return lambda kind: _workers(kind)[1]

@@ -138,3 +138,23 @@ def test_get_rejects_a_bad_id(redis_off):
         redis_off.get("")
     with pytest.raises(ValueError):
         redis_off.get(None)
+
+
+class TestRpcBackend:
+    """rpc:// replies go to one queue per process, whichever thread submitted."""
+
+    def test_results_errors_and_progress(self, rpc_off):
+        assert rpc_off.celery.conf.result_backend == "rpc://"
+        assert [f.result(timeout=30) for f in rpc_off.map(add, [[1, 2], [3, 4]])] == [3, 7]
+        with pytest.raises(ZeroDivisionError):
+            rpc_off.submit(div, 1, 0).result(timeout=30)
+        future = rpc_off.submit(crunch, 10, 0.05)
+        assert wait_until(lambda: future.progress is not None, 30)
+        assert future.result(timeout=30) is True
+
+    def test_submitted_from_another_thread(self, rpc_off):
+        results = []
+        thread = threading.Thread(target=lambda: results.append(rpc_off.submit(add, 5, 5)))
+        thread.start()
+        thread.join()
+        assert results[0].result(timeout=30) == 10

@@ -1,0 +1,4 @@
+from testapp import make
+
+off = make("rpc")
+celery = off.celery
