@@ -4,6 +4,7 @@ Updates") run as written, with ``off`` for ``celery``, on every broker."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
 
@@ -22,14 +23,26 @@ def test_map_over_an_iterator(off):
 
 
 def test_future_api(off):
+    # >>> future = celery.submit(add, 1, 2); future.running(); future.done()
     future = off.submit(sleep_then, 1.0, "slept")
     assert not future.done()
-    # running() turns true once a worker has started the task (STARTED).
-    deadline = concurrent.futures.wait([future], timeout=0)  # no-op; keeps the API honest
-    assert deadline.not_done == {future}
+    deadline = time.monotonic() + 30
+    while not future.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.running() and not future.done()
     assert future.result(timeout=30) == "slept"
     assert future.done() and not future.running() and not future.cancelled()
     assert future.exception() is None
+
+
+def test_cancel_and_cancelled(off):
+    # "future.cancel(); future.cancelled()  # True", for a task not yet started.
+    busy = [off.submit(sleep_then, 1.5) for _ in range(2)]
+    future = off.submit(add, 1, 2)
+    assert future.cancel() is True
+    assert future.cancelled()
+    for other in busy:
+        other.result(timeout=30)
 
 
 def test_done_callback_without_result_call(off):
