@@ -16,8 +16,11 @@ BROKERS = ("embedded", "redis", "rabbitmq")
 
 
 def test_id() -> str:  # noqa: PT004 (not a test)
-    """Each pytest-xdist process gets brokers of its own (db, queues, exchange)."""
-    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    """Each pytest-xdist process gets brokers of its own (db, queues, exchange).
+
+    OFFLOAD_TEST_NAMESPACE keeps two test runs on one machine apart.
+    """
+    return os.environ.get("OFFLOAD_TEST_NAMESPACE", "") + os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 
 
 test_id.__test__ = False  # imported into test modules: not a test itself
@@ -25,7 +28,7 @@ test_id.__test__ = False  # imported into test modules: not a test itself
 
 def settings(kind: str) -> dict:
     wid = test_id()
-    index = int(wid.lstrip("gw") or 0)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
     redis_db = 1 + index % 15
     common = {
         "CELERY_TASK_DEFAULT_QUEUE": f"offload-test-{wid}",
