@@ -229,8 +229,7 @@ class Offload:
         if isinstance(user_routes, (dict, str)) or callable(user_routes):
             user_routes = (user_routes,)
         celery_settings["task_routes"] = (self._route_registered, *user_routes)
-        if settings.routes:
-            self._has_routes = True
+        self._has_routes = bool(user_routes)
         if settings.allow is not None:
             packages = settings.allow
         else:

@@ -377,8 +377,9 @@ class _RedisPush:
                 watcher._wakeup.wait(30)
                 watcher._wakeup.clear()
                 continue
-            # Wake at least every 50 ms to subscribe new ids promptly.
-            message = self.pubsub.get_message(timeout=0.05)
+            # Wake at least every 10 ms to subscribe new ids promptly (results
+            # stored before the subscription are read right after it).
+            message = self.pubsub.get_message(timeout=0.01)
             while message is not None:
                 if message.get("type") == "message":
                     task_id = self.channels.get(bytes(message["channel"]))

@@ -26,9 +26,14 @@ def test_id() -> str:  # noqa: PT004 (not a test)
 test_id.__test__ = False  # imported into test modules: not a test itself
 
 
+def xdist_index() -> int:
+    """0 for gw0 (or no xdist), 1 for gw1, ...: picks a Redis database."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+
+
 def settings(kind: str) -> dict:
     wid = test_id()
-    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    index = xdist_index()
     redis_db = 1 + index % 15
     common = {
         "CELERY_TASK_DEFAULT_QUEUE": f"offload-test-{wid}",

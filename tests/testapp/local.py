@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from testapp import test_id
+from testapp import test_id, xdist_index
 
 
 def local_settings(kind: str, **extra: object) -> dict:
     wid = test_id()
-    index = int(wid.lstrip("gw") or 0)
+    index = xdist_index()
     base = os.environ.get("OFFLOAD_TEST_DATA_DIR", "/tmp/offload-tests")
     settings = {
         "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{8 + index % 8}",
