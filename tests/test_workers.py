@@ -61,13 +61,14 @@ def test_workers_from_a_count_names_or_options():
     (True, "count"),
     (-1, "negative"),
 ])
-def test_bad_workers_setting_says_what_is_wrong(setting, message):
+def test_bad_workers_setting_says_what_is_wrong(setting, message, tmp_path):
     with pytest.raises(ConfigurationError, match=message):
-        Offload({"CELERY_ALWAYS_EAGER": True, "CELERY_WORKERS": setting}).workers
+        Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path),
+                 "CELERY_WORKERS": setting}).workers
 
 
-def test_inspect_rejects_an_unknown_target():
-    off = Offload({"CELERY_ALWAYS_EAGER": True})
+def test_inspect_rejects_an_unknown_target(tmp_path):
+    off = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path)})
     with pytest.raises(ValueError, match="registered"):
         inspect(off.celery, "everything")
 

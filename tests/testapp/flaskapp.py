@@ -12,7 +12,9 @@ from flask import Flask
 from offload import Offload
 from testapp.local import local_settings
 
-off = Offload()
+# Only a data folder until the factory configures it (so that importing
+# this module writes nothing into the source tree).
+off = Offload({"OFFLOAD_DATA_DIR": local_settings("flaskapp")["OFFLOAD_DATA_DIR"]})
 
 
 def create_app() -> Flask:
