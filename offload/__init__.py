@@ -4,6 +4,7 @@ from .context import current_task, progress
 from .core import Offload
 from .exceptions import BrokerUnavailable, ConfigurationError, NotAllowedError, OffloadError
 from .futures import Future
+from . import transport as _transport  # registers the sqlite:// kombu transport
 
 __all__ = [
     "BrokerUnavailable",

@@ -210,6 +210,9 @@ class Offload:
 
             for key, value in default_settings(settings.data_dir).items():
                 celery_settings.setdefault(key, value)
+        from .transport import expand_sqlite_urls
+
+        expand_sqlite_urls(celery_settings, settings.data_dir)
         broker_url = str(celery_settings["broker_url"])
         scheme = broker_url.partition("://")[0]
         if scheme in ("redis", "rediss"):

@@ -1,7 +1,10 @@
-"""The embedded default broker and result backend.
+"""The embedded default broker and result backend, on sqlite.
 
-With no broker configured, offload keeps its queue and results in files under
-``OFFLOAD_DATA_DIR`` so that a bare machine needs no server.
+With no broker configured, offload keeps its queue and its results in two
+sqlite files under ``OFFLOAD_DATA_DIR``, so that a bare machine needs no
+server (:mod:`offload.transport.sqlite`, :mod:`offload.transport.backend`).
+Importing this package registers the ``sqlite://`` kombu transport; the
+``sqlite://`` result backend is registered by the package's entry point.
 """
 
 from __future__ import annotations
@@ -9,21 +12,45 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["default_settings"]
+from kombu.transport import TRANSPORT_ALIASES
+
+from ._sqlite import DEFAULT_BROKER_FILE, DEFAULT_RESULTS_FILE, parse_url
+
+__all__ = ["default_settings", "expand_sqlite_urls"]
+
+# kombu resolves a URL's scheme through this table; `sqlite` is free in it.
+TRANSPORT_ALIASES.setdefault("sqlite", "offload.transport.sqlite:Transport")
+
+
+def _file_url(path: str) -> str:
+    return "sqlite:///" + os.path.abspath(path)
 
 
 def default_settings(data_dir: str) -> dict[str, Any]:
-    """Celery settings for the embedded broker and backend under ``data_dir``."""
-    queue_dir = os.path.join(data_dir, "queue")
-    results_dir = os.path.join(data_dir, "results")
-    for path in (queue_dir, results_dir):
-        os.makedirs(path, exist_ok=True)
+    """Celery settings for the embedded broker and backend under ``data_dir``.
+
+    Nothing is created here: the files (and ``data_dir``) appear when a
+    producer or a worker first connects.
+    """
     return {
-        "broker_url": "filesystem://",
-        "broker_transport_options": {
-            "data_folder_in": queue_dir,
-            "data_folder_out": queue_dir,
-            "store_processed": False,
-        },
-        "result_backend": f"file://{results_dir}",
+        "broker_url": _file_url(os.path.join(data_dir, DEFAULT_BROKER_FILE)),
+        "result_backend": _file_url(os.path.join(data_dir, DEFAULT_RESULTS_FILE)),
     }
+
+
+def expand_sqlite_urls(celery_settings: dict[str, Any], data_dir: str) -> None:
+    """Give a bare ``sqlite://`` broker or backend its file under ``data_dir``.
+
+    Also checks every ``sqlite://`` URL now, so that a malformed one fails
+    when the app is configured rather than at the first task.
+    """
+    for key, default_file in (("broker_url", DEFAULT_BROKER_FILE),
+                              ("result_backend", DEFAULT_RESULTS_FILE)):
+        url = celery_settings.get(key)
+        if isinstance(url, str) and url.startswith("sqlite:"):
+            celery_settings[key] = _file_url(parse_url(url, default_file, data_dir))
+    broker = celery_settings.get("broker_url")
+    if isinstance(broker, str) and broker.startswith("sqlite:") and not celery_settings.get("result_backend"):
+        # A sqlite broker without a backend: results go next to its file.
+        folder = os.path.dirname(parse_url(broker, DEFAULT_BROKER_FILE, data_dir))
+        celery_settings["result_backend"] = _file_url(os.path.join(folder, DEFAULT_RESULTS_FILE))

@@ -1,0 +1,177 @@
+"""What the sqlite broker and the sqlite result backend share.
+
+URL parsing, opening a database file the way both need it (WAL, a busy
+timeout, incremental vacuum) and retrying a statement while another process
+holds the write lock. Only the standard library's :mod:`sqlite3`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..exceptions import ConfigurationError
+
+__all__ = ["SQLiteFileError", "connect", "is_busy", "parse_url", "retrying", "LocalConnections"]
+
+T = TypeVar("T")
+
+#: File names under ``OFFLOAD_DATA_DIR`` when a URL is just ``sqlite://``.
+DEFAULT_BROKER_FILE = "offload-broker.sqlite3"
+DEFAULT_RESULTS_FILE = "offload-results.sqlite3"
+
+#: How long one statement may wait inside sqlite for the write lock, and how
+#: long the retry loop around it keeps trying before it gives up and raises.
+BUSY_TIMEOUT = 5.0
+RETRY_DEADLINE = 30.0
+
+
+class SQLiteFileError(ConfigurationError, OSError):
+    """The database file of the embedded broker or backend cannot be used."""
+
+
+def parse_url(url: str, default_file: str, data_dir: str | None = None) -> str:
+    """The absolute path of the database file a ``sqlite://`` URL names.
+
+    ``sqlite:////abs/path.db`` is absolute, ``sqlite:///rel/path.db`` is
+    relative to the current directory (as in SQLAlchemy), and ``sqlite://``
+    alone is ``default_file`` under ``data_dir`` (else ``$OFFLOAD_DATA_DIR``,
+    else ``./instance``).
+
+    >>> parse_url("sqlite:////tmp/q.db", "x.db")
+    '/tmp/q.db'
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a sqlite URL is a string, got {url!r}")
+    scheme, sep, rest = url.partition("://")
+    if scheme != "sqlite" or not sep:
+        raise ConfigurationError(
+            f"{url!r} is not a sqlite URL; write sqlite:////absolute/path/file.db "
+            "(four slashes), or sqlite:// for the default file under OFFLOAD_DATA_DIR")
+    rest = rest.partition("?")[0]
+    if rest in ("", "/"):
+        folder = data_dir or os.environ.get("OFFLOAD_DATA_DIR") or os.path.join(os.getcwd(), "instance")
+        return os.path.abspath(os.path.join(folder, default_file))
+    if not rest.startswith("/"):
+        # sqlite://name/file.db: a host part, which a local file cannot have.
+        raise ConfigurationError(
+            f"{url!r} names a host ({rest.partition('/')[0]!r}); the sqlite broker is a local "
+            "file: write sqlite:////absolute/path/file.db (four slashes)")
+    path = rest[1:]
+    if not path or path.endswith("/"):
+        raise ConfigurationError(f"{url!r} names a folder, not a file; add a file name")
+    if path == ":memory:":
+        raise ConfigurationError(
+            f"{url!r}: an in-memory database cannot be shared with worker processes; name a file")
+    return os.path.abspath(path)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for the errors that mean "another connection holds the lock"."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def retrying(operation: Callable[[], T], deadline: float = RETRY_DEADLINE) -> T:
+    """Run ``operation`` until it gets past SQLITE_BUSY, with jittered backoff.
+
+    sqlite's own busy handler already waits ``BUSY_TIMEOUT`` per statement;
+    this loop covers the cases it does not (a lock upgrade refused at once in
+    WAL mode) and heavy contention. After ``deadline`` seconds the last error
+    is raised: nothing is ever dropped silently.
+    """
+    give_up = time.monotonic() + deadline
+    delay = 0.001
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= give_up:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.1)
+
+
+def _prepare_folder(path: str) -> None:
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SQLiteFileError(
+            f"cannot create the folder {folder!r} for the sqlite file {os.path.basename(path)!r}: "
+            f"{exc.strerror or exc}. Point OFFLOAD_DATA_DIR (or the sqlite:// URL) at a writable folder."
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SQLiteFileError(
+            f"the folder {folder!r} is not writable; sqlite needs to create {os.path.basename(path)!r} "
+            "and its -wal/-shm files there. Point OFFLOAD_DATA_DIR (or the sqlite:// URL) at a "
+            "writable folder.")
+
+
+def connect(path: str, schema: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with a busy timeout, creating ``schema`` once.
+
+    The connection is in autocommit mode (``isolation_level=None``): single
+    statements commit by themselves and multi-statement writes use
+    ``BEGIN IMMEDIATE`` so that they wait for the write lock up front.
+    """
+    _prepare_folder(path)
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False, cached_statements=256)
+    except sqlite3.Error as exc:
+        raise SQLiteFileError(f"cannot open the sqlite file {path!r}: {exc}") from None
+    try:
+        # auto_vacuum only takes effect before the first table exists: it is
+        # what lets the file shrink back when a queue drains.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # After a checkpoint the -wal file is cut back to this size.
+        conn.execute("PRAGMA journal_size_limit=4194304")
+        retrying(lambda: conn.executescript(schema))
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if is_busy(exc):
+            raise
+        raise SQLiteFileError(
+            f"cannot use {path!r} as an offload sqlite file: {exc}. "
+            "Is it writable, and a sqlite database (or absent)?") from None
+    return conn
+
+
+class LocalConnections:
+    """One connection per process and thread to one file.
+
+    sqlite connections must not cross a ``fork()`` (Celery's prefork pool
+    forks after the app has connected), and one connection per thread needs
+    no lock around it.
+    """
+
+    def __init__(self, path: str, schema: str, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self._schema = schema
+        self._synchronous = synchronous
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        local = self._local
+        pid = os.getpid()
+        if getattr(local, "pid", None) != pid:
+            local.conn = connect(self.path, self._schema, self._synchronous)
+            local.pid = pid
+        return local.conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local.__dict__.clear()
