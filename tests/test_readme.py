@@ -7,6 +7,8 @@ from __future__ import annotations
 import doctest
 import os
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +35,37 @@ def readme_folder(tmp_path, monkeypatch):
             sys.modules.pop(name, None)
 
 
+def console_commands(body: str):
+    """``$ command`` lines of a console block, each with the output expected after it."""
+    command, expected = None, []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            if command is not None:
+                yield command, "\n".join(expected)
+            command, expected = line[2:], []
+        else:
+            expected.append(line)
+    if command is not None:
+        yield command, "\n".join(expected)
+
+
+def run_console(body: str, folder: Path) -> list[str]:
+    """Run each command; its output must match (``...`` matches anything)."""
+    failures = []
+    checker = doctest.OutputChecker()
+    env = dict(os.environ, PYTHONPATH=str(folder))
+    bindir = Path(sys.executable).parent
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    for command, expected in console_commands(body):
+        proc = subprocess.run(shlex.split(command), cwd=folder, env=env, capture_output=True,
+                              text=True, timeout=60)
+        got = proc.stdout + proc.stderr
+        if not checker.check_output(expected.strip() + "\n", got.strip() + "\n",
+                                    doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE):
+            failures.append(f"$ {command}\nexpected:\n{expected}\ngot (exit {proc.returncode}):\n{got}")
+    return failures
+
+
 def test_readme_snippets(readme_folder):
     text = README.read_text()
     files = 0
@@ -47,7 +80,11 @@ def test_readme_snippets(readme_folder):
     globs: dict = {}
     sessions = 0
     try:
+        console_failures: list[str] = []
         for lang, body, lineno in blocks(text):
+            if lang == "console":
+                console_failures += run_console(body, readme_folder)
+                continue
             if lang != "pycon":
                 continue
             test = parser.get_doctest(body, globs, f"README.md:{lineno}", str(README), lineno)
@@ -55,10 +92,13 @@ def test_readme_snippets(readme_folder):
             globs.update(test.globs)  # DocTest works on a copy: carry names on
             sessions += 1
     finally:
-        off = globs.get("off")
-        if off is not None:
-            off.stop()
+        for name in ("off", "tasks"):
+            obj = globs.get(name)
+            obj = getattr(obj, "off", obj)
+            if obj is not None and hasattr(obj, "stop"):
+                obj.stop()
     results = runner.summarize(verbose=False)
+    assert not console_failures, "\n\n".join(console_failures)
     assert sessions >= 5
     assert results.failed == 0, f"{results.failed} README example(s) failed (see output above)"
     assert results.attempted > 20
