@@ -19,7 +19,7 @@ from celery import Task as _CeleryTask
 from kombu import Queue
 from kombu.exceptions import EncodeError, OperationalError
 
-from .config import Settings, read_settings
+from .config import CELERY_OPTIONS, Settings, read_settings
 from .dispatch import DISPATCH_TASK, AllowList, reference
 from .exceptions import BrokerUnavailable, ConfigurationError
 from .futures import Future, ResultWatcher
@@ -166,6 +166,7 @@ class Offload:
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
+        self._configured_keys: set[str] = set()
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
@@ -239,6 +240,12 @@ class Offload:
             packages = [self._own_package()] if self._own_package() else []
         self._allow.packages = tuple(packages)
         self.settings = settings
+        # A second configure (Offload() at import, init_app(app) in a factory)
+        # must not keep what the first one set and the second does not.
+        for key in self._configured_keys - set(celery_settings):
+            option = CELERY_OPTIONS.get(key)
+            celery_settings[key] = option.default if option is not None else None
+        self._configured_keys = set(celery_settings)
         self.celery.conf.update(celery_settings)
 
     def _route_registered(self, name: str, args: Any, kwargs: Any, options: Any,

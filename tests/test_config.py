@@ -140,3 +140,14 @@ def test_flask_config_is_read(tmp_path):
     assert app.extensions["offload"] is off
     assert off.settings.data_dir == str(tmp_path / "instance")
     assert Offload(app).celery.conf.broker_url == "redis://127.0.0.1:6379/9"
+
+
+def test_a_second_configuration_replaces_the_first(tmp_path):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path), "CELERY_TASK_DEFAULT_QUEUE": "first",
+                   "CELERY_BROKER_TRANSPORT_OPTIONS": {"polling_interval": 9}})
+    off.configure({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+                   "OFFLOAD_DATA_DIR": str(tmp_path)})
+    conf = off.celery.conf
+    assert conf.broker_url.startswith("amqp://") and conf.result_backend == "rpc://"
+    assert conf.task_default_queue == "celery"
+    assert conf.broker_transport_options == {}
