@@ -48,7 +48,9 @@ def expand_sqlite_urls(celery_settings: dict[str, Any], data_dir: str) -> None:
                               ("result_backend", DEFAULT_RESULTS_FILE)):
         url = celery_settings.get(key)
         if isinstance(url, str) and url.startswith("sqlite:"):
-            celery_settings[key] = _file_url(parse_url(url, default_file, data_dir))
+            query = url.partition("?")[2]
+            path = parse_url(url, default_file, data_dir)
+            celery_settings[key] = _file_url(path) + (f"?{query}" if query else "")
     broker = celery_settings.get("broker_url")
     if isinstance(broker, str) and broker.startswith("sqlite:") and not celery_settings.get("result_backend"):
         # A sqlite broker without a backend: results go next to its file.

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["SQLiteFileError", "connect", "is_busy", "parse_url", "retrying", "LocalConnections"]
+__all__ = ["SQLiteFileError", "connect", "is_busy", "parse_url", "retrying", "url_options",
+           "LocalConnections"]
 
 T = TypeVar("T")
 
@@ -71,6 +72,13 @@ def parse_url(url: str, default_file: str, data_dir: str | None = None) -> str:
     return os.path.abspath(path)
 
 
+def url_options(url: str) -> dict[str, str]:
+    """Options given in a URL's query: ``sqlite:////q.db?visibility_timeout=5``."""
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(url.partition("?")[2]))
+
+
 def is_busy(exc: BaseException) -> bool:
     """True for the errors that mean "another connection holds the lock"."""
     if not isinstance(exc, sqlite3.OperationalError):
@@ -79,7 +87,7 @@ def is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
-def retrying(operation: Callable[[], T], deadline: float = RETRY_DEADLINE) -> T:
+def retrying(operation: Callable[[], T], deadline: float | None = None) -> T:
     """Run ``operation`` until it gets past SQLITE_BUSY, with jittered backoff.
 
     sqlite's own busy handler already waits ``BUSY_TIMEOUT`` per statement;
@@ -87,7 +95,7 @@ def retrying(operation: Callable[[], T], deadline: float = RETRY_DEADLINE) -> T:
     WAL mode) and heavy contention. After ``deadline`` seconds the last error
     is raised: nothing is ever dropped silently.
     """
-    give_up = time.monotonic() + deadline
+    give_up = time.monotonic() + (RETRY_DEADLINE if deadline is None else deadline)
     delay = 0.001
     while True:
         try:
@@ -115,7 +123,8 @@ def _prepare_folder(path: str) -> None:
             "writable folder.")
 
 
-def connect(path: str, schema: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+def connect(path: str, schema: str, synchronous: str = "NORMAL",
+            busy_timeout: float | None = None) -> sqlite3.Connection:
     """Open ``path`` in WAL mode with a busy timeout, creating ``schema`` once.
 
     The connection is in autocommit mode (``isolation_level=None``): single
@@ -124,7 +133,7 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL") -> sqlite3.Conn
     """
     _prepare_folder(path)
     try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+        conn = sqlite3.connect(path, timeout=busy_timeout or BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False, cached_statements=256)
     except sqlite3.Error as exc:
         raise SQLiteFileError(f"cannot open the sqlite file {path!r}: {exc}") from None

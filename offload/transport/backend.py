@@ -121,7 +121,8 @@ class SQLiteBackend(KeyValueStoreBackend):
             "DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)))
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         if free > 64:
-            retrying(lambda: conn.execute("PRAGMA incremental_vacuum").fetchall())
+            # executescript steps it to the end; execute() would free one page.
+            retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()

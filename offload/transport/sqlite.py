@@ -43,7 +43,8 @@ from typing import Any
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
-from ._sqlite import DEFAULT_BROKER_FILE, LocalConnections, SQLiteFileError, parse_url, retrying
+from ._sqlite import (BUSY_TIMEOUT, DEFAULT_BROKER_FILE, LocalConnections, SQLiteFileError, parse_url, retrying,
+                      url_options)
 
 __all__ = ["Channel", "Transport"]
 
@@ -265,10 +266,19 @@ class Store:
         """Give free pages back to the file system once enough piled up."""
         conn = self.conn
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if free >= min_free_pages:
-            retrying(lambda: conn.execute("PRAGMA incremental_vacuum").fetchall())
-            # The truncation reaches the main file at a checkpoint.
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        if free < min_free_pages:
+            return
+        # executescript steps it to the end; execute() would free one page.
+        retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
+        # The truncation reaches the main file at a checkpoint, and TRUNCATE
+        # also cuts the -wal file to nothing; never wait long for it, though.
+        conn.execute("PRAGMA busy_timeout=50")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
     # Wake-ups ----------------------------------------------------------------
 
@@ -551,11 +561,13 @@ class Transport(virtual.Transport):
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        options = client.transport_options or {}
+        options = {**url_options(client.hostname or ""), **(client.transport_options or {})}
         self.path = self._path_from(client, options)
         self.visibility_timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
         if self.visibility_timeout <= 0:
             raise SQLiteFileError(f"visibility_timeout must be positive, got {self.visibility_timeout}")
+        if "polling_interval" in options:
+            self.polling_interval = float(options["polling_interval"])
         self.synchronous = str(options.get("synchronous", "NORMAL")).upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise SQLiteFileError(f"synchronous must be NORMAL or FULL, got {self.synchronous!r}")

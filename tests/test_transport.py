@@ -1,0 +1,426 @@
+"""The embedded sqlite broker (offload.transport.sqlite): kombu-level behaviour
+on a file of its own, then real worker processes on it: crashes, many
+producers, remote control, revoke, purge, countdown and routing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError
+
+from conftest import WorkerProcess, wait_ready, worker_env
+from offload import BrokerUnavailable, ConfigurationError, Offload
+from offload.transport import _sqlite, default_settings
+from testapp import add, noop, settings, sleep_then, test_id, whoami
+
+
+def wait_until(predicate, timeout=30.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def disk_size(db: Path) -> int:
+    """The bytes the broker holds on disk: the file and its write-ahead log."""
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+@pytest.fixture
+def child_env(data_root) -> dict[str, str]:
+    """The environment for a helper process (offload and tests/ importable)."""
+    return worker_env()
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    return tmp_path / "broker.db"
+
+
+@pytest.fixture
+def conn(db):
+    with Connection(f"sqlite:///{db}", transport_options={"visibility_timeout": 1}) as connection:
+        yield connection
+
+
+# URLs and bad input ----------------------------------------------------------
+
+
+def test_default_settings_point_at_files_under_the_data_dir(tmp_path):
+    conf = default_settings(str(tmp_path / "data"))
+    assert conf["broker_url"] == f"sqlite:///{tmp_path}/data/offload-broker.sqlite3"
+    assert conf["result_backend"] == f"sqlite:///{tmp_path}/data/offload-results.sqlite3"
+    assert not (tmp_path / "data").exists()  # nothing is created before it is used
+
+
+def test_bare_sqlite_url_means_the_data_dir(tmp_path):
+    off = Offload({"CELERY_BROKER_URL": "sqlite://", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert off.celery.conf.broker_url == f"sqlite:///{tmp_path}/offload-broker.sqlite3"
+    # A sqlite broker alone gets the sqlite backend next to it.
+    assert off.celery.conf.result_backend == f"sqlite:///{tmp_path}/offload-results.sqlite3"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sqlite://somehost/q.db", "names a host"),
+    ("sqlite:////tmp/folder/", "names a folder"),
+    ("sqlite:///:memory:", "in-memory"),
+])
+def test_malformed_urls_fail_when_configured(url, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Offload({"CELERY_BROKER_URL": url})
+
+
+def test_unwritable_path_says_which_folder(tmp_path):
+    off = Offload({"CELERY_BROKER_URL": "sqlite:////proc/offload-nope/broker.db",
+                   "CELERY_RESULT_BACKEND": f"sqlite:///{tmp_path}/r.db"})
+    with pytest.raises(BrokerUnavailable, match=r"/proc/offload-nope.*writable folder"):
+        off.submit(noop)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not sqlite " * 100)
+    off = Offload({"CELERY_BROKER_URL": f"sqlite:///{bogus}",
+                   "CELERY_RESULT_BACKEND": f"sqlite:///{tmp_path}/r.db"})
+    with pytest.raises(BrokerUnavailable, match="notes.txt.*not a database"):
+        off.submit(noop)
+    assert bogus.read_text() == "not sqlite " * 100  # left alone
+
+
+# The transport on its own ----------------------------------------------------
+
+
+def test_direct_routing_ack_and_queue_size(conn):
+    exchange = Exchange("jobs", "direct")
+    fast, slow = Queue("fast", exchange, "fast"), Queue("slow", exchange, "slow")
+    producer = conn.Producer()
+    for i in range(3):
+        producer.publish({"n": i}, exchange=exchange, routing_key="fast", declare=[fast, slow])
+    producer.publish({"n": 99}, exchange=exchange, routing_key="slow")
+    channel = conn.default_channel
+    assert fast(channel).queue_declare(passive=True).message_count == 3
+    assert slow(channel).queue_declare(passive=True).message_count == 1
+    got = []
+    with conn.Consumer([fast], callbacks=[lambda body, m: (got.append(body["n"]), m.ack())]):
+        while len(got) < 3:
+            conn.drain_events(timeout=2)
+    assert got == [0, 1, 2]  # FIFO
+    assert fast(channel).queue_declare(passive=True).message_count == 0
+
+
+def test_priorities_take_the_highest_first(conn):
+    queue = Queue("prio", Exchange("prio"), "prio", max_priority=9)
+    producer = conn.Producer()
+    for priority in (1, 9, 5):
+        producer.publish({"p": priority}, exchange=queue.exchange, routing_key="prio",
+                         priority=priority, declare=[queue])
+    bound = queue(conn.default_channel)
+    assert [bound.get(no_ack=True).payload["p"] for _ in range(3)] == [9, 5, 1]
+
+
+def test_fanout_reaches_every_bound_queue_in_other_processes(conn, db, child_env):
+    exchange = Exchange("broadcast", "fanout")
+    mine = Queue("mine", exchange)
+    mine(conn.default_channel).declare()
+    # Another process binds its own queue, then publishes a broadcast.
+    script = f"""
+        import offload
+        from kombu import Connection, Exchange, Queue
+        with Connection("sqlite:///{db}") as c:
+            ex = Exchange("broadcast", "fanout")
+            Queue("theirs", ex)(c.default_channel).declare()
+            c.Producer().publish({{"hello": "all"}}, exchange=ex, declare=[ex])
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, env=child_env)
+    for name in ("mine", "theirs"):
+        message = Queue(name)(conn.default_channel).get(no_ack=True)
+        assert message is not None and message.payload == {"hello": "all"}
+
+
+def test_topic_routing(conn):
+    exchange = Exchange("events", "topic")
+    errors = Queue("errors", exchange, "*.error")
+    everything = Queue("everything", exchange, "#")
+    producer = conn.Producer()
+    producer.publish({"e": 1}, exchange=exchange, routing_key="db.error", declare=[errors, everything])
+    producer.publish({"e": 2}, exchange=exchange, routing_key="db.info")
+    channel = conn.default_channel
+    assert errors(channel).queue_declare(passive=True).message_count == 1
+    assert everything(channel).queue_declare(passive=True).message_count == 2
+
+
+def test_purge_removes_only_ready_messages(conn):
+    queue = Queue("purge-me", Exchange("purge-me"), "purge-me")
+    producer = conn.Producer()
+    for i in range(5):
+        producer.publish({"i": i}, exchange=queue.exchange, routing_key="purge-me", declare=[queue])
+    bound = queue(conn.default_channel)
+    held = bound.get()  # leased, not acked: a purge must not take it away
+    assert bound.purge() == 4
+    held.reject(requeue=True)
+    assert bound.queue_declare(passive=True).message_count == 1
+
+
+def test_unacked_message_stays_invisible_while_its_consumer_lives(conn, db):
+    queue = Queue("held", Exchange("held"), "held")
+    conn.Producer().publish({"x": 1}, exchange=queue.exchange, routing_key="held", declare=[queue])
+    message = queue(conn.default_channel).get()
+    with Connection(f"sqlite:///{db}", transport_options={"visibility_timeout": 1}) as other:
+        # Three visibility timeouts: the holder's heartbeat keeps the lease.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert queue(other.default_channel).get(no_ack=True) is None
+            time.sleep(0.2)
+    message.ack()
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT count(*) FROM messages WHERE queue='held'").fetchone()[0] == 0
+
+
+def test_closing_a_connection_gives_its_messages_back_at_once(db):
+    queue = Queue("returned", Exchange("returned"), "returned")
+    with Connection(f"sqlite:///{db}") as first:
+        first.Producer().publish({"x": 1}, exchange=queue.exchange, routing_key="returned",
+                                 declare=[queue])
+        assert queue(first.default_channel).get() is not None  # taken, never acked
+    with Connection(f"sqlite:///{db}") as second:
+        message = queue(second.default_channel).get()
+        assert message is not None and message.payload == {"x": 1}
+        message.ack()
+
+
+def test_a_killed_consumers_message_comes_back_after_the_visibility_timeout(conn, db, child_env):
+    queue = Queue("orphan", Exchange("orphan"), "orphan")
+    conn.Producer().publish({"x": 7}, exchange=queue.exchange, routing_key="orphan", declare=[queue])
+    script = f"""
+        import os, signal
+        import offload
+        from kombu import Connection, Queue
+        c = Connection("sqlite:///{db}", transport_options={{"visibility_timeout": 1}})
+        assert Queue("orphan")(c.default_channel).get() is not None
+        os.kill(os.getpid(), signal.SIGKILL)  # no ack, no clean-up: a crash
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=child_env)
+    assert proc.returncode == -9
+    bound = queue(conn.default_channel)
+    assert bound.get(no_ack=True) is None  # still leased by the dead process
+    started = time.monotonic()
+    box = []
+    assert wait_until(lambda: box.append(bound.get()) or box[-1] is not None, timeout=10)
+    assert box[-1].payload == {"x": 7}
+    box[-1].ack()
+    assert time.monotonic() - started < 5
+
+
+def test_a_put_that_cannot_get_the_lock_raises_and_stores_nothing(conn, db, monkeypatch):
+    queue = Queue("locked", Exchange("locked"), "locked")
+    producer = conn.Producer()
+    producer.publish({"warm": 1}, exchange=queue.exchange, routing_key="locked", declare=[queue])
+    monkeypatch.setattr(_sqlite, "RETRY_DEADLINE", 0.5)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    conn.transport.store.conn.execute("PRAGMA busy_timeout=100")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            producer.publish({"lost?": 1}, exchange=queue.exchange, routing_key="locked", retry=False)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    bound = queue(conn.default_channel)
+    assert bound.get(no_ack=True).payload == {"warm": 1}
+    assert bound.get(no_ack=True) is None
+
+
+def test_the_file_shrinks_back_once_drained(conn, db):
+    queue = Queue("big", Exchange("big"), "big")
+    producer = conn.Producer()
+    empty = disk_size(db)
+    for i in range(400):
+        producer.publish({"i": i, "pad": "x" * 2000}, exchange=queue.exchange, routing_key="big",
+                         declare=[queue])
+    full = disk_size(db)
+    assert full > empty + 400 * 2000
+    bound = queue(conn.default_channel)
+    while (message := bound.get()) is not None:
+        message.ack()
+    # The heartbeat compacts; the freed pages go back to the file system.
+    assert wait_until(lambda: disk_size(db) < full / 4, timeout=10), (empty, full, disk_size(db))
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA freelist_count").fetchone()[0] < 16
+
+
+def test_a_waiting_consumer_wakes_within_milliseconds(conn, db, child_env):
+    queue = Queue("wake", Exchange("wake"), "wake")
+    queue(conn.default_channel).declare()
+    got = []
+    with conn.Consumer([queue], callbacks=[lambda body, m: (got.append(time.time() - body["t"]), m.ack())]):
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.05)  # now asleep on its socket
+        script = f"""
+            import time, offload
+            from kombu import Connection, Exchange
+            with Connection("sqlite:///{db}") as c:
+                c.Producer().publish({{"t": time.time()}}, exchange=Exchange("wake"), routing_key="wake")
+        """
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=child_env)
+        conn.drain_events(timeout=20)
+    assert got and got[0] < 0.05  # not a poll interval (1 s) later
+
+
+# Real workers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded(_workers):
+    """The session's Offload and worker on the embedded broker."""
+    return _workers("embedded")
+
+
+def test_status_and_inspect_reach_workers_on_the_embedded_broker(embedded):
+    off, worker = embedded
+    status = off.status(timeout=2)
+    assert status["ping"] is True
+    assert any(name.startswith(f"embedded-{test_id()}@") for name in status["workers"]), status
+    assert off.celery.control.ping(timeout=2)
+    registered = off.celery.control.inspect(timeout=2).registered()
+    assert any("offload.dispatch" in tasks for tasks in registered.values())
+    assert off.celery.control.inspect(timeout=2).active() is not None
+
+
+def test_countdown_runs_later(embedded):
+    off, _ = embedded
+    started = time.monotonic()
+    assert off.options(countdown=1).submit(add, 2, 3).result(timeout=30) == 5
+    assert time.monotonic() - started >= 0.9
+
+
+def test_revoke_reaches_the_worker(embedded):
+    off, _ = embedded
+    from celery.exceptions import TaskRevokedError
+
+    future = off.options(countdown=2).submit(add, 1, 1)
+    # Revoke the Celery way: a broadcast every worker must get.
+    off.celery.control.revoke(future.id)
+    with pytest.raises((TaskRevokedError, Exception)) as info:
+        future.result(timeout=30)
+    assert future.state == "REVOKED", info.value
+
+
+def test_purge_drops_queued_tasks(embedded):
+    off, _ = embedded
+    name = f"nobody-{test_id()}"
+    futures = [off.submit(add, i, i, queue=name) for i in range(5)]
+    with off.celery.connection_for_write() as connection:
+        bound = Queue(name)(connection.default_channel)
+        assert bound.queue_declare(passive=True).message_count == 5
+        assert bound.purge() == 5
+        assert bound.queue_declare(passive=True).message_count == 0
+    assert not any(future.done() for future in futures)
+
+
+def test_routing_to_a_named_queue(embedded, data_root):
+    off, _ = embedded
+    name = f"special-{test_id()}"
+    worker = WorkerProcess("testapp.on_embedded", f"special-{test_id()}@%h",
+                           data_root / "worker-special.log", concurrency=1, queues=name)
+    try:
+        host = off.submit(whoami, queue=name).result(timeout=60)
+        assert host.startswith(f"special-{test_id()}@")
+        assert off.submit(whoami).result(timeout=30).startswith(f"embedded-{test_id()}@")
+    finally:
+        worker.stop()
+
+
+def _succeeded(log: Path) -> Counter:
+    """Task ids a worker log reports as succeeded, with how often."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return Counter(re.findall(r"\[([0-9a-f-]{36})\] succeeded", text))
+
+
+def test_crash_loses_nothing(tmp_path, monkeypatch, embedded):
+    """200 tasks of 50 ms; SIGKILL the worker mid-way; a new worker finishes them all."""
+    db = tmp_path / "crash" / "broker.db"
+    url = f"sqlite:///{db}?visibility_timeout=2"
+    conf = settings("embedded")
+    # The worker keeps the test app's result file; only the broker is new.
+    backend = default_settings(conf["OFFLOAD_DATA_DIR"])["result_backend"]
+    off = Offload({**conf, "CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": backend})
+
+    def start(name: str) -> WorkerProcess:
+        # Celery lets CELERY_BROKER_URL override the app's broker: the test
+        # app's worker, on this test's own broker file.
+        with monkeypatch.context() as env:
+            env.setenv("CELERY_BROKER_URL", url)
+            return WorkerProcess("testapp.on_embedded", f"{name}-{test_id()}@%h",
+                                 tmp_path / f"{name}.log", concurrency=2)
+
+    first = start("first")
+    try:
+        wait_ready(off, first)
+        empty = disk_size(db)
+        futures = [off.submit(sleep_then, 0.05, i) for i in range(200)]
+        full = disk_size(db)
+        assert wait_until(lambda: sum(f.done() for f in futures) >= 60, timeout=60)
+    finally:
+        first.kill()
+    done_before = sum(f.done() for f in futures)
+    assert done_before < 200
+    second = start("second")
+    try:
+        results = [future.result(timeout=90) for future in futures]
+    finally:
+        second.stop()
+    assert sorted(results) == list(range(200))
+    runs = _succeeded(tmp_path / "first.log") + _succeeded(tmp_path / "second.log")
+    ids = {future.id for future in futures}
+    assert ids <= set(runs)
+    duplicates = sum(count - 1 for task_id, count in runs.items() if task_id in ids)
+    print(f"\ncrash test: {done_before} done before the kill, {duplicates} ran twice "
+          f"(lost in flight when killed: at most prefetch + running)")
+    assert duplicates <= 4  # only what the killed worker held (2 running + 2 prefetched)
+    # Drained: the file gives its pages back.
+    assert wait_until(lambda: disk_size(db) <= max(empty, full / 2), timeout=20), (
+        empty, full, disk_size(db))
+
+
+PRODUCER = """
+import json, os, sys
+from testapp import add, make
+off = make("embedded")
+me = int(sys.argv[1])
+futures = [off.submit(add, me, i) for i in range(500)]
+results = [f.result(timeout=120) for f in futures]
+print(json.dumps({"ok": results == [me + i for i in range(500)], "n": len(results)}))
+"""
+
+
+def test_four_producers_two_workers_lose_nothing(embedded, data_root):
+    off, worker = embedded
+    second = WorkerProcess("testapp.on_embedded", f"second-{test_id()}@%h",
+                           data_root / "worker-second.log", concurrency=2)
+    try:
+        wait_ready(off, second)
+        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(1000 * n)],
+                                      env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for n in range(4)]
+        outputs = [p.communicate(timeout=240) for p in producers]
+    finally:
+        second.stop()
+    for (out, err), proc in zip(outputs, producers):
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"database is locked" not in err
+        assert json.loads(out) == {"ok": True, "n": 500}
+    for log in (worker.log_path, second.log_path):
+        assert "database is locked" not in log.read_text(errors="replace")
