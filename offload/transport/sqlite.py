@@ -59,12 +59,13 @@ CREATE TABLE IF NOT EXISTS messages (
     queue TEXT NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0,
     payload TEXT NOT NULL,
-    owner TEXT
+    owner TEXT,
+    expires REAL
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, id)
     WHERE owner IS NULL;
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (owner) WHERE owner IS NOT NULL;
-CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, owner TEXT);
+CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, owner TEXT, ttl REAL);
 CREATE TABLE IF NOT EXISTS bindings (
     exchange TEXT NOT NULL, routing_key TEXT NOT NULL, pattern TEXT NOT NULL, queue TEXT NOT NULL,
     PRIMARY KEY (exchange, routing_key, pattern, queue)
@@ -72,6 +73,9 @@ CREATE TABLE IF NOT EXISTS bindings (
 CREATE TABLE IF NOT EXISTS exchanges (name TEXT PRIMARY KEY, type TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, beat REAL NOT NULL, wake TEXT);
 """
+
+#: "Ready": not leased and not past its expiry (the parameter: now).
+_READY = "owner IS NULL AND (expires IS NULL OR expires > ?)"
 
 #: "Owned by a consumer that has stopped beating" (the parameter: oldest live beat).
 _DEAD_OWNER = "owner IS NOT NULL AND owner NOT IN (SELECT id FROM consumers WHERE beat >= ?)"
@@ -116,15 +120,21 @@ class Store:
 
     # Messages --------------------------------------------------------------
 
-    def put(self, queue: str, priority: int, payload: str) -> None:
-        self._write("INSERT INTO messages (queue, priority, payload) VALUES (?, ?, ?)",
-                    (queue, priority, payload))
+    def put(self, queue: str, priority: int, payload: str, ttl: float | None = None) -> None:
+        now = time.time()
+        # A message's own expiration wins; else the queue's x-message-ttl.
+        self._write(
+            "INSERT INTO messages (queue, priority, payload, expires) VALUES (?, ?, ?, "
+            "coalesce(?, (SELECT ? + ttl FROM queues WHERE name = ? AND ttl IS NOT NULL)))",
+            (queue, priority, payload, None if ttl is None else now + ttl, now, queue))
 
-    def put_fanout(self, exchange: str, priority: int, payload: str) -> int:
+    def put_fanout(self, exchange: str, priority: int, payload: str, ttl: float | None = None) -> int:
+        now = time.time()
         return self._write(
-            "INSERT INTO messages (queue, priority, payload) "
-            "SELECT DISTINCT queue, ?, ? FROM bindings WHERE exchange = ?",
-            (priority, payload, exchange)).rowcount
+            "INSERT INTO messages (queue, priority, payload, expires) "
+            "SELECT DISTINCT b.queue, ?, ?, coalesce(?, ? + q.ttl) FROM bindings AS b "
+            "LEFT JOIN queues AS q ON q.name = b.queue WHERE b.exchange = ?",
+            (priority, payload, None if ttl is None else now + ttl, now, exchange)).rowcount
 
     def take(self, queue: str, owner: str | None) -> tuple[int, str] | None:
         """Lease the next ready message (or remove it when ``owner`` is None)."""
@@ -132,8 +142,8 @@ class Store:
         while True:
             # A read first: an empty poll then takes no write lock at all.
             row = conn.execute(
-                "SELECT id FROM messages WHERE queue = ? AND owner IS NULL "
-                "ORDER BY priority DESC, id LIMIT 1", (queue,)).fetchone()
+                f"SELECT id FROM messages WHERE queue = ? AND {_READY} "
+                "ORDER BY priority DESC, id LIMIT 1", (queue, time.time())).fetchone()
             if row is None:
                 return None
             if owner is None:
@@ -158,19 +168,20 @@ class Store:
                 [(row_id, owner) for row_id in row_ids]))
 
     def size(self, queue: str) -> int:
-        return self.conn.execute(
-            "SELECT count(*) FROM messages WHERE queue = ? AND owner IS NULL", (queue,)).fetchone()[0]
+        return self.conn.execute(f"SELECT count(*) FROM messages WHERE queue = ? AND {_READY}",
+                                 (queue, time.time())).fetchone()[0]
 
     def purge(self, queue: str) -> int:
-        return self._write("DELETE FROM messages WHERE queue = ? AND owner IS NULL", (queue,)).rowcount
+        return self._write(f"DELETE FROM messages WHERE queue = ? AND {_READY}",
+                           (queue, time.time())).rowcount
 
     # Queues, exchanges, bindings -----------------------------------------
 
-    def declare_queue(self, queue: str, owner: str | None) -> None:
-        row = self.conn.execute("SELECT owner FROM queues WHERE name = ?", (queue,)).fetchone()
-        if row is None or row[0] != owner:
-            self._write("INSERT INTO queues (name, owner) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner", (queue, owner))
+    def declare_queue(self, queue: str, owner: str | None, ttl: float | None = None) -> None:
+        row = self.conn.execute("SELECT owner, ttl FROM queues WHERE name = ?", (queue,)).fetchone()
+        if row is None or tuple(row) != (owner, ttl):
+            self._write("INSERT INTO queues (name, owner, ttl) VALUES (?, ?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET owner = excluded.owner, ttl = excluded.ttl", (queue, owner, ttl))
 
     def has_queue(self, queue: str) -> bool:
         return self.conn.execute(
@@ -238,8 +249,12 @@ class Store:
         Read-only unless something is dead, so that every live consumer can
         run it every few seconds for next to nothing.
         """
-        oldest_live = time.time() - visibility_timeout
+        now = time.time()
+        oldest_live = now - visibility_timeout
         conn = self.conn
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM messages WHERE owner IS NULL AND expires <= ?)",
+                        (now,)).fetchone()[0]:
+            self._write("DELETE FROM messages WHERE owner IS NULL AND expires <= ?", (now,))
         leased = conn.execute(f"SELECT count(*) FROM messages WHERE {_DEAD_OWNER}",
                               (oldest_live,)).fetchone()[0]
         orphaned = conn.execute(f"SELECT EXISTS (SELECT 1 FROM queues WHERE {_DEAD_OWNER})",
@@ -386,6 +401,15 @@ class QoS(virtual.QoS):
         return []
 
 
+def _expiration(message: dict[str, Any]) -> float | None:
+    """A message's ``expiration`` property (AMQP: milliseconds) in seconds."""
+    value = message.get("properties", {}).get("expiration")
+    try:
+        return None if value in (None, "") else float(value) / 1000
+    except (TypeError, ValueError):
+        return None
+
+
 class Channel(virtual.Channel):
     """One kombu channel on the broker file."""
 
@@ -428,13 +452,14 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         store = self._store()
-        store.put(queue, self._get_message_priority(message), dumps(message))
+        store.put(queue, self._get_message_priority(message), dumps(message), _expiration(message))
         store.notify()
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
         store = self._store()
-        if store.put_fanout(exchange, self._get_message_priority(message), dumps(message)):
+        if store.put_fanout(exchange, self._get_message_priority(message), dumps(message),
+                            _expiration(message)):
             store.notify()
 
     def _purge(self, queue: str) -> int:
@@ -476,7 +501,8 @@ class Channel(virtual.Channel):
             # Dropped when this connection goes away, or dies.
             owner = self.connection.register()
             self._auto_delete_queues.add(queue)
-        self._store().declare_queue(queue, owner)
+        ttl = arguments.get("x-message-ttl")
+        self._store().declare_queue(queue, owner, None if ttl is None else float(ttl) / 1000)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self._store().has_queue(queue)
@@ -551,6 +577,8 @@ class Transport(virtual.Transport):
     driver_type = "sqlite"
     driver_name = "sqlite3"
     polling_interval = DEFAULT_POLLING_INTERVAL
+    #: At most this many messages are delivered per ``drain_events`` call.
+    batch_size = 100
     connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError, SQLiteFileError)
     channel_errors = virtual.Transport.channel_errors
     implements = virtual.Transport.implements.extend(
@@ -654,9 +682,17 @@ class Transport(virtual.Transport):
         while True:
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
-                return
             except Empty:
                 pass
+            else:
+                # Hand over what else is ready now (within prefetch) in the
+                # same call, as a socket broker would in one read.
+                for _ in range(self.batch_size - 1):
+                    try:
+                        self.cycle.get(self._deliver, timeout=0)
+                    except Empty:
+                        break
+                return
             wait = self.polling_interval if self._waker is not None else backoff
             if deadline is not None:
                 left = deadline - time.monotonic()
