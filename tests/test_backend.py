@@ -1,0 +1,84 @@
+"""The sqlite result backend (offload.transport.backend)."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import time
+
+import pytest
+from celery import Celery, states
+
+from offload.transport.backend import SQLiteBackend
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = Celery("backend-test", set_as_current=False)
+    app.conf.result_backend = f"sqlite:///{tmp_path}/results.db"
+    return app
+
+
+def test_result_backend_url_selects_it(app, tmp_path):
+    backend = app.backend
+    assert isinstance(backend, SQLiteBackend)
+    assert backend.path == f"{tmp_path}/results.db"
+
+
+def test_store_and_read_a_result(app):
+    backend = app.backend
+    backend.store_result("t1", {"answer": 42}, states.SUCCESS)
+    meta = backend.get_task_meta("t1")
+    assert meta["status"] == states.SUCCESS and meta["result"] == {"answer": 42}
+    assert backend.get_task_meta("never")["status"] == states.PENDING
+
+
+def test_mget_reads_many_keys_in_order(app):
+    backend = app.backend
+    for i in range(1200):  # more than one IN (...) chunk
+        backend.store_result(f"id-{i}", i, states.SUCCESS)
+    keys = [backend.get_key_for_task(f"id-{i}") for i in (5, 1199, 77)]
+    keys.insert(1, backend.get_key_for_task("missing"))
+    values = backend.mget(keys)
+    assert values[1] is None
+    assert [backend.decode_result(v)["result"] for v in (values[0], values[2], values[3])] == [5, 1199, 77]
+
+
+def test_results_expire_without_beat(app):
+    app.conf.result_expires = 0.3
+    backend = app.backend
+    backend.store_result("short", 1, states.SUCCESS)
+    assert backend.get_task_meta("short")["status"] == states.SUCCESS
+    time.sleep(0.4)
+    assert backend.get_task_meta("short", cache=False)["status"] == states.PENDING
+    backend._next_sweep = 0  # the next write sweeps expired rows away
+    backend.store_result("later", 2, states.SUCCESS)
+    with sqlite3.connect(backend.path) as raw:
+        keys = [row[0] for row in raw.execute("SELECT key FROM results")]
+    assert all("short" not in key for key in keys) and any("later" in key for key in keys)
+
+
+def test_forget_incr_and_expire(app):
+    backend = app.backend
+    backend.store_result("f", 1, states.SUCCESS)
+    backend.forget("f")
+    assert backend.get_task_meta("f", cache=False)["status"] == states.PENDING
+    assert [backend.incr("counter") for _ in range(3)] == [1, 2, 3]
+    backend.expire("counter", 0.1)
+    time.sleep(0.2)
+    assert backend.get("counter") is None
+
+
+def test_backend_survives_pickling(app):
+    # Celery pickles backends into pool processes on some platforms.
+    clone = pickle.loads(pickle.dumps(app.backend))
+    assert clone.path == app.backend.path
+
+
+def test_results_reach_the_future_on_a_real_worker(_workers):
+    off, _worker = _workers("embedded")
+    assert isinstance(off.celery.backend, SQLiteBackend)
+    from testapp import add
+
+    futures = [off.submit(add, i, i) for i in range(50)]
+    assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(50)]
