@@ -166,3 +166,17 @@ def test_sigterm_stops_the_server_and_its_worker(demo):
     assert not alive, f"left running: {alive}\n{demo.log_tail()}"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", demo.port), timeout=1).close()
+
+
+def test_a_busy_port_is_a_clear_error_and_starts_no_worker(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "offload.demo", "--port", str(port)], cwd=tmp_path,
+            env=dict(os.environ, OFFLOAD_DEMO_DATA_DIR=str(tmp_path / "data")),
+            capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
+    assert not (tmp_path / "data" / "workers").exists()  # bound before any worker starts

@@ -65,8 +65,12 @@ def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = Non
     os.environ["OFFLOAD_DEMO_DATA_DIR"] = wanted
 
     # Bind before starting a worker: a busy port fails fast, leaving nothing behind.
-    server = make_server(host, port, demo.application,
-                         server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, demo.application,
+                             server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the demo cannot listen on {host}:{port} ({exc.strerror}); "
+                      "is something else using the port? Choose another with --port") from None
     try:
         stop_workers = _start_workers(demo.off)
     except BaseException:

@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for the broker, results and ledger "
                              "(default: $OFFLOAD_DEMO_DATA_DIR or a per-user temp folder)")
     options = parser.parse_args(argv)
-    run(options.host, options.port, data_dir=options.data_dir)
+    try:
+        run(options.host, options.port, data_dir=options.data_dir)
+    except OSError as exc:
+        parser.exit(1, f"error: {exc.strerror or exc}\n")
 
 
 if __name__ == "__main__":
