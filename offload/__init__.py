@@ -4,7 +4,7 @@ from .context import current_task, progress
 from .core import Offload
 from .exceptions import BrokerUnavailable, ConfigurationError, NotAllowedError, OffloadError
 from .futures import Future
-from . import transport as _transport  # registers the sqlite:// kombu transport
+from . import transport as _transport  # noqa: F401 (registers the sqlite:// kombu transport)
 
 __all__ = [
     "BrokerUnavailable",

@@ -96,6 +96,16 @@ class WorkerProcess:
         self._log.close()
 
 
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (a condition, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def wait_ready(off, worker: WorkerProcess, timeout: float = 60.0) -> None:
     """Wait until a worker has run a task for ``off`` (works on every broker)."""
     from testapp import noop

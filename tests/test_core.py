@@ -71,7 +71,7 @@ def test_map_accepts_args_kwargs_and_single_values(off):
 
 def test_routes_apply_to_submitted_functions(redis_off, data_root):
     """CELERY_ROUTES names functions by dotted path, as Celery names tasks."""
-    from conftest import WorkerProcess, wait_ready
+    from conftest import WorkerProcess
     from testapp import test_id
     from testapp.routes_app import ROUTED_QUEUE, off
 

@@ -12,16 +12,10 @@ import pytest
 from celery.exceptions import TaskRevokedError
 
 from offload import Future
+from conftest import wait_until
 from testapp import add, crunch, div, noop, sleep_then
 
 
-def wait_until(predicate, timeout=30.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def test_is_a_concurrent_future(off):

@@ -4,13 +4,12 @@ healthy worker holds it (Redis lease renewal)."""
 from __future__ import annotations
 
 import importlib
-import time
 import uuid
 
 import pytest
 import redis
 
-from conftest import WorkerProcess, require_service, wait_ready
+from conftest import WorkerProcess, require_service, wait_ready, wait_until
 from testapp import test_id
 from testapp.reliable import TALLY_DB, tally
 
@@ -20,13 +19,6 @@ def tallies(token: str) -> dict[int, int]:
     return {int(k): int(v) for k, v in client.hgetall(f"tally:{token}").items()}
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

@@ -5,7 +5,6 @@ producers, remote control, revoke, purge, countdown and routing."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -17,21 +16,13 @@ from pathlib import Path
 
 import pytest
 from kombu import Connection, Exchange, Queue
-from kombu.exceptions import OperationalError
 
-from conftest import WorkerProcess, wait_ready, worker_env
+from conftest import WorkerProcess, wait_ready, wait_until, worker_env
 from offload import BrokerUnavailable, ConfigurationError, Offload
 from offload.transport import _sqlite, default_settings
 from testapp import add, noop, settings, sleep_then, test_id, whoami
 
 
-def wait_until(predicate, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def disk_size(db: Path) -> int:

@@ -8,7 +8,6 @@ however the app that started them ends.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
