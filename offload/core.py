@@ -167,6 +167,7 @@ class Offload:
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
         self._configured_keys: set[str] = set()
+        self._references: dict[Any, str] = {}
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
@@ -397,7 +398,13 @@ class Offload:
             if _is_task(fn):
                 result = fn.apply_async(args, kwargs, **options)
             else:
-                ref = reference(fn)
+                # The checks behind reference() import and walk the module:
+                # once per function, not once per submit.
+                try:
+                    ref = self._references[fn]
+                except (KeyError, TypeError):  # TypeError: unhashable callable
+                    ref = reference(fn)
+                    self._references[fn] = ref
                 dotted = ref.replace(":", ".")
                 if self._has_routes and "queue" not in options:
                     route = self.celery.amqp.router.route({}, dotted, args, kwargs)

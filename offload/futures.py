@@ -330,15 +330,36 @@ class _BatchPoll:
 
 
 class _RedisPush:
-    """One pub/sub connection: Celery's Redis backend publishes each state it stores."""
+    """One pub/sub connection: Celery's Redis backend publishes each state it stores.
+
+    Futures submitted here get task ids that start with this process's own
+    random prefix (the ids stay UUID-shaped), so one pattern subscription
+    covers them all: no SUBSCRIBE/UNSUBSCRIBE per task, and no results of
+    other processes. Ids from elsewhere (``off.get(id)``) are subscribed one
+    by one on the same connection.
+    """
+
+    #: Take new ids (MGET what was stored before we listened) and drop
+    #: finished foreign subscriptions at most this often: one round trip per
+    #: batch, not per task, and the GIL left to the threads that submit.
+    TICK = 0.005
 
     def __init__(self, backend: Any) -> None:
+        import uuid
+
         self.backend = backend
         self.pubsub: Any = None
-        self.channels: dict[bytes, str] = {}
+        self.prefix = uuid.uuid4().hex[:8]
+        self.pattern_prefix = bytes(backend.get_key_for_task(self.prefix))
+        self.channels: dict[bytes, str] = {}  # foreign ids, subscribed one by one
+
+    def new_task_id(self) -> str:
+        import uuid
+
+        return self.prefix + str(uuid.uuid4())[8:]
 
     def submit_options(self) -> dict[str, Any]:
-        return {}
+        return {"task_id": self.new_task_id()}
 
     def reset(self) -> None:
         if self.pubsub is not None:
@@ -352,10 +373,13 @@ class _RedisPush:
     def _manage(self, watcher: ResultWatcher) -> None:
         new = watcher._take_new()
         if new:
-            keys = {bytes(self.backend.get_key_for_task(i)): i for i in new}
-            self.channels.update(keys)
-            self.pubsub.subscribe(*keys)
-            # Anything stored before the subscription took effect.
+            foreign = {
+                bytes(self.backend.get_key_for_task(i)): i for i in new if not i.startswith(self.prefix)
+            }
+            if foreign:
+                self.channels.update(foreign)
+                self.pubsub.subscribe(*foreign)
+            # Anything stored before the (pattern) subscription took effect.
             self._read_stored(watcher, new)
         done = [ch for ch, task_id in self.channels.items() if task_id not in watcher._pending]
         if done:
@@ -371,33 +395,35 @@ class _RedisPush:
                 if value:
                     watcher._deliver(task_id, self.backend.decode_result(value))
 
-    #: Subscribe new ids and unsubscribe finished ones at most this often.
-    #: Doing it on every incoming message meant ~3 Redis round trips per
-    #: task, all taking the GIL from the thread that submits (-30% enqueue
-    #: rate under load); per tick it is one SUBSCRIBE and one MGET per batch.
-    TICK = 0.005
+    def _task_id(self, message: dict[str, Any]) -> str | None:
+        channel = bytes(message["channel"])
+        if message["type"] == "pmessage":
+            return channel[len(self.pattern_prefix) - len(self.prefix):].decode()
+        return self.channels.get(channel)
 
     def run(self, watcher: ResultWatcher) -> None:
         self.pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(self.pattern_prefix + b"*")
         last_safety = time.monotonic()
         next_tick = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_tick or not self.channels:
+            if now >= next_tick:
                 next_tick = now + self.TICK
                 self._manage(watcher)
-            if not self.channels:
-                watcher._wakeup.wait(30)
-                watcher._wakeup.clear()
+            if not watcher._pending:
+                # Keep reading while idle, or subscription confirmations and
+                # stray results would pile up in the socket.
+                self.pubsub.get_message(timeout=0)
+                if watcher._wakeup.wait(5.0):
+                    watcher._wakeup.clear()
                 continue
-            # Wake by the next tick at the latest to subscribe new ids promptly
-            # (results stored before the subscription are read right after it).
             message = self.pubsub.get_message(timeout=max(next_tick - time.monotonic(), 0.0))
             received = 0
             while message is not None:
-                if message.get("type") == "message":
+                if message.get("type") in ("message", "pmessage"):
                     received += 1
-                    task_id = self.channels.get(bytes(message["channel"]))
+                    task_id = self._task_id(message)
                     if task_id is not None:
                         watcher._deliver(task_id, self.backend.decode_result(message["data"]))
                 message = self.pubsub.get_message(timeout=0)

@@ -154,3 +154,12 @@ class TestRpcBackend:
         thread.start()
         thread.join()
         assert results[0].result(timeout=30) == 10
+
+
+def test_get_follows_a_task_sent_by_someone_else(off):
+    # Not submitted through this Offload (no future, an id of Celery's own).
+    sent = off.celery.send_task("offload.dispatch", args=["testapp:add", [20, 22], {}])
+    assert off.get(sent.id).result(timeout=30) == 42
+    slow = off.celery.send_task("offload.dispatch", args=["testapp:sleep_then", [0.5, "late"], {}])
+    future = off.get(slow.id)
+    assert future.result(timeout=30) == "late"
