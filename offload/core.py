@@ -77,12 +77,17 @@ _PICKLE_SETTINGS = ("task_serializer", "result_serializer", "accept_content",
                     "result_accept_content", "event_serializer")
 
 
+#: Modules whose frames stand between the user's code and ``Offload()``; an
+#: Offload made by any other module (offload.demo included) belongs to it.
+_MACHINERY = ("offload", "offload.core", "offload.flask", "offload.pyramid")
+
+
 def _caller_module() -> str:
-    """The module that created the Offload (skipping offload's own frames)."""
+    """The module that created the Offload (skipping offload's machinery)."""
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name != "offload" and not name.startswith("offload."):
+        if name not in _MACHINERY and not name.startswith("importlib"):
             return name
         frame = frame.f_back
     return "__main__"

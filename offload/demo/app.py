@@ -64,10 +64,6 @@ def demo_config(data_dir: str) -> dict[str, Any]:
 
 
 off = Offload(demo_config(default_data_dir()), name=__name__)
-# Offload names its app after the module that created it, skipping offload's
-# own frames; this module lives inside the offload package, so say it here
-# (worker discovery and the allow-list go by this name).
-off.import_name = __name__
 #: The Celery app, for ``celery -A offload.demo.app worker``.
 celery = off.celery
 
