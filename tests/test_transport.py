@@ -192,6 +192,25 @@ def test_closing_a_connection_gives_its_messages_back_at_once(db):
         message.ack()
 
 
+def test_a_message_given_back_is_marked_redelivered(db):
+    # What AMQP and kombu's Redis transport do, and what Celery's
+    # Reject(requeue=True) relies on (Celery's test_reject_with_requeue_...).
+    queue = Queue("again", Exchange("again"), "again")
+    with Connection(f"sqlite:///{db}") as first:
+        first.Producer().publish({"x": 1}, exchange=queue.exchange, routing_key="again",
+                                 declare=[queue])
+        message = queue(first.default_channel).get()
+        assert message.delivery_info.get("redelivered") is not True
+        message.reject(requeue=True)
+        message = queue(first.default_channel).get()
+        assert message.delivery_info["redelivered"] is True and message.payload == {"x": 1}
+        # Not acked: closing the connection gives it back, redelivered still.
+    with Connection(f"sqlite:///{db}") as second:
+        message = queue(second.default_channel).get()
+        assert message.delivery_info["redelivered"] is True
+        message.ack()
+
+
 def test_a_killed_consumers_message_comes_back_after_the_visibility_timeout(conn, db, child_env):
     queue = Queue("orphan", Exchange("orphan"), "orphan")
     conn.Producer().publish({"x": 7}, exchange=queue.exchange, routing_key="orphan", declare=[queue])

@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, beat REAL NOT NULL, w
 #: "Ready": not leased and not past its expiry (the parameter: now).
 _READY = "owner IS NULL AND (expires IS NULL OR expires > ?)"
 
+#: A leased row made ready again: its next delivery says it is a redelivery
+#: (``delivery_info["redelivered"]``, as AMQP and kombu's Redis transport do;
+#: Celery's ``Reject(requeue=True)`` pattern depends on it).
+_GIVE_BACK = ("owner = NULL, payload = CASE WHEN json_valid(payload) THEN json_set(payload, "
+              "'$.properties.delivery_info.redelivered', json('true')) ELSE payload END")
+
 #: "Owned by a consumer that has stopped beating" (the parameter: oldest live beat).
 _DEAD_OWNER = "owner IS NOT NULL AND owner NOT IN (SELECT id FROM consumers WHERE beat >= ?)"
 
@@ -164,7 +170,7 @@ class Store:
         if row_ids:
             conn = self.conn
             retrying(lambda: conn.executemany(
-                "UPDATE messages SET owner = NULL WHERE id = ? AND owner = ?",
+                f"UPDATE messages SET {_GIVE_BACK} WHERE id = ? AND owner = ?",
                 [(row_id, owner) for row_id in row_ids]))
 
     def size(self, queue: str) -> int:
@@ -236,7 +242,7 @@ class Store:
         """A clean exit: give leased messages back, drop auto-delete queues."""
         owned = "SELECT name FROM queues WHERE owner = ?"
         self._transaction([
-            ("UPDATE messages SET owner = NULL WHERE owner = ?", (consumer,)),
+            (f"UPDATE messages SET {_GIVE_BACK} WHERE owner = ?", (consumer,)),
             (f"DELETE FROM messages WHERE queue IN ({owned})", (consumer,)),
             (f"DELETE FROM bindings WHERE queue IN ({owned})", (consumer,)),
             ("DELETE FROM queues WHERE owner = ?", (consumer,)),
@@ -265,7 +271,7 @@ class Store:
             return 0
         dead_queues = f"SELECT name FROM queues WHERE {_DEAD_OWNER}"
         self._transaction([
-            (f"UPDATE messages SET owner = NULL WHERE {_DEAD_OWNER}", (oldest_live,)),
+            (f"UPDATE messages SET {_GIVE_BACK} WHERE {_DEAD_OWNER}", (oldest_live,)),
             # A dead worker's pidbox queue would otherwise collect every
             # broadcast forever.
             (f"DELETE FROM messages WHERE queue IN ({dead_queues})", (oldest_live,)),

@@ -25,9 +25,10 @@ _SDIST = os.environ.get("KOMBU_SDIST")
 if not _SDIST or not os.path.isfile(os.path.join(_SDIST, "t", "integration", "common.py")):
     raise pytest.UsageError(
         "set KOMBU_SDIST to the extracted sdist of the installed kombu (.ci/conformance does)")
-sys.path.insert(0, _SDIST)
 
-import kombu  # noqa: E402
+import kombu  # noqa: E402  (the installed one: the sdist only lends its `t` package)
+
+sys.path.append(_SDIST)
 
 BROKER = os.environ.get("CONFORMANCE_BROKER", "sqlite")
 
