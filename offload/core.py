@@ -229,6 +229,13 @@ class Offload:
             celery_settings.setdefault("result_backend", broker_url)
         elif scheme in ("amqp", "amqps", "pyamqp"):
             celery_settings.setdefault("result_backend", "rpc://")
+        elif scheme == "sqlite":
+            # Celery drives a synchronous transport with a loop that, with
+            # put-locks, waits for a free pool process before going on: with
+            # a prefetch above the pool's size, remote control (status(),
+            # revoke) would go unread until a task ends. Without them the
+            # pool queues what was prefetched, as it does on Redis.
+            celery_settings.setdefault("worker_pool_putlocks", False)
         if settings.queues:
             default = celery_settings.get("task_default_queue", "celery")
             names = [default] + [q for q in settings.queues if q != default]

@@ -309,6 +309,35 @@ def test_status_and_inspect_reach_workers_on_the_embedded_broker(embedded):
     assert off.celery.control.inspect(timeout=2).active() is not None
 
 
+def test_a_busy_worker_still_answers_remote_control(embedded, data_root):
+    """Its one pool process busy and more tasks prefetched: status() still hears it.
+
+    Celery drives a synchronous transport with a loop that, with put-locks,
+    waits for a free pool process and leaves control messages unread.
+    """
+    off, _ = embedded
+    assert off.celery.conf.worker_pool_putlocks is False
+    queue = f"busy-{test_id()}"
+    worker = WorkerProcess("testapp.on_embedded", f"busy-{test_id()}@%h", data_root / "worker-busy.log",
+                           concurrency=1, queues=queue, extra_args=["--prefetch-multiplier", "4"])
+    futures = []
+    try:
+        wait_ready(off.options(queue=queue), worker)
+        futures = [off.options(queue=queue).submit(sleep_then, 2, i) for i in range(4)]
+        assert wait_until(lambda: futures[0].running(), timeout=30), worker.log_tail()
+        # All four taken (one running, three held) before asking.
+        assert wait_until(lambda: worker.log_tail(60).count("] received") >= 5, timeout=10), worker.log_tail()
+        status = off.status(timeout=1)
+        assert any(name.startswith(f"busy-{test_id()}@") for name in status["workers"]), status
+        reserved = off.reserved(timeout=1)
+        busy = [tasks for name, tasks in reserved.items() if name.startswith("busy-")]
+        assert busy and len(busy[0]) == 3, reserved
+    finally:
+        for future in futures:
+            future.cancel()
+        worker.stop()
+
+
 def test_countdown_runs_later(embedded):
     off, _ = embedded
     started = time.monotonic()
