@@ -167,6 +167,8 @@ class Offload:
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:
         self.import_name = _caller_module()
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
+        #: The Flask app given to init_app(), which local workers must build too.
+        self.flask_app: Any = None
         self._workers: Any = None
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
@@ -297,6 +299,7 @@ class Offload:
         extensions = getattr(app, "extensions", None)
         if isinstance(extensions, dict):
             extensions["offload"] = self
+            self.flask_app = app
         if hasattr(app, "app_context"):
             self.add_task_context(app.app_context)
 

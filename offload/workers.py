@@ -299,8 +299,7 @@ class LocalWorkers:
         env = os.environ.get("OFFLOAD_APP", "").strip()
         if env:
             return env, folders
-        flask_app = next((getattr(f, "__self__", None) for f in off._contexts
-                          if hasattr(getattr(f, "__self__", None), "extensions")), None)
+        flask_app = off.flask_app
         if flask_app is not None:
             # Configured by a Flask app: the worker must build that app, not
             # just import a bare, unconfigured Offload.

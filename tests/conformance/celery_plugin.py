@@ -6,6 +6,9 @@ never imports offload, so this plugin does what an offload app would:
 
 * imports :mod:`offload`, which registers the ``sqlite`` kombu transport alias
   (the ``sqlite`` result backend comes from offload's entry point);
+* adds ``CONFORMANCE_CELERY_CONFIG`` (JSON) to the suite's ``celery_config``:
+  the settings an offload app gives its broker (``.ci/conformance`` passes
+  ``worker_pool_putlocks: false`` for sqlite, offload's default there);
 * points the suite's own Redis helper (``t.integration.tasks.
   get_redis_connection``, which canvas tests use as a side channel on the Redis
   backend) at DB 13 instead of DB 0, so that the Redis reference run touches
@@ -17,6 +20,7 @@ register them; it is not needed for this). Set ``CELERY_SDIST`` to the extracted
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -50,3 +54,14 @@ def get_redis_connection():
 # Before Celery's conftest and test modules do `from .tasks import
 # get_redis_connection`: they then bind this one.
 _tasks.get_redis_connection = get_redis_connection
+
+
+_EXTRA_CONFIG = json.loads(os.environ.get("CONFORMANCE_CELERY_CONFIG") or "{}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    result = yield
+    if fixturedef.argname == "celery_config" and isinstance(result, dict):
+        result.update(_EXTRA_CONFIG)
+    return result
