@@ -122,6 +122,26 @@ def test_priorities_take_the_highest_first(conn):
     assert [bound.get(no_ack=True).payload["p"] for _ in range(3)] == [9, 5, 1]
 
 
+def test_queues_on_several_channels_are_served_in_publish_order(conn):
+    """A worker's control channel and task channel: a revoke broadcast sent
+    before a task is delivered before it, whichever channel it is on."""
+    control = Queue("control", Exchange("control", "fanout"))
+    tasks = Queue("tasks", Exchange("tasks"), "tasks", max_priority=9)
+    producer = conn.Producer()
+    producer.publish({"n": 0}, exchange=tasks.exchange, routing_key="tasks", declare=[tasks, control])
+    producer.publish({"n": 1}, exchange=control.exchange, routing_key="")
+    producer.publish({"n": 2}, exchange=tasks.exchange, routing_key="tasks")
+    producer.publish({"n": 3}, exchange=control.exchange, routing_key="")
+    producer.publish({"n": 4, "urgent": True}, exchange=tasks.exchange, routing_key="tasks", priority=9)
+    got = []
+    handle = lambda body, message: (got.append(body["n"]), message.ack())  # noqa: E731
+    with conn.Consumer([tasks], channel=conn.channel(), callbacks=[handle]), \
+            conn.Consumer([control], channel=conn.channel(), callbacks=[handle], no_ack=True):
+        while len(got) < 5:
+            conn.drain_events(timeout=2)
+    assert got == [4, 0, 1, 2, 3]  # the most urgent first, then as published
+
+
 def test_fanout_reaches_every_bound_queue_in_other_processes(conn, db, child_env):
     exchange = Exchange("broadcast", "fanout")
     mine = Queue("mine", exchange)

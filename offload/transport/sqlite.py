@@ -12,6 +12,10 @@ Bindings and exchange types live in the file too, not in each process's
 memory, so direct, topic and fanout routing work across processes: that is
 what Celery's remote control (``inspect ping``, ``revoke``) needs.
 
+A connection consuming from several queues (a worker's task and control
+channels) gets their messages in publish order, the most urgent first: a
+revoke broadcast reaches the worker before the task it revokes.
+
 Consumers wait on a unix datagram socket whose address is in their
 ``consumers`` row; a producer pokes every waiter after each commit. A worker
 therefore sees a new message within a millisecond or so, and an idle worker
@@ -161,6 +165,28 @@ class Store:
             if got:
                 return row[0], got[0][0]
             # Another consumer took it between the two statements: look again.
+
+    def next_queue(self, queues: list[str]) -> str | None:
+        """Of ``queues``, the one whose next message comes first.
+
+        Each queue's head is its most urgent, then oldest, ready message;
+        the heads are compared the same way. So messages of several queues
+        go out in the order they were published (a revoke broadcast before
+        the task it revokes), and a higher priority still goes first.
+        """
+        best: tuple[int, int, str] | None = None
+        now = time.time()
+        for start in range(0, len(queues), 200):  # under sqlite's compound-select limit
+            chunk = queues[start:start + 200]
+            heads = " UNION ALL ".join(
+                f"SELECT * FROM (SELECT queue, priority, id FROM messages WHERE queue = ? AND {_READY} "
+                "ORDER BY priority DESC, id LIMIT 1)" for _ in chunk)
+            row = self.conn.execute(
+                f"SELECT queue, priority, id FROM ({heads}) ORDER BY priority DESC, id LIMIT 1",
+                [value for queue in chunk for value in (queue, now)]).fetchone()
+            if row is not None and (best is None or (-row[1], row[2]) < (-best[0], best[1])):
+                best = (row[1], row[2], row[0])
+        return None if best is None else best[2]
 
     def delete_message(self, row_id: int) -> None:
         self._write("DELETE FROM messages WHERE id = ?", (row_id,))
@@ -681,22 +707,41 @@ class Transport(virtual.Transport):
                 logger.warning("sqlite broker heartbeat failed; retrying", exc_info=True)
         store.close()
 
+    def _deliver_next(self) -> bool:
+        """Deliver the next message of all consuming channels; False if none.
+
+        One choice across channels, not kombu's round robin over them: a
+        worker's remote-control channel and its task channel are served in
+        publish order (see :meth:`Store.next_queue`).
+        """
+        consuming: dict[str, Channel] = {}
+        for channel in self.channels:
+            if channel._consumers and channel.qos.can_consume():
+                for queue in channel._active_queues:
+                    consuming.setdefault(queue, channel)
+        for _ in range(3):  # another consumer may take the head first
+            if not consuming:
+                return False
+            queue = self.store.next_queue(list(consuming))
+            if queue is None:
+                return False
+            try:
+                consuming[queue]._get_and_deliver(queue, self._deliver)
+            except Empty:
+                continue
+            return True
+        return False
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         self.register()
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 0.001
         while True:
-            try:
-                self.cycle.get(self._deliver, timeout=timeout)
-            except Empty:
-                pass
-            else:
+            if self._deliver_next():
                 # Hand over what else is ready now (within prefetch) in the
                 # same call, as a socket broker would in one read.
                 for _ in range(self.batch_size - 1):
-                    try:
-                        self.cycle.get(self._deliver, timeout=0)
-                    except Empty:
+                    if not self._deliver_next():
                         break
                 return
             wait = self.polling_interval if self._waker is not None else backoff
