@@ -352,6 +352,9 @@ class _RedisPush:
         self.prefix = uuid.uuid4().hex[:8]
         self.pattern_prefix = bytes(backend.get_key_for_task(self.prefix))
         self.channels: dict[bytes, str] = {}  # foreign ids, subscribed one by one
+        # Until Redis confirms the pattern subscription, a result may be
+        # published unheard: every id is then read back once it is confirmed.
+        self.listening = False
 
     def new_task_id(self) -> str:
         import uuid
@@ -379,8 +382,8 @@ class _RedisPush:
             if foreign:
                 self.channels.update(foreign)
                 self.pubsub.subscribe(*foreign)
-            # Anything stored before the (pattern) subscription took effect.
-            self._read_stored(watcher, new)
+                # Anything stored before their subscription took effect.
+                self._read_stored(watcher, list(foreign.values()))
         done = [ch for ch, task_id in self.channels.items() if task_id not in watcher._pending]
         if done:
             for channel in done:
@@ -401,9 +404,21 @@ class _RedisPush:
             return channel[len(self.pattern_prefix) - len(self.prefix):].decode()
         return self.channels.get(channel)
 
+    def _confirmed(self, watcher: ResultWatcher) -> None:
+        # From here on every result of this process's ids is heard; read what
+        # was stored before (submitted earlier, or during a reconnect).
+        self.listening = True
+        self._read_stored(watcher, watcher._snapshot())
+
     def run(self, watcher: ResultWatcher) -> None:
-        self.pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+        self.listening = False
+        self.pubsub = self.backend.client.pubsub()
         self.pubsub.psubscribe(self.pattern_prefix + b"*")
+        # After a reconnect: the ids of other processes still awaited.
+        self.channels = {bytes(self.backend.get_key_for_task(i)): i
+                         for i in watcher._snapshot() if not i.startswith(self.prefix)}
+        if self.channels:
+            self.pubsub.subscribe(*self.channels)
         last_safety = time.monotonic()
         next_tick = 0.0
         while True:
@@ -414,18 +429,22 @@ class _RedisPush:
             if not watcher._pending:
                 # Keep reading while idle, or subscription confirmations and
                 # stray results would pile up in the socket.
-                self.pubsub.get_message(timeout=0)
+                if self.pubsub.get_message(timeout=0) is not None and not self.listening:
+                    self._confirmed(watcher)
                 if watcher._wakeup.wait(5.0):
                     watcher._wakeup.clear()
                 continue
             message = self.pubsub.get_message(timeout=max(next_tick - time.monotonic(), 0.0))
             received = 0
             while message is not None:
-                if message.get("type") in ("message", "pmessage"):
+                kind = message.get("type")
+                if kind in ("message", "pmessage"):
                     received += 1
                     task_id = self._task_id(message)
                     if task_id is not None:
                         watcher._deliver(task_id, self.backend.decode_result(message["data"]))
+                elif kind == "psubscribe" and not self.listening:
+                    self._confirmed(watcher)
                 message = self.pubsub.get_message(timeout=0)
             if received > 1:
                 # A burst of results: let the next ones pile up until the tick

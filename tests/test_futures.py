@@ -129,6 +129,29 @@ def test_a_thousand_futures_share_one_watcher_thread(redis_off):
     assert redis_off._watcher.pending_count == 0
 
 
+def test_redis_watcher_survives_its_connection_being_killed(redis_off):
+    """Redis drops the watcher's pub/sub connection mid-task: it reconnects,
+    subscribes again (its own ids and another process's), and misses nothing."""
+    import redis
+
+    own = redis_off.submit(sleep_then, 2.0, "own")
+    sent = redis_off.celery.send_task("offload.dispatch", args=["testapp:sleep_then", [2.0, "foreign"], {}])
+    foreign = redis_off.get(sent.id)
+    watcher = redis_off._watcher
+    assert wait_until(lambda: sent.id in watcher._strategy.channels.values(), timeout=10)
+    assert not own.done() and not foreign.done()
+    pubsub = watcher._strategy.pubsub
+    host, port = pubsub.connection._sock.getsockname()[:2]
+    server = redis.Redis.from_url(redis_off.celery.conf.broker_url)
+    assert server.client_kill_filter(_type=None, addr=f"{host}:{port}") == 1
+    assert own.result(timeout=30) == "own"
+    assert foreign.result(timeout=30) == "foreign"
+    # A new connection, still the one thread, and it hears new results.
+    assert wait_until(lambda: watcher._strategy.pubsub is not pubsub, timeout=10)
+    assert redis_off.submit(add, 1, 2).result(timeout=30) == 3
+    assert watcher.pending_count == 0
+
+
 def test_get_rejects_a_bad_id(redis_off):
     with pytest.raises(ValueError, match="non-empty string"):
         redis_off.get("")
