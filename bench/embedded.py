@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+from _workers import stop_worker
 from offload import Offload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,17 +77,6 @@ def start_worker(env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def run(kind: str, tasks: int, rounds: int, root: str) -> dict[str, float]:
     data_dir = os.path.join(root, kind)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -129,10 +118,13 @@ def run(kind: str, tasks: int, rounds: int, root: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks for the throughput")
+    parser.add_argument("--rounds", type=int, default=200,
+                        help="single-task round trips timed for the latency median and p90 (at least 2)")
     parser.add_argument("--brokers", default="sqlite,filesystem,redis")
     args = parser.parse_args(argv)
+    if args.tasks < 1 or args.rounds < 2:
+        parser.error("--tasks must be at least 1 and --rounds at least 2")
     sys.path.insert(0, HERE)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="offload-bench-") as root:

@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures
 import gc
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult, ResultSet
 
+from _workers import stop_worker
 from offload import Offload
 from offload.core import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS
 
@@ -103,18 +103,6 @@ def start_worker(kind: str, log_dir: str) -> subprocess.Popen[bytes]:
          "-c", "2", "-Q", QUEUES[kind], "-n", f"bench-{kind}-{RUN_ID}@%h", "-l", "warning",
          "--without-gossip", "--without-mingle"],
         cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    """Warm shutdown, then the whole process group if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 # The contenders ----------------------------------------------------------------
