@@ -107,6 +107,16 @@ def retrying(operation: Callable[[], T], deadline: float | None = None) -> T:
         delay = min(delay * 2, 0.1)
 
 
+def release_free_pages(conn: sqlite3.Connection, min_free_pages: int) -> bool:
+    """Give the file's free pages back (incremental vacuum) once at least
+    ``min_free_pages`` piled up; whether it did."""
+    if conn.execute("PRAGMA freelist_count").fetchone()[0] < min_free_pages:
+        return False
+    # executescript steps it to the end; execute() would free one page.
+    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
+    return True
+
+
 def _prepare_folder(path: str) -> None:
     folder = os.path.dirname(path)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
 
-from ._sqlite import DEFAULT_RESULTS_FILE, LocalConnections, parse_url, retrying
+from ._sqlite import DEFAULT_RESULTS_FILE, LocalConnections, parse_url, release_free_pages, retrying
 
 __all__ = ["SQLiteBackend"]
 
@@ -119,10 +119,7 @@ class SQLiteBackend(KeyValueStoreBackend):
         conn = self._conn
         retrying(lambda: conn.execute(
             "DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)))
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if free > 64:
-            # executescript steps it to the end; execute() would free one page.
-            retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
+        release_free_pages(conn, min_free_pages=65)
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()

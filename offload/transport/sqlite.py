@@ -47,7 +47,8 @@ from typing import Any
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
-from ._sqlite import (BUSY_TIMEOUT, DEFAULT_BROKER_FILE, LocalConnections, SQLiteFileError, parse_url, retrying,
+from ._sqlite import (BUSY_TIMEOUT, DEFAULT_BROKER_FILE, LocalConnections, SQLiteFileError, parse_url,
+                      release_free_pages, retrying,
                       url_options)
 
 __all__ = ["Channel", "Transport"]
@@ -312,11 +313,8 @@ class Store:
     def compact(self, min_free_pages: int = 16) -> None:
         """Give free pages back to the file system once enough piled up."""
         conn = self.conn
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if free < min_free_pages:
+        if not release_free_pages(conn, min_free_pages):
             return
-        # executescript steps it to the end; execute() would free one page.
-        retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
         # The truncation reaches the main file at a checkpoint, and TRUNCATE
         # also cuts the -wal file to nothing; never wait long for it, though.
         conn.execute("PRAGMA busy_timeout=50")
