@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -140,31 +139,6 @@ def _ignore_signals() -> Iterator[None]:
 
 
 def _start_workers(off: Any) -> Callable[[], None]:
-    """Start the demo's local worker; return the function that stops it."""
-    try:
-        from offload.workers import LocalWorkers  # noqa: F401
-    except ImportError:
-        return _start_celery_worker()
+    """Start the demo's local worker (its CELERY_WORKERS); return what stops it."""
     off.start()
     return off.stop
-
-
-def _start_celery_worker() -> Callable[[], None]:
-    """One ``celery worker`` subprocess (used until offload.workers is available)."""
-    args = [sys.executable, "-m", "celery", "-A", "offload.demo.app", "worker",
-            "-n", "demo@%h", "-c", "2", "-l", "warning", "--without-gossip", "--without-mingle"]
-    # Its own session: Ctrl-C reaches only the demo, which then stops the
-    # worker once (a second SIGINT would make Celery cold-stop mid-task).
-    proc = subprocess.Popen(args, start_new_session=True)
-
-    def stop(timeout: float = 15.0) -> None:
-        if proc.poll() is not None:
-            return
-        proc.terminate()  # warm shutdown: the pool finishes what it runs
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the pool processes too
-            proc.wait(5)
-
-    return stop
