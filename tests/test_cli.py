@@ -21,7 +21,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from conftest import require_service, worker_env
+from conftest import require_service, wait_until, worker_env
 from offload.cli import main
 
 HOST = socket.gethostname()
@@ -32,14 +32,6 @@ def offload(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     """Run the installed ``offload`` console script."""
     return subprocess.run([os.path.join(BIN, "offload"), *args], env=worker_env(env), text=True,
                           capture_output=True, timeout=timeout)
-
-
-def _wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, f"{condition} still false after {timeout}s"
-        pause.wait(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +137,7 @@ def test_worker_runs_one_named_worker_with_its_queues(routed):
                              "-n", "solo", "-Q", BAR_ONLY, "-c", "1", "-l", "warning"],
                             env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: f"solo@{HOST}" in routed.status(timeout=0.5)["workers"], 60)
+        assert wait_until(lambda: f"solo@{HOST}" in routed.status(timeout=0.5)["workers"], 60, interval=0.1)
         queues = routed._inspect("active_queues", 1)[f"solo@{HOST}"]
         assert [q["name"] for q in queues] == [BAR_ONLY]
     finally:
@@ -203,8 +195,8 @@ def test_cluster_runs_every_worker_restarts_a_dead_one_and_stops_on_ctrl_c(data_
         assert lines.next_event("died")["worker"] == "foo"
         restarted = lines.next_event("restarted")
         assert restarted["worker"] == "foo" and restarted["pid"] != foo.pid
-        _wait_for(lambda: off.status(timeout=0.5)["workers"] == {
-            f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 60)
+        assert wait_until(lambda: off.status(timeout=0.5)["workers"] == {
+            f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 60, interval=0.1)
         tree = [psutil.Process(restarted["pid"]), psutil.Process(ready["workers"][f"bar@{HOST}"])]
         tree += [c for p in list(tree) for c in p.children(recursive=True)]
         proc.send_signal(signal.SIGINT)
@@ -235,7 +227,7 @@ def test_flower_serves_its_dashboard(data_root):
             return False
 
     try:
-        _wait_for(answers, 60)
+        assert wait_until(answers, 60, interval=0.1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

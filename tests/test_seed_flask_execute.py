@@ -4,10 +4,10 @@ Updates") run as written, with ``off`` for ``celery``, on every broker."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import pytest
 
+from conftest import wait_until
 from testapp import add, crunch, sleep_then
 
 
@@ -26,9 +26,7 @@ def test_future_api(off):
     # >>> future = celery.submit(add, 1, 2); future.running(); future.done()
     future = off.submit(sleep_then, 1.0, "slept")
     assert not future.done()
-    deadline = time.monotonic() + 30
-    while not future.running() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(future.running, 30, interval=0.01)
     assert future.running() and not future.done()
     assert future.result(timeout=30) == "slept"
     assert future.done() and not future.running() and not future.cancelled()

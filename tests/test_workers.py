@@ -11,26 +11,16 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
-from conftest import require_service, worker_env
+from conftest import require_service, wait_until, worker_env
 from offload import ConfigurationError, Offload
 from offload.workers import INSPECT_TARGETS, WorkersNotReady, _jsonable, inspect, worker_specs
 
 HOST = socket.gethostname()
-
-
-def _wait_for(condition, timeout: float) -> None:
-    """Poll ``condition`` until it holds (the state arrives from the result backend)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, f"{condition} still false after {timeout}s"
-        pause.wait(0.05)
 
 
 # CELERY_WORKERS, checked before any process starts --------------------------------
@@ -161,7 +151,7 @@ def test_first_submit_starts_workers_without_waiting_and_stop_kills_a_busy_one(d
     assert off.workers.running() == pids  # started once
 
     busy = off.submit(sleep_then, 120)
-    _wait_for(busy.running, 30)
+    assert wait_until(busy.running, 30, interval=0.05)
     group = [psutil.Process(pid) for pid in pids.values()]
     group += [c for p in list(group) for c in p.children(recursive=True)]
     started = time.monotonic()
