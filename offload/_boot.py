@@ -6,7 +6,7 @@ Celery app of the Offload that ``OFFLOAD_APP`` (else ``FLASK_APP``) names. The
 so a worker process finds the app exactly the way the command line does:
 
 * ``module`` or ``module:attr``: an ``Offload``; a Flask app (its Offload is
-  ``app.extensions["offload"]``); or an app factory (called without arguments);
+  the one :func:`offload.flask.init_app` registered); or an app factory (called without arguments);
   a bare module is scanned for an ``Offload``, then a Flask app, then a
   ``create_app``/``make_app`` factory;
 * ``path/to/file.py[:attr]``: the same, importing the file's module;
@@ -20,6 +20,7 @@ watchdog that takes the worker down when the process that started it is gone.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
@@ -29,6 +30,8 @@ from types import ModuleType
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .flask import is_flask_app
+from .flask import offload_of
 
 __all__ = ["AppNotFound", "find_offload", "spec_from_env"]
 
@@ -54,17 +57,12 @@ def _is_offload(obj: Any) -> bool:
     return isinstance(obj, Offload)
 
 
-def _is_flask_app(obj: Any) -> bool:
-    # Duck-typed so that nothing here imports Flask.
-    return hasattr(obj, "extensions") and hasattr(obj, "config") and hasattr(obj, "app_context")
-
-
 def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> Any | None:
     """The Offload ``obj`` is or holds (Flask app, factory), else None."""
     if _is_offload(obj):
         return obj
-    if _is_flask_app(obj):
-        found = obj.extensions.get("offload")
+    if is_flask_app(obj):
+        found = offload_of(obj)
         if _is_offload(found):
             return found
         tried.append(f"{where} is a Flask app, but no Offload is registered on it "
@@ -85,7 +83,7 @@ def _scan_module(module: ModuleType, tried: list[str]) -> Any | None:
     name = module.__name__
     for attr in APP_NAMES:
         obj = getattr(module, attr, None)
-        if obj is not None and (_is_offload(obj) or _is_flask_app(obj)):
+        if obj is not None and (_is_offload(obj) or is_flask_app(obj)):
             return _from_object(obj, f"{name}:{attr}", tried, call=False)
     offloads = [v for v in vars(module).values() if _is_offload(v)]
     if len({id(v) for v in offloads}) == 1:
@@ -93,7 +91,7 @@ def _scan_module(module: ModuleType, tried: list[str]) -> Any | None:
     if offloads:
         tried.append(f"{name} holds several Offload objects; name one as {name}:attr")
         return None
-    flasks = [v for v in vars(module).values() if _is_flask_app(v)]
+    flasks = [v for v in vars(module).values() if is_flask_app(v)]
     if len({id(v) for v in flasks}) == 1:
         return _from_object(flasks[0], f"{name} (its Flask app)", tried, call=False)
     for attr in FACTORY_NAMES:
@@ -215,7 +213,7 @@ def _flask_autodetect() -> Any | None:
         app = ScriptInfo().load_app()
     except NoAppException:
         return None
-    found = app.extensions.get("offload")
+    found = offload_of(app)
     return found if _is_offload(found) else None
 
 
@@ -247,8 +245,17 @@ def _watch_parent(parent_pid: int) -> None:
     stop = threading.Event()
     while os.getppid() == parent_pid:
         stop.wait(WATCHDOG_INTERVAL)
+    # An idle worker's warm shutdown ends this process (and this thread)
+    # before the grace period is over; what its tasks started must go all
+    # the same, so the group is killed on the way out too.
+    atexit.register(_kill_group)
     os.kill(os.getpid(), signal.SIGTERM)
     stop.wait(WATCHDOG_GRACE)
+    _kill_group()
+
+
+def _kill_group() -> None:
+    """SIGKILL this process's whole group, this process included."""
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 

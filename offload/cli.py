@@ -3,7 +3,8 @@
 ::
 
     offload --app myproject.tasks:off worker -n foo -Q high -c 4
-    offload --app "myproject:create_app" cluster     # every CELERY_WORKERS + Flower
+    offload --app "myproject:create_app" cluster     # every CELERY_WORKERS + Flower (+ beat)
+    offload --app myproject.tasks:off beat           # the periodic-task scheduler
     offload --app development.ini status             # a Pyramid app
     offload inspect registered --json                # OFFLOAD_APP / FLASK_APP
     flask --app myproject offload status
@@ -22,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +31,9 @@ import click
 from . import __version__
 from ._boot import AppNotFound, find_offload, load_default, spec_from_env
 from .exceptions import OffloadError
-from .workers import BOOT_APP, INSPECT_TARGETS, WorkerSpec, inspect, status
+from .flask import offload_of
+from .supervise import start_process
+from .workers import BOOT_APP, INSPECT_TARGETS, WorkerExited, WorkerSpec, inspect, status
 
 __all__ = ["flask_group", "main"]
 
@@ -148,6 +150,20 @@ def worker(ctx: click.Context, name: str | None, queues: str | None, concurrency
     off.celery.worker_main(["worker", *args])
 
 
+# beat --------------------------------------------------------------------------------
+
+@click.command()
+@click.option("-l", "--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
+@click.pass_context
+@_fail_on_offload_errors
+def beat(ctx: click.Context, loglevel: str) -> None:
+    """Run the periodic-task scheduler in the foreground (one per host: another one waits)."""
+    from .beat import run_beat
+
+    run_beat(_offload(ctx), loglevel=loglevel.upper())
+
+
 # cluster -----------------------------------------------------------------------------
 
 def _flower_installed() -> bool:
@@ -155,33 +171,12 @@ def _flower_installed() -> bool:
 
 
 def _start_flower(off: Any, address: str, port: int) -> subprocess.Popen[bytes]:
-    app_spec, folders = off.workers.resolve_app_spec()
-    env = dict(os.environ)
-    env.update({
-        "OFFLOAD_APP": app_spec,
-        "OFFLOAD_PARENT_PID": str(os.getpid()),  # its watchdog, as for workers
-        "PYTHONPATH": os.pathsep.join([*dict.fromkeys(folders), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    })
-    off.workers.folder.mkdir(parents=True, exist_ok=True)
-    with open(off.workers.folder / "flower.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", BOOT_APP, "flower",
-             f"--address={address}", f"--port={port}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, close_fds=True)
-
-
-class _Backoff:
-    """Restart a crashing worker at once, then ever more slowly (up to 30 s)."""
-
-    def __init__(self) -> None:
-        self._recent: dict[str, list[float]] = {}
-
-    def delay(self, name: str) -> float:
-        now = time.monotonic()
-        recent = [t for t in self._recent.get(name, []) if now - t < 60]
-        self._recent[name] = recent + [now]
-        return 0.0 if not recent else min(30.0, 2.0 ** len(recent))
+    # Started like a worker (its environment, a group of its own, a log file,
+    # a watchdog on this process), but not supervised: it is optional.
+    proc, _offset = start_process(
+        [sys.executable, "-m", "celery", "-A", BOOT_APP, "flower", f"--address={address}", f"--port={port}"],
+        off.workers.process_env(), off.workers.folder / "flower.log", "starting Flower")
+    return proc
 
 
 @click.command()
@@ -214,11 +209,14 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
     # A dying child wakes the supervisor at once instead of at its next check.
     previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: wake.set())
     flower_proc = None
+    from .beat import BeatProcess
+
+    scheduler = BeatProcess(off)
     try:
         _emit(as_json, "starting", f"starting {len(specs)} worker(s): "
               + ", ".join(s.nodename for s in specs) + f" (logs in {workers.folder})",
               workers=[s.nodename for s in specs], logs=str(workers.folder))
-        workers.ensure_started()
+        workers.supervise()
         if as_json:
             workers.wait_ready(timeout)
         else:
@@ -229,32 +227,30 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
                 workers.wait_ready(timeout, progress=advance)
         _emit(as_json, "ready", "all workers answer: " + json.dumps(workers.running()),
               workers=workers.running())
+        if scheduler.start():
+            _emit(as_json, "beat", f"periodic-task scheduler started (log: {scheduler.log_path})",
+                  log=str(scheduler.log_path), pid=scheduler.pid)
         if flower and _flower_installed():
             flower_proc = _start_flower(off, flower_address, flower_port)
             _emit(as_json, "flower", f"Flower on http://{flower_address}:{flower_port} "
                   f"(log: {workers.folder / 'flower.log'})", url=f"http://{flower_address}:{flower_port}")
         elif flower:
             _emit(as_json, "flower", "Flower is not installed (pip install offload[flower])", url=None)
-        backoff = _Backoff()
-        due: dict[str, float] = {}
         while not stop.is_set():
-            wake.wait(timeout=min([1.0] + [max(0.05, t - time.monotonic()) for t in due.values()]))
+            # The same supervision as local workers started by submit: a
+            # worker that dies starts again at once, then backing off.
+            waits = list(workers.pending_restarts().values())
+            wake.wait(timeout=max(0.05, min([1.0, *waits])))
             wake.clear()
             if stop.is_set():
                 break
-            for name, code in workers.dead().items():
-                if name not in due:
-                    delay = backoff.delay(name)
-                    due[name] = time.monotonic() + delay
-                    _emit(as_json, "died", f"worker {name} exited with code {code}; restarting "
-                          f"in {delay:g}s (log: {workers.log_path(name)})",
-                          worker=name, exit_code=code, restart_in=delay)
-            for name, when in list(due.items()):
-                if when <= time.monotonic():
-                    del due[name]
-                    pid = workers.restart(name)
-                    _emit(as_json, "restarted", f"worker {name} restarted (pid {pid})",
-                          worker=name, pid=pid)
+            for event in workers.supervise():
+                if isinstance(event, WorkerExited):
+                    _emit(as_json, "died", f"{event.summary} (log: {event.log_path})", worker=event.name,
+                          exit_code=event.exit_code, restart_in=event.restart_in)
+                elif event.restart:
+                    _emit(as_json, "restarted", f"worker {event.name} restarted (pid {event.pid})",
+                          worker=event.name, pid=event.pid)
             if flower_proc is not None and flower_proc.poll() is not None:
                 _emit(as_json, "flower-died", f"Flower exited with code {flower_proc.returncode}; "
                       f"see {workers.folder / 'flower.log'}", exit_code=flower_proc.returncode)
@@ -263,6 +259,7 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
         _emit(as_json, "stopping", "stopping the workers (warm shutdown)")
         if flower_proc is not None:
             flower_proc.terminate()
+        scheduler.stop()
         workers.stop()
         if flower_proc is not None:
             try:
@@ -347,7 +344,7 @@ def demo(host: str, port: int) -> None:
     run(host=host, port=port)
 
 
-_COMMANDS = (worker, cluster, status_command, inspect_command, flower, demo)
+_COMMANDS = (worker, beat, cluster, status_command, inspect_command, flower, demo)
 
 
 @click.group()
@@ -371,7 +368,7 @@ def flask_group(ctx: click.Context) -> None:
 
     def load() -> Any:
         app = info.load_app() if info is not None else None
-        found = getattr(app, "extensions", {}).get("offload")
+        found = offload_of(app)
         if found is None:
             raise AppNotFound(f"the Flask app {app!r} has no Offload: call off.init_app(app) "
                               "(or Offload(app)) in it")

@@ -1,30 +1,109 @@
-"""Setting spellings and type coercion.
+"""Setting spellings, type coercion, and the translation of a config into settings.
 
 offload reads one flat mapping (Flask's ``app.config``, Pyramid's settings, a
-dict, the environment) and turns it into Celery settings plus offload's own.
-Each Celery setting may be spelled as Celery does (``broker_url``), with a
-Pyramid-style prefix (``celery.broker_url``), with a Flask-style prefix
-(``CELERY_BROKER_URL``) or as one of Celery's old uppercase names
-(``CELERY_ALWAYS_EAGER``, ``BROKER_URL``). Strings (from ini files or the
-environment) are coerced with the types of Celery's own setting definitions,
-so nothing here drifts from Celery.
+dict, the environment) and turns it into Celery settings plus offload's own
+(:func:`translate`, a pure function). Each Celery setting may be spelled as
+Celery does (``broker_url``), with a Pyramid-style prefix
+(``celery.broker_url``), with a Flask-style prefix (``CELERY_BROKER_URL``) or
+as one of Celery's old uppercase names that is Celery's own
+(``CELERY_ALWAYS_EAGER``, ``BROKER_URL``; not ``S3_BUCKET``, which in a Flask
+config is the app's). Strings (from ini files or the environment) are coerced
+with the types of Celery's own setting definitions, so nothing here drifts
+from Celery.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery.app.defaults import NAMESPACES, Option, _TO_NEW_KEY, flatten
 from celery.utils.serialization import strtobool
+from kombu import Queue
+from kombu.serialization import registry as serializers
+from kombu.utils.url import maybe_sanitize_url
 
+from .dispatch import refusal
 from .exceptions import ConfigurationError
 
-__all__ = ["Settings", "read_settings"]
+__all__ = [
+    "AMQP_PUBLISH_RETRY_POLICY", "AMQP_TRANSPORT_DEFAULTS", "REDIS_TRANSPORT_DEFAULTS",
+    "RELIABILITY_DEFAULTS", "Settings", "default_data_dir", "read_settings", "translate",
+]
+
+#: Offload's reliability defaults; any of them can be overridden in config.
+RELIABILITY_DEFAULTS: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    # Acknowledge after the function returns, and give the task back when the
+    # worker process dies under it: a killed worker loses nothing.
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    # With late acks a worker should hold no more than it runs.
+    "worker_prefetch_multiplier": 1,
+    # STARTED is what makes Future.running() true.
+    "task_track_started": True,
+    "broker_connection_retry_on_startup": True,
+    "worker_cancel_long_running_tasks_on_connection_loss": True,
+    # A dead broker must make submit() fail in seconds, not hang.
+    "broker_connection_timeout": 2.0,
+    "task_publish_retry_policy": {
+        "max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1,
+    },
+    "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
+}
+
+#: Redis broker: a message taken by a worker that died becomes visible again
+#: after ``visibility_timeout`` (kombu's default is an hour), checked every
+#: ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds. offload's
+#: workers renew the lease of the messages they hold (offload.reliability), so
+#: a long task is not delivered twice however short this is.
+REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {
+    "visibility_timeout": 20,
+    "unacked_restore_interval": 2,
+    "unacked_restore_throttle": 1,
+    # The sweep holds a mutex while it restores; a worker killed while
+    # holding it would block every sweep for kombu's default 5 minutes.
+    "unacked_mutex_expire": 5,
+    "socket_timeout": 3,
+    "socket_connect_timeout": 2,
+}
+
+#: RabbitMQ broker: without publisher confirms a publish returns once the
+#: message is in the local socket buffer, so a submit during a network cut
+#: "succeeds" and the task is lost. With ``confirm_publish`` each publish waits
+#: for the broker's ack; ``confirm_timeout`` (offload's own key, read by
+#: :meth:`offload.Offload.submit`; kombu ignores it) bounds that wait, after
+#: which the submit raises ``BrokerUnavailable``. ``{"confirm_publish": False}``
+#: in ``broker_transport_options`` turns confirms off.
+AMQP_TRANSPORT_DEFAULTS: dict[str, Any] = {
+    "confirm_publish": True,
+    "confirm_timeout": 1.0,
+}
+
+#: RabbitMQ's publish retry policy, unless ``task_publish_retry_policy`` is
+#: configured: after an unconfirmed publish (1 s) kombu reconnects before it
+#: gives up, and each attempt may take ``broker_connection_timeout`` (2 s).
+#: One retry keeps a submit during a network cut within 5 s (1 + 2 x 2).
+AMQP_PUBLISH_RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 1,
+}
+
+#: Settings naming serializers, which the pickle guard reads.
+_SERIALIZER_SETTINGS = ("task_serializer", "result_serializer", "accept_content",
+                        "result_accept_content", "event_serializer")
+
+#: Celery's old names without a Celery prefix (``S3_BUCKET``, ``REDIS_HOST``,
+#: ``CONTROL_EXCHANGE``) are a web app's own keys too often to be taken from
+#: a shared config: they are read only with a prefix (``CELERY_S3_BUCKET``).
+_OLD_NAME_PREFIXES = ("CELERY", "BROKER_")
 
 #: Celery's setting definitions, by their current lowercase name.
 CELERY_OPTIONS: dict[str, Option] = dict(flatten(NAMESPACES))
@@ -45,17 +124,27 @@ _PREFIXES = ("celery.", "celery_", "CELERY_")
 
 @dataclass
 class Settings:
-    """What :func:`read_settings` found in a mapping."""
+    """What :func:`read_settings` found in a mapping, or :func:`translate` made of it."""
 
-    #: Celery settings, by their current lowercase names, values coerced.
+    #: Celery settings, by their current lowercase names, values coerced:
+    #: as given (:func:`read_settings`) or complete (:func:`translate`).
     celery: dict[str, Any] = field(default_factory=dict)
     start_local_workers: bool = False
     workers: int | list[str] | dict[str, dict[str, Any]] = 1
     queues: list[str] | None = None
     routes: dict[str, Any] | None = None
+    #: ``OFFLOAD_ALLOW`` as given, or (translated) the packages allowed.
     allow: list[str] | None = None
     data_dir: str | None = None
     allow_pickle: bool = False
+
+    def __repr__(self) -> str:
+        # Broker and backend URLs carry passwords: mask them, as Celery does.
+        shown = {key: maybe_sanitize_url(value) if isinstance(value, str) and "://" in value else value
+                 for key, value in self.celery.items()}
+        return (f"Settings(celery={shown!r}, start_local_workers={self.start_local_workers!r}, "
+                f"workers={self.workers!r}, queues={self.queues!r}, routes={self.routes!r}, "
+                f"allow={self.allow!r}, data_dir={self.data_dir!r}, allow_pickle={self.allow_pickle!r})")
 
 
 def celery_key(key: str) -> str | None:
@@ -65,10 +154,12 @@ def celery_key(key: str) -> str | None:
     ('broker_url', 'result_backend')
     >>> celery_key("CELERY_ALWAYS_EAGER"), celery_key("DEBUG") is None
     ('task_always_eager', True)
+    >>> celery_key("S3_BUCKET") is None, celery_key("CELERY_S3_BUCKET")
+    (True, 's3_bucket')
     """
     if key in CELERY_OPTIONS:
         return key
-    if key in _TO_NEW_KEY:
+    if key in _TO_NEW_KEY and key.startswith(_OLD_NAME_PREFIXES):
         return _TO_NEW_KEY[key]
     for prefix in _PREFIXES:
         if key.startswith(prefix):
@@ -142,7 +233,10 @@ def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
         if text.isdigit():
             return int(text)
         if text[:1] in "[{":
-            value = json.loads(text)
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ConfigurationError(f"CELERY_WORKERS is not valid JSON ({exc}): {value!r}") from None
         else:
             return [name for name in text.replace(",", " ").split() if name]
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, Mapping)):
@@ -155,6 +249,11 @@ def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
             raise ConfigurationError(f"CELERY_WORKERS must not be negative, got {value}")
         return value
     if isinstance(value, Mapping):
+        for name, options in value.items():
+            if options is not None and not isinstance(options, Mapping):
+                raise ConfigurationError(
+                    f"CELERY_WORKERS[{name!r}] takes a dict of worker options "
+                    f"({{'concurrency': 2, 'queues': ['high']}}), got {options!r}")
         return {str(name): dict(options or {}) for name, options in value.items()}
     return [str(name) for name in value]
 
@@ -175,14 +274,15 @@ def _names(key: str, value: Any) -> list[str] | None:
 
 def _closest(key: str) -> str:
     spellings = [f"CELERY_{name.upper()}" for name in CELERY_OPTIONS] + list(OFFLOAD_KEYS)
-    spellings += list(_TO_NEW_KEY)
+    spellings += [key for key in _TO_NEW_KEY if key.startswith(_OLD_NAME_PREFIXES)]
     match = difflib.get_close_matches(key.upper(), spellings, n=1, cutoff=0.6)
     return f"; did you mean {match[0]}?" if match else ""
 
 
 def read_settings(mapping: Mapping[str, Any] | None) -> Settings:
-    """Split ``mapping`` into Celery settings and offload's own.
+    """Split ``mapping`` into Celery settings and offload's own, as given.
 
+    No defaults are added (that is :func:`translate`'s job).
     Keys that are neither (``DEBUG``, ``SECRET_KEY``, ...) belong to the web
     framework and are ignored, but a ``CELERY_``/``celery.`` key that matches
     nothing gets a warning naming the closest valid key, because a typo there
@@ -228,3 +328,115 @@ def _read_own(settings: Settings, key: str, value: Any) -> None:
         settings.data_dir = str(value) if value else None
     elif key == "OFFLOAD_ALLOW_PICKLE":
         settings.allow_pickle = _coerce_bool(key, value)
+
+
+def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None = None,
+              default_allow: Iterable[str] = ()) -> Settings:
+    """The complete settings for ``mapping``: Celery's and offload's own.
+
+    A pure function of its arguments: offload's reliability defaults under
+    the user's settings, the embedded broker and backend when no broker is
+    set, Redis transport defaults, queues and the user's routes as a tuple
+    in ``celery["task_routes"]``, the allow-list checked.
+
+    Parameters:
+        mapping: the config (a dict, Flask's ``app.config``, Pyramid's settings).
+        default_data_dir: ``OFFLOAD_DATA_DIR`` when the mapping has none
+            (see :func:`default_data_dir`); else ``./instance``.
+        default_allow: ``OFFLOAD_ALLOW`` when the mapping has none.
+
+    Raises:
+        ConfigurationError: for a value offload cannot use: pickle without
+            ``OFFLOAD_ALLOW_PICKLE``, an allow-list naming the standard
+            library or offload, a malformed ``sqlite://`` URL, ...
+
+    >>> settings = translate({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"},
+    ...                      default_data_dir="/srv/app", default_allow=["myapp"])
+    >>> settings.celery["result_backend"], settings.allow, settings.data_dir
+    ('redis://127.0.0.1:6379/0', ['myapp'], '/srv/app')
+    """
+    from .transport import default_settings, expand_sqlite_urls
+
+    settings = read_settings(mapping)
+    celery_settings = dict(RELIABILITY_DEFAULTS)
+    celery_settings.update(settings.celery)
+    if not settings.allow_pickle:
+        _refuse_pickle(celery_settings)
+    allow = settings.allow if settings.allow is not None else list(default_allow)
+    for package in allow:
+        reason = refusal(package)
+        if reason is not None:
+            raise ConfigurationError(
+                f"OFFLOAD_ALLOW: {reason}. List the packages of your own functions "
+                "(OFFLOAD_ALLOW = ['myapp']) or register functions with @off.task.")
+    settings.allow = list(allow)
+    settings.data_dir = os.path.abspath(
+        settings.data_dir or default_data_dir or os.path.join(os.getcwd(), "instance"))
+    if not celery_settings.get("broker_url"):
+        for key, value in default_settings(settings.data_dir).items():
+            celery_settings.setdefault(key, value)
+    expand_sqlite_urls(celery_settings, settings.data_dir)
+    scheme = str(celery_settings["broker_url"]).partition("://")[0]
+    if scheme in ("redis", "rediss"):
+        options = dict(REDIS_TRANSPORT_DEFAULTS)
+        options.update(celery_settings.get("broker_transport_options") or {})
+        celery_settings["broker_transport_options"] = options
+        celery_settings.setdefault("result_backend", celery_settings["broker_url"])
+        # Redis with the atomic take (offload.transport.redis): a worker
+        # cut off between taking and recording a message loses nothing.
+        celery_settings.setdefault("broker_transport", "offload-redis")
+    elif scheme in ("amqp", "amqps", "pyamqp"):
+        options = dict(AMQP_TRANSPORT_DEFAULTS)
+        options.update(celery_settings.get("broker_transport_options") or {})
+        celery_settings["broker_transport_options"] = options
+        if "task_publish_retry_policy" not in settings.celery:
+            celery_settings["task_publish_retry_policy"] = dict(AMQP_PUBLISH_RETRY_POLICY)
+        celery_settings.setdefault("result_backend", "rpc://")
+    if settings.queues:
+        default = celery_settings.get("task_default_queue", "celery")
+        names = [default] + [q for q in settings.queues if q != default]
+        celery_settings["task_queues"] = [Queue(name, routing_key=name) for name in names]
+    routes = celery_settings.get("task_routes") or settings.routes or ()
+    if isinstance(routes, (dict, str)) or callable(routes):
+        routes = (routes,)
+    celery_settings["task_routes"] = tuple(routes)
+    settings.celery = celery_settings
+    return settings
+
+
+def _serializer_name(value: Any) -> str:
+    """A serializer's name, whether spelled as a name or as a MIME type."""
+    text = str(value).strip().lower()
+    return serializers.type_to_name.get(text, text)
+
+
+def _refuse_pickle(celery_settings: Mapping[str, Any]) -> None:
+    for key in _SERIALIZER_SETTINGS:
+        value = celery_settings.get(key)
+        values = [value] if isinstance(value, str) else list(value or ())
+        if any("pickle" in _serializer_name(v) for v in values):
+            raise ConfigurationError(
+                f"{key}={value!r} would let a message run arbitrary code on a "
+                "worker; offload uses JSON. Set OFFLOAD_ALLOW_PICKLE=True if every "
+                "producer on the broker is trusted."
+            )
+
+
+def default_data_dir(module: str) -> str:
+    """Where an app made in ``module`` keeps its data when ``OFFLOAD_DATA_DIR`` is unset.
+
+    ``instance/`` next to the app's top-level package, as Flask does, for an
+    app in a source tree or a script; ``./instance`` in the current folder
+    for an app imported from an installed package (``site-packages``,
+    ``dist-packages``), whose folder is not the app's to write in, or from
+    no file at all.
+    """
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:
+        return os.path.join(os.getcwd(), "instance")
+    folder = os.path.dirname(os.path.abspath(path))
+    for _ in range(module.count(".")):
+        folder = os.path.dirname(folder)
+    if os.path.basename(folder) in ("site-packages", "dist-packages"):
+        return os.path.join(os.getcwd(), "instance")
+    return os.path.join(folder, "instance")

@@ -9,23 +9,28 @@ context their tasks should run in.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery
 from celery import Task as _CeleryTask
-from kombu import Queue
 from kombu.exceptions import EncodeError, OperationalError
+from kombu.serialization import dumps
+from kombu.utils.url import maybe_sanitize_url
 
-from .config import CELERY_OPTIONS, Settings, read_settings
-from .dispatch import DISPATCH_TASK, AllowList, reference
-from .exceptions import BrokerUnavailable, ConfigurationError
-from .futures import Future, ResultWatcher
+from .config import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS, CELERY_OPTIONS, Settings
+from .config import default_data_dir as _default_data_dir
+from .config import translate
+from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
+                       reference)
+from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit
+from .executor import Executor
+from .futures import Future, SkipRevoked
+from .hub import ResultHub, TaskEvent, stores_results
 from .reliability import RedisLeaseRenewal
 
-__all__ = ["Offload"]
+__all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
 #: Options that ``submit`` passes on to Celery's ``apply_async``.
 SUBMIT_OPTIONS = frozenset({
@@ -34,48 +39,24 @@ SUBMIT_OPTIONS = frozenset({
     "retry", "retry_policy", "ignore_result",
 })
 
-#: Offload's reliability defaults; any of them can be overridden in config.
-RELIABILITY_DEFAULTS: dict[str, Any] = {
-    "task_serializer": "json",
-    "result_serializer": "json",
-    "accept_content": ["json"],
-    # Acknowledge after the function returns, and give the task back when the
-    # worker process dies under it: a killed worker loses nothing.
-    "task_acks_late": True,
-    "task_reject_on_worker_lost": True,
-    # With late acks a worker should hold no more than it runs.
-    "worker_prefetch_multiplier": 1,
-    # STARTED is what makes Future.running() true.
-    "task_track_started": True,
-    "broker_connection_retry_on_startup": True,
-    "worker_cancel_long_running_tasks_on_connection_loss": True,
-    # A dead broker must make submit() fail in seconds, not hang.
-    "broker_connection_timeout": 2.0,
-    "task_publish_retry_policy": {
-        "max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1,
-    },
-    "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
-}
+#: ``map``'s default chunking (``chunksize=None``). Each message costs the
+#: sender about 0.5 ms however little it carries (Celery's apply_async and a
+#: broker write), a call in a chunk some 40 us (its future, id and JSON):
+#: at 128 calls a message, the message's own cost is under a tenth of the
+#: chunk's. Chunks grow from 1 call, doubling, so the first results come
+#: back after one call's work while a large map reaches full chunks after 7
+#: messages; and no chunk is larger than 1/MAP_MIN_CHUNKS of the map, so
+#: that even a small map is spread over the workers.
+MAP_CHUNK_MAX = 128
+MAP_MIN_CHUNKS = 16
 
-#: Redis broker: a message taken by a worker that died becomes visible again
-#: after ``visibility_timeout`` (kombu's default is an hour), checked every
-#: ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds. offload's
-#: workers renew the lease of the messages they hold (offload.reliability), so
-#: a long task is not delivered twice however short this is.
-REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {
-    "visibility_timeout": 20,
-    "unacked_restore_interval": 2,
-    "unacked_restore_throttle": 1,
-    # The sweep holds a mutex while it restores; a worker killed while
-    # holding it would block every sweep for kombu's default 5 minutes.
-    "unacked_mutex_expire": 5,
-    "socket_timeout": 3,
-    "socket_connect_timeout": 2,
-}
+#: Options that name or bound a single task; with them, map's default keeps
+#: one message per call (a time limit or expiry would apply to a whole chunk).
+_PER_CALL_OPTIONS = frozenset({"task_id", "link", "link_error", "time_limit", "soft_time_limit", "expires"})
 
-_PICKLE_SETTINGS = ("task_serializer", "result_serializer", "accept_content",
-                    "result_accept_content", "event_serializer")
-
+#: The longest task id off.get() accepts (Celery's are 36-character UUIDs; a
+#: task_id= of the app's own may be longer, but not a whole request body).
+_MAX_TASK_ID = 255
 
 #: Modules whose frames stand between the user's code and ``Offload()``; an
 #: Offload made by any other module (offload.demo included) belongs to it.
@@ -93,18 +74,6 @@ def _caller_module() -> str:
     return "__main__"
 
 
-def _module_root(module: str) -> str:
-    """The folder a module's package lives in (where its instance/ goes)."""
-    mod = sys.modules.get(module)
-    path = getattr(mod, "__file__", None)
-    if not path:
-        return os.getcwd()
-    folder = os.path.dirname(os.path.abspath(path))
-    for _ in range(module.count(".")):
-        folder = os.path.dirname(folder)
-    return folder
-
-
 def _connection_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
     try:
@@ -116,7 +85,9 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_CONNECTION_ERRORS = _connection_errors()
+#: What sending to an unreachable broker (or reading an unreachable result
+#: store) raises: kombu's, the standard library's and redis-py's errors.
+CONNECTION_ERRORS = _connection_errors()
 
 
 class _CeleryApp(Celery):
@@ -144,10 +115,38 @@ def _no_subscription(producer: Any, task_id: str) -> None:
     return None
 
 
+def _delay_of(options: Mapping[str, Any]) -> float:
+    """Seconds a task waits on purpose before it runs (countdown or eta)."""
+    countdown = options.get("countdown")
+    if countdown:
+        return max(float(countdown), 0.0)
+    eta = options.get("eta")
+    if eta is not None:
+        import datetime
+
+        now = datetime.datetime.now(eta.tzinfo) if getattr(eta, "tzinfo", None) else datetime.datetime.now()
+        return max((eta - now).total_seconds(), 0.0)
+    return 0.0
+
+
 def _is_task(obj: Any) -> bool:
     return isinstance(obj, _CeleryTask) or (
         hasattr(obj, "apply_async") and hasattr(obj, "name") and hasattr(obj, "run")
     )
+
+
+def exposed_name(task: Any, celery_app: Any) -> str:
+    """The short name an exposed task is called by over HTTP.
+
+    Celery names a task declared without ``name=`` ``module.function``; that
+    default becomes the function's own name (``add``). A name chosen with
+    ``name=`` is kept as it is.
+    """
+    run = getattr(task.run, "__func__", task.run)
+    module, func_name = getattr(run, "__module__", ""), getattr(run, "__name__", "")
+    if func_name and task.name == celery_app.gen_task_name(func_name, module):
+        return func_name
+    return task.name
 
 
 class Offload:
@@ -155,8 +154,9 @@ class Offload:
 
     Parameters:
         config: a mapping of settings (a dict, Flask's ``app.config``,
-            Pyramid's settings), or a Flask app to read it from. With no
-            broker configured, offload runs on its embedded broker.
+            Pyramid's settings), or a Flask app to read it from
+            (:mod:`offload.flask`). With no broker configured, offload runs
+            on its embedded broker.
         name: the Celery app's main name (default: the creating module).
 
     >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
@@ -167,93 +167,74 @@ class Offload:
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:
         self.import_name = _caller_module()
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
-        #: The Flask app given to init_app(), which local workers must build too.
+        #: The Flask app given to init_app() (:mod:`offload.flask`), which
+        #: local workers must build too; None without Flask.
         self.flask_app: Any = None
         self._workers: Any = None
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
+        self._publish_options: dict[str, Any] = {}
         self._configured_keys: set[str] = set()
         self._references: dict[Any, str] = {}
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
         )
-        allow = self._allow
-
-        def dispatch(ref: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-            """Run an allowed function by its ``module:qualname`` reference."""
-            if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise TypeError("offload.dispatch takes (reference, list of args, dict of kwargs)")
-            return allow.resolve(ref)(*args, **kwargs)
-
-        # shared=False: Celery would otherwise add the task to every app
-        # created later in the process, and two Offloads would share one.
-        self._dispatcher = self.celery.task(
-            name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True, shared=False,
-        )(dispatch)
+        self._dispatcher = install_dispatcher(self.celery, self._allow)
+        # Each call of a chunk runs in the task contexts (an app context, a
+        # request) of its own, as a task of its own would.
+        self._chunk_dispatcher = install_chunk_dispatcher(self.celery, self._allow,
+                                                          call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
-        self._watcher = ResultWatcher(lambda: self.celery.backend)
+        self.celery.steps["consumer"].add(SkipRevoked)
+        #: The result hub: every Future of this Offload listens to it.
+        self.hub = ResultHub(lambda: self.celery.backend)
         self.settings = Settings()
-        if config is not None and hasattr(config, "config") and hasattr(config, "extensions"):
+        # The Flask integration is imported only to recognise a Flask app; it
+        # imports no Flask itself (core stays framework-free).
+        from .flask import is_flask_app
+
+        if config is not None and is_flask_app(config):
             self.init_app(config)
         else:
             self.configure(config)
 
     def __repr__(self) -> str:
-        return f"<Offload {self.import_name} broker={self.celery.conf.broker_url!r}>"
+        return f"<Offload {self.import_name} broker={self.broker_url!r}>"
+
+    @property
+    def broker_url(self) -> str:
+        """The broker's URL with its password masked, for messages and logs."""
+        return str(maybe_sanitize_url(str(self.celery.conf.broker_url or "")))
 
     # Configuration ----------------------------------------------------------
 
     def configure(self, config: Mapping[str, Any] | None, *, default_data_dir: str | None = None) -> None:
-        """(Re)read settings from ``config``; ``init_app`` calls this for you."""
-        settings = read_settings(config)
-        celery_settings = dict(RELIABILITY_DEFAULTS)
-        celery_settings.update(settings.celery)
-        self._check_serializers(celery_settings, settings.allow_pickle)
-        data_dir = settings.data_dir or default_data_dir or os.path.join(
-            _module_root(self.import_name), "instance")
-        settings.data_dir = os.path.abspath(data_dir)
-        if not celery_settings.get("broker_url"):
-            from .transport import default_settings
+        """(Re)read settings from ``config``; ``init_app`` calls this for you.
 
-            for key, value in default_settings(settings.data_dir).items():
-                celery_settings.setdefault(key, value)
-        from .transport import expand_sqlite_urls
-
-        expand_sqlite_urls(celery_settings, settings.data_dir)
-        broker_url = str(celery_settings["broker_url"])
-        scheme = broker_url.partition("://")[0]
-        if scheme in ("redis", "rediss"):
-            options = dict(REDIS_TRANSPORT_DEFAULTS)
-            options.update(celery_settings.get("broker_transport_options") or {})
-            celery_settings["broker_transport_options"] = options
-            celery_settings.setdefault("result_backend", broker_url)
-        elif scheme in ("amqp", "amqps", "pyamqp"):
-            celery_settings.setdefault("result_backend", "rpc://")
-        elif scheme == "sqlite":
-            # Celery drives a synchronous transport with a loop that, with
-            # put-locks, waits for a free pool process before going on: with
-            # a prefetch above the pool's size, remote control (status(),
-            # revoke) would go unread until a task ends. Without them the
-            # pool queues what was prefetched, as it does on Redis.
-            celery_settings.setdefault("worker_pool_putlocks", False)
-        if settings.queues:
-            default = celery_settings.get("task_default_queue", "celery")
-            names = [default] + [q for q in settings.queues if q != default]
-            celery_settings["task_queues"] = [Queue(name, routing_key=name) for name in names]
+        Raises:
+            ConfigurationError: for a setting offload cannot use (see
+                :func:`offload.config.translate`).
+        """
+        settings = translate(
+            config,
+            default_data_dir=default_data_dir or _default_data_dir(self.import_name),
+            default_allow=default_allow(self.import_name),
+        )
+        celery_settings = dict(settings.celery)
         # Queues given to @off.task(queue=...) come first; a router function
         # reads them live, so tasks registered after configuration count too.
-        user_routes = celery_settings.get("task_routes") or settings.routes or ()
-        if isinstance(user_routes, (dict, str)) or callable(user_routes):
-            user_routes = (user_routes,)
+        user_routes = settings.celery["task_routes"]
         celery_settings["task_routes"] = (self._route_registered, *user_routes)
         self._has_routes = bool(user_routes)
-        if settings.allow is not None:
-            packages = settings.allow
-        else:
-            packages = [self._own_package()] if self._own_package() else []
-        self._allow.packages = tuple(packages)
+        # RabbitMQ with publisher confirms: each publish waits for the ack at
+        # most confirm_timeout (config.AMQP_TRANSPORT_DEFAULTS), then fails.
+        transport_options = settings.celery.get("broker_transport_options") or {}
+        timeout = transport_options.get("confirm_timeout")
+        self._publish_options = (
+            {"confirm_timeout": timeout} if transport_options.get("confirm_publish") and timeout else {})
+        self._allow.packages = settings.allow or ()
         self.settings = settings
         # A second configure (Offload() at import, init_app(app) in a factory)
         # must not keep what the first one set and the second does not.
@@ -268,45 +249,24 @@ class Offload:
         queue = self._task_queues.get(name)
         return {"queue": queue} if queue else None
 
-    def _own_package(self) -> str | None:
-        module = self.import_name
-        if module == "__main__":
-            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-            module = spec.name if spec is not None else ""
-        return module.partition(".")[0] or None
-
-    @staticmethod
-    def _check_serializers(celery_settings: dict[str, Any], allow_pickle: bool) -> None:
-        if allow_pickle:
-            return
-        for key in _PICKLE_SETTINGS:
-            value = celery_settings.get(key)
-            values = [value] if isinstance(value, str) else list(value or ())
-            if any("pickle" in str(v) for v in values):
-                raise ConfigurationError(
-                    f"{key}={value!r} would let a message run arbitrary code on a "
-                    "worker; offload uses JSON. Set OFFLOAD_ALLOW_PICKLE=True if every "
-                    "producer on the broker is trusted."
-                )
-
     def init_app(self, app: Any) -> None:
-        """Read settings from a Flask app's ``config``; tasks run in its app context."""
-        config = getattr(app, "config", None)
-        if not isinstance(config, Mapping):
-            raise TypeError(f"init_app() takes a Flask app (with a .config mapping), got {app!r}")
-        instance = getattr(app, "instance_path", None)
-        self.configure(config, default_data_dir=instance)
-        extensions = getattr(app, "extensions", None)
-        if isinstance(extensions, dict):
-            extensions["offload"] = self
-            self.flask_app = app
-        if hasattr(app, "app_context"):
-            self.add_task_context(app.app_context)
+        """Read settings from a Flask app's ``config``; tasks run in its app context.
+
+        See :func:`offload.flask.init_app`.
+        """
+        from .flask import init_app
+
+        init_app(self, app)
 
     def add_task_context(self, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         """Run every task inside ``factory()`` (an app context, a request, ...)."""
         if factory not in self._contexts:
             self._contexts.append(factory)
+
+    def remove_task_context(self, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        """Stop running tasks inside ``factory()`` (no error when it was not added)."""
+        if factory in self._contexts:
+            self._contexts.remove(factory)
 
     @contextlib.contextmanager
     def task_context(self) -> Iterator[None]:
@@ -316,6 +276,10 @@ class Offload:
                 stack.enter_context(factory())
             yield
 
+    def _call_context(self) -> contextlib.AbstractContextManager[Any]:
+        """What one call of a chunk runs inside: the task contexts, if any."""
+        return self.task_context() if self._contexts else contextlib.nullcontext()
+
     def _make_task_base(self) -> type[_CeleryTask]:
         off = self
 
@@ -324,7 +288,8 @@ class Offload:
             expose = False
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                if not off._contexts:
+                # A chunk enters the contexts once per call (_call_context).
+                if not off._contexts or self.name == CHUNK_TASK:
                     return super().__call__(*args, **kwargs)
                 with off.task_context():
                     return super().__call__(*args, **kwargs)
@@ -338,29 +303,90 @@ class Offload:
     # Tasks -------------------------------------------------------------------
 
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
-             queue: str | None = None, expose: bool = False, **options: Any) -> Any:
+             queue: str | None = None, expose: bool = False, schedule: Any = None,
+             **options: Any) -> Any:
         """Register a function as a Celery task (bare or with arguments).
 
         The task keeps Celery's API (``.delay``, ``.apply_async``) and gains
         ``.submit`` returning an :class:`offload.Future`. ``expose=True`` makes
-        it callable over the HTTP task API.
+        it callable over the HTTP task API. ``schedule=`` (seconds, a
+        timedelta or ``crontab(...)``) runs it periodically (:mod:`offload.beat`).
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"@off.task decorates a function, got {fn!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"task name must be a non-empty string, got {name!r}")
+        if schedule is not None:
+            from .beat import as_schedule, use_scheduler
+
+            options["schedule"] = as_schedule(schedule)
+            use_scheduler(self.celery)
 
         def register(func: Callable[..., Any]) -> Any:
             options.setdefault("shared", False)
+            self._check_task_name(name, func)
+            key = name or f"{func.__module__}.{func.__qualname__}"
+            if expose:
+                self._check_exposed_name(name, func, key)
             task = self.celery.task(name=name, expose=bool(expose), **options)(func)
             if queue is not None:
                 self._task_queues[task.name] = queue
-            self._allow.register(func)
+            try:
+                self._allow.register(func, task)
+            except TypeError:
+                # A lambda or a closure has no reference to send; its task
+                # still runs by its task name.
+                pass
             if expose:
-                self._exposed[name or f"{func.__module__}.{func.__qualname__}"] = task
+                self._exposed[key] = task
             return task
 
         return register(fn) if fn is not None else register
+
+    def _check_exposed_name(self, name: str | None, func: Callable[..., Any], key: str) -> None:
+        """Refuse, before anything is registered, a second exposed task answering to one name."""
+        func_name, module = getattr(func, "__name__", ""), getattr(func, "__module__", "")
+        default = self.celery.gen_task_name(func_name, module)
+        short = func_name if name is None or name == default else name
+        for other_key, other in self._exposed.items():
+            if other_key != key and short in (exposed_name(other, self.celery), other.name):
+                raise ConfigurationError(
+                    f"two exposed tasks answer to the name {short!r} over HTTP: {other.name!r} "
+                    f"and {name or default!r}. Give one of them another name with "
+                    f"@off.task(name=..., expose=True)."
+                )
+
+    def _check_task_name(self, name: str | None, func: Callable[..., Any]) -> None:
+        """Refuse a second, different function under a task name already taken.
+
+        Celery would silently put the second in the first one's place, so
+        that calls meant for the first run the second. The same ``def``
+        registered again (a module imported twice, an app factory
+        that declares its tasks and is called again) replaces its task.
+        """
+        module = getattr(func, "__module__", None)
+        task_name = name or self.celery.gen_task_name(getattr(func, "__name__", repr(func)), module)
+        existing = self.celery.tasks.get(task_name)
+        if existing is None:
+            return
+        previous = getattr(existing, "__wrapped__", None)
+        if previous is func:
+            return
+        # The same code under the same qualified name: one declaration made
+        # again (a decorator's wrapper shares its code with every function it
+        # wraps, but functools.wraps gives each the wrapped one's name).
+        same_code = getattr(previous, "__code__", None) is not None and (
+            getattr(previous, "__code__", None) is getattr(func, "__code__", None)
+            and getattr(previous, "__qualname__", None) == getattr(func, "__qualname__", None)
+            and getattr(previous, "__module__", None) == getattr(func, "__module__", None))
+        if same_code:
+            self.celery.tasks.unregister(task_name)
+            return
+        where = (f"{previous.__module__}.{previous.__qualname__}"
+                 if previous is not None and hasattr(previous, "__qualname__") else repr(existing))
+        raise ConfigurationError(
+            f"a task named {task_name!r} is already registered (by {where}); give one of them "
+            "another name: @off.task(name='...')")
 
     @property
     def exposed_tasks(self) -> dict[str, Any]:
@@ -378,9 +404,34 @@ class Offload:
         queue = kwargs.pop("queue", None)
         return self._submit(fn, args, kwargs, {"queue": queue} if queue else {})
 
-    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, **options: Any) -> list[Future]:
-        """Submit ``fn`` once per item: a list/tuple is ``*args``, a dict ``**kwargs``."""
-        return self.options(**options).map(fn, iterable)
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future]:
+        """Submit ``fn`` once per item: a list/tuple is ``*args``, a dict ``**kwargs``.
+
+        Calls of a plain function go several to a message, which a worker
+        runs in a loop, each call with its own future, id, state and
+        exception (``offload.dispatch_chunk``; README: *Many small calls*).
+        By default chunks grow from 1 call to 128 (:func:`chunk_sizes`);
+        ``chunksize=n`` fixes the size, ``chunksize=1`` sends one message
+        per call. ``options`` are those of :meth:`options`.
+
+        Raises:
+            ValueError: ``chunksize`` is not None or an int >= 1.
+            TypeError: an item cannot be sent (nothing is sent then).
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        return self.options(**options).map(fn, iterable, chunksize=chunksize)
+
+    def executor(self, **options: Any) -> Executor:
+        """A :class:`concurrent.futures.Executor` running calls on the workers.
+
+        ``options`` are those of :meth:`options` (``queue``, ``countdown``,
+        ...), applied to every call. See :mod:`offload.executor`.
+
+        Raises:
+            TypeError: an unknown option.
+        """
+        return Executor(self.options(**options))
 
     def options(self, **options: Any) -> _Submitter:
         """Submit with Celery options: ``off.options(queue="high", countdown=5).submit(...)``."""
@@ -392,56 +443,103 @@ class Offload:
         return _Submitter(self, options)
 
     def get(self, task_id: str) -> Future:
-        """A :class:`Future` for a task submitted earlier, by its id."""
-        if not isinstance(task_id, str) or not task_id.strip():
-            raise ValueError(f"a task id is a non-empty string, got {task_id!r}")
-        future = Future(self.celery.AsyncResult(task_id), self._watcher)
-        self._watcher.watch(future)
-        return future
+        """A :class:`Future` for a task submitted earlier, by its id.
+
+        Any number of futures may follow one id. On rpc:// only the process
+        that sent a task receives its result: there ``get`` follows only
+        this process's own tasks.
+
+        Raises:
+            ValueError: ``task_id`` cannot be a task id (not a string, empty,
+                over 255 characters, spaces or control characters). A view
+                that passes an id from the client answers 400 for it.
+        """
+        if (not isinstance(task_id, str) or not 0 < len(task_id) <= _MAX_TASK_ID
+                or not task_id.isprintable() or any(c.isspace() for c in task_id)):
+            shown = task_id if not isinstance(task_id, str) or len(task_id) <= 60 else task_id[:60] + "..."
+            raise ValueError(f"{shown!r} is not a task id: a task id is a non-empty string of at most "
+                             f"{_MAX_TASK_ID} printable characters, without spaces")
+        if self.celery.conf.task_always_eager:
+            future = Future(task_id, app=self.celery)
+            result = self.celery.AsyncResult(task_id)
+            future.on_event(TaskEvent(task_id, result.state, result.result))
+            return future
+        if not self.hub.follows_foreign_tasks and not self.hub.knows(task_id):
+            raise ResultBackendLimit(
+                f"off.get({task_id!r}): the rpc:// result backend sends a result only to the "
+                "process that sent the task, so another process cannot follow it. Use a result "
+                "backend every process can read: CELERY_RESULT_BACKEND='redis://...' or the "
+                "embedded 'sqlite://'."
+            )
+        return Future(task_id, app=self.celery).follow(self.hub)
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...] | list[Any],
                 kwargs: dict[str, Any], options: dict[str, Any], producer: Any = None) -> Future:
         if self.settings.start_local_workers:
             self.workers.ensure_started()
+        send = self._prepare(fn, args, kwargs, options)
+        return self._send(fn, send, producer)
+
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...] | list[Any],
+                 kwargs: dict[str, Any], options: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """What to send for one call: (task, apply_async's args, its options)."""
+        if _is_task(fn):
+            return fn, (args, kwargs), options
+        ref = self._reference(fn)
+        dotted = ref.replace(":", ".")
+        if self._has_routes and "queue" not in options:
+            route = self.celery.amqp.router.route({}, dotted, args, kwargs)
+            if route.get("queue") is not None:
+                options = {**options, "queue": route["queue"]}
+        return self._dispatcher, ((ref, list(args), kwargs),), {**options, "shadow": dotted}
+
+    def _reference(self, fn: Callable[..., Any]) -> str:
+        # The checks behind reference() import and walk the module:
+        # once per function, not once per submit.
+        try:
+            return self._references[fn]
+        except (KeyError, TypeError):  # TypeError: unhashable callable
+            ref = reference(fn)
+            try:
+                self._references[fn] = ref
+            except TypeError:
+                pass
+            return ref
+
+    def _send(self, fn: Callable[..., Any], send: tuple[Any, tuple[Any, ...], dict[str, Any]],
+              producer: Any = None) -> Future:
+        task, call_args, options = send
         if producer is not None:
             options = {**options, "producer": producer}
-        if not self.celery.conf.task_always_eager:
-            extra = self._watcher.submit_options()
-            if extra:
-                options = {**extra, **options}
+        eager = self.celery.conf.task_always_eager
+        follow = not eager and not options.get("ignore_result")
+        if not eager:
+            # The id (and rpc://'s reply queue) comes first, and the future
+            # listens before the message leaves: a fast result is never missed.
+            options = {**self._publish_options, **self.hub.submit_options(), **options}
+        future = Future(options.get("task_id") or "", app=self.celery)
+        if follow:
+            future.follow(self.hub, grace=_delay_of(options))
         try:
-            if _is_task(fn):
-                result = fn.apply_async(args, kwargs, **options)
-            else:
-                # The checks behind reference() import and walk the module:
-                # once per function, not once per submit.
-                try:
-                    ref = self._references[fn]
-                except (KeyError, TypeError):  # TypeError: unhashable callable
-                    ref = reference(fn)
-                    self._references[fn] = ref
-                dotted = ref.replace(":", ".")
-                if self._has_routes and "queue" not in options:
-                    route = self.celery.amqp.router.route({}, dotted, args, kwargs)
-                    if route.get("queue") is not None:
-                        options = {**options, "queue": route["queue"]}
-                result = self._dispatcher.apply_async(
-                    (ref, list(args), kwargs), shadow=dotted, **options)
+            result = task.apply_async(*call_args, **options)
         except EncodeError as exc:
+            future.unfollow()
             raise TypeError(
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
+            future.unfollow()
             raise BrokerUnavailable(
-                f"could not send the task: the broker at {self.celery.conf.broker_url!r} "
+                f"could not send the task: the broker at {self.broker_url!r} "
                 f"is unreachable ({exc}). Is it running?"
             ) from exc
-        future = Future(result, self._watcher)
-        if self.celery.conf.task_always_eager:
-            future._apply_meta({"status": result.state, "result": result.result})
-        else:
-            self._watcher.watch(future)
+        except BaseException:
+            future.unfollow()
+            raise
+        if eager:
+            future = Future(result.id, app=self.celery)
+            future.on_event(TaskEvent(result.id, result.state, result.result))
         return future
 
     # Workers and monitoring (offload.workers) ------------------------------
@@ -513,23 +611,160 @@ class _Submitter:
             options["queue"] = kwargs.pop("queue")
         return self._off._submit(fn, args, kwargs, options)
 
-    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /) -> list[Future]:
-        items = list(iterable)
-        futures: list[Future] = []
-        if self._off.celery.conf.task_always_eager:
-            return [self._submit_item(fn, item, None) for item in items]
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Future:
+        """Send ``fn(*args, **kwargs)`` with these options; no keyword is reserved."""
+        return self._off._submit(fn, args, kwargs, dict(self._options))
+
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future]:
+        """Submit ``fn`` once per item; nothing is sent unless every item can be.
+
+        Each item's arguments are checked and encoded before the first
+        message leaves, so a bad item in the middle (an argument JSON cannot
+        carry) raises ``TypeError`` with nothing half sent.
+
+        Calls go several to a message, which a worker runs in a loop
+        (``offload.dispatch_chunk``): each call still has its own future,
+        id, state, exception and ``progress()``. By default (``chunksize=None``)
+        chunks grow from 1 call to 128, doubling (:func:`chunk_sizes`): the
+        first result comes back as fast as a single call's, a large map
+        sends one message per 128 calls. ``chunksize=n`` fixes the size;
+        ``chunksize=1`` sends one message per call. Chunking applies to
+        plain functions on a result backend that stores results (Redis, the
+        embedded one, a database); registered tasks, ``ignore_result``,
+        rpc:// and eager mode send one message per call, and so does the
+        default with an option that bounds a single task (``task_id``,
+        ``expires``, ``time_limit``, ``soft_time_limit``, ``link``,
+        ``link_error``).
+        """
+        return self.map_calls(fn, [_arguments(item) for item in iterable], chunksize=chunksize)
+
+    def map_calls(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                  *, chunksize: int | None = None) -> list[Future]:
+        """Send one call per ``(args, kwargs)`` pair, all through one producer.
+
+        As :meth:`map`: nothing is sent unless every call can be.
+
+        Raises:
+            ValueError: ``chunksize`` is not None or a positive int.
+            TypeError: an argument is not JSON-serializable, ``fn`` cannot be
+                sent, or ``task_id`` is given with ``chunksize``.
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                      or chunksize < 1):
+            raise ValueError(f"chunksize must be None or an int >= 1, got {chunksize!r}")
+        off = self._off
+        if off.settings.start_local_workers and calls:
+            off.workers.ensure_started()
+        prepared = [off._prepare(fn, args, kwargs, dict(self._options)) for args, kwargs in calls]
+        self._check_encodable(fn, prepared)
+        if off.celery.conf.task_always_eager:
+            return [off._send(fn, send) for send in prepared]
+        if chunksize is None and (_PER_CALL_OPTIONS & self._options.keys()):
+            chunksize = 1
+        if chunksize != 1 and self._can_chunk(fn):
+            if "task_id" in self._options:
+                raise TypeError("task_id= names one task: it cannot be given with chunksize")
+            return self._send_chunks(fn, prepared, chunk_sizes(len(prepared), chunksize))
         # One producer (one connection) for the whole batch.
-        with self._off.celery.producer_or_acquire() as producer:
-            for item in items:
-                futures.append(self._submit_item(fn, item, producer))
+        with off.celery.producer_or_acquire() as producer:
+            return [off._send(fn, send, producer) for send in prepared]
+
+    def _check_encodable(self, fn: Callable[..., Any],
+                         prepared: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> None:
+        # One encoding of every call's arguments; item by item only to name
+        # the one that fails.
+        serializer = self._off.celery.conf.task_serializer
+        try:
+            dumps([call_args for _task, call_args, _options in prepared], serializer=serializer)
+            return
+        except EncodeError:
+            pass
+        for index, (_task, call_args, _options) in enumerate(prepared):
+            try:
+                dumps(call_args, serializer=serializer)
+            except EncodeError as exc:
+                raise TypeError(
+                    f"item {index} of map({getattr(fn, '__name__', fn)!r}, ...) cannot be sent "
+                    f"(arguments must be JSON-serializable: str, int, float, bool, None, list, "
+                    f"dict); nothing was sent: {exc}"
+                ) from None
+
+    def _can_chunk(self, fn: Callable[..., Any]) -> bool:
+        # A chunk's calls report through stored results: none with
+        # ignore_result, none to read back on rpc://.
+        return (not _is_task(fn) and not self._options.get("ignore_result")
+                and stores_results(self._off.celery.backend))
+
+    def _send_chunks(self, fn: Callable[..., Any], prepared: list[tuple[Any, tuple[Any, ...], dict[str, Any]]],
+                     sizes: list[int]) -> list[Future]:
+        off = self._off
+        if not prepared:
+            return []
+        ref = off._reference(fn)
+        # Queue, routing and the name shown in monitors: as for one call.
+        options = {**off._publish_options,
+                   **{key: value for key, value in prepared[0][2].items() if key != "shadow"}}
+        options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
+        hub = off.hub
+        call_ids = hub.new_task_ids(len(prepared))
+        futures = [Future(call_id, app=off.celery) for call_id in call_ids]
+        # Every future listens before the first chunk leaves: no result is missed.
+        Future.follow_all(futures, hub, grace=_delay_of(options))
+        calls = [[call_id, args, kwargs]
+                 for call_id, (_task, ((_ref, args, kwargs),), _options) in zip(call_ids, prepared)]
+        chunks: list[list[list[Any]]] = []
+        start = 0
+        for size in sizes:
+            chunks.append(calls[start:start + size])
+            start += size
+        sent = 0
+        try:
+            with off.celery.producer_or_acquire() as producer:
+                for chunk in chunks:
+                    off._chunk_dispatcher.apply_async((ref, chunk), producer=producer, **options)
+                    sent += len(chunk)
+        except BaseException as exc:
+            for future in futures[sent:]:
+                future.unfollow()
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise BrokerUnavailable(
+                    f"could not send the task: the broker at {off.broker_url!r} "
+                    f"is unreachable ({exc}). Is it running?"
+                ) from exc
+            raise
         return futures
 
-    def _submit_item(self, fn: Callable[..., Any], item: Any, producer: Any) -> Future:
-        if isinstance(item, Mapping):
-            args, kwargs = (), dict(item)
-        elif isinstance(item, (list, tuple)):
-            args, kwargs = tuple(item), {}
-        else:
-            args, kwargs = (item,), {}
-        return self._off._submit(fn, args, kwargs, dict(self._options), producer)
 
+def chunk_sizes(total: int, chunksize: int | None) -> list[int]:
+    """How ``map`` cuts ``total`` calls into messages.
+
+    ``chunksize=n``: chunks of ``n`` (the last one smaller). ``None``, the
+    default: 1, 2, 4, ... calls, doubling up to :data:`MAP_CHUNK_MAX`, and
+    never more than ``total / MAP_MIN_CHUNKS`` (rounded up).
+
+    >>> chunk_sizes(10, 4), chunk_sizes(48, None), len(chunk_sizes(10_000, None))
+    ([4, 4, 2], [1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 85)
+    """
+    if chunksize is not None:
+        largest, size = chunksize, chunksize
+    else:
+        largest, size = max(1, min(MAP_CHUNK_MAX, -(-total // MAP_MIN_CHUNKS))), 1
+    sizes = []
+    while total > 0:
+        size = min(size, largest, total)
+        sizes.append(size)
+        total -= size
+        size *= 2
+    return sizes
+
+
+def _arguments(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A map item as a call: a list/tuple is ``*args``, a mapping ``**kwargs``."""
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, (list, tuple)):
+        return tuple(item), {}
+    return (item,), {}

@@ -1,10 +1,21 @@
 """The generic dispatcher task and the allow-list.
 
 ``submit(fn, ...)`` does not pickle ``fn``: it sends a *reference*
-(``module:qualname``) in a JSON message to one task, ``offload.dispatch``.
-The worker imports the reference only if it is allowed: a function registered
-with ``@off.task``, or one defined inside a package of the allow-list. A
-forged message naming ``os:system`` is refused and logged, never run.
+(``module:qualname``) in a JSON message to one task, ``offload.dispatch``
+(:func:`install_dispatcher`). A worker runs what a reference names only when
+it is allowed (:class:`AllowList`): a function registered with ``@off.task``,
+or a plain function defined inside a package of ``OFFLOAD_ALLOW``.
+
+Resolving a reference is built so that a forged message can make the worker
+run nothing but such a function:
+
+* nothing is imported before the allow check, and afterwards only modules
+  inside an allowed package (never ``__main__``, never anything else);
+* attributes are read with :func:`inspect.getattr_static`, so no property,
+  descriptor or module ``__getattr__`` runs while looking;
+* only functions come out: a class (whose constructor would run), an
+  instance, a module or a property is refused, as :func:`reference` refuses
+  them at submit.
 """
 
 from __future__ import annotations
@@ -12,18 +23,88 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 import sys
+import time
+import traceback
+import types
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .exceptions import NotAllowedError
+from celery import signals, states
+from celery.exceptions import TaskRevokedError
 
-__all__ = ["DISPATCH_TASK", "AllowList", "reference"]
+from .exceptions import ConfigurationError, NotAllowedError
+
+__all__ = [
+    "CHUNK_TASK", "DISPATCH_TASK", "RUNNABLE_OFFLOAD_MODULES", "AllowList", "batches_results",
+    "default_allow", "install_chunk_dispatcher", "install_dispatcher", "lookup", "read_states",
+    "reference", "refusal", "results_channel", "store_results",
+]
 
 logger = logging.getLogger("offload.dispatch")
 
 #: The name of the one task that runs submitted functions.
 DISPATCH_TASK = "offload.dispatch"
+
+#: The task that runs several calls of one function from one message
+#: (``off.map(fn, items, chunksize=n)``), each with a result of its own.
+CHUNK_TASK = "offload.dispatch_chunk"
+
+#: A running chunk stores the results it has, and reads again which of its
+#: calls were cancelled, after this many seconds of work: a worker killed
+#: mid-chunk runs again at most this much work that had ended.
+CHUNK_FLUSH_SECONDS = 0.2
+
+#: Call ids are UUIDs (36 characters); a forged message gets no further.
+_MAX_CALL_ID = 64
+
+#: offload's own modules whose functions may be allowed: the demo's app
+#: (``offload demo`` runs its functions). Nothing else of offload, and in
+#: particular never its app discovery, may be named in a message.
+RUNNABLE_OFFLOAD_MODULES = frozenset({"offload.demo.app"})
+
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\Z")
+#: A forged reference is logged; this much of it is enough to recognise it.
+_LOGGED_CHARS = 200
+
+
+def refusal(package: Any) -> str | None:
+    """Why ``package`` may not be in the allow-list, or None when it may.
+
+    >>> refusal("myapp"), refusal("os") is not None, refusal("offload") is not None
+    (None, True, True)
+    """
+    if not isinstance(package, str) or not package.strip():
+        return f"{package!r} is empty: an allow-list entry names a package (OFFLOAD_ALLOW = ['myapp'])"
+    if not _DOTTED_NAME.match(package):
+        return f"{package!r} is not a dotted module name such as 'myapp' or 'myapp.jobs'"
+    root = package.partition(".")[0]
+    if root == "__main__":
+        return (f"{package!r} is the script being run, which a worker cannot import; "
+                "move the functions into a module and allow its package")
+    if root == "builtins" or root in sys.stdlib_module_names:
+        return (f"{package!r} is part of Python's standard library: a forged message "
+                "could then run os.system or eval on a worker")
+    if root == "offload" and package not in RUNNABLE_OFFLOAD_MODULES:
+        return f"{package!r} is offload itself, whose functions are not for messages to run"
+    return None
+
+
+def default_allow(module: str) -> tuple[str, ...]:
+    """The allow-list when ``OFFLOAD_ALLOW`` is not set, for an app made in ``module``.
+
+    The module's top-level package, unless that may not be allowed (the
+    standard library, offload itself): then the module alone if it may be
+    (``offload.demo.app``), else nothing (only ``@off.task`` functions run).
+    """
+    if module == "__main__":
+        module = _main_module_name() or ""
+    for candidate in (module.partition(".")[0], module):
+        if refusal(candidate) is None:
+            return (candidate,)
+    return ()
 
 
 def _main_module_name() -> str | None:
@@ -31,13 +112,82 @@ def _main_module_name() -> str | None:
     return spec.name if spec is not None and spec.name != "__main__" else None
 
 
-def reference(fn: Callable[..., Any]) -> str:
-    """The ``module:qualname`` a worker can import ``fn`` back from.
+def _split(ref: str) -> tuple[str, str]:
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not _DOTTED_NAME.match(module_name) or not _DOTTED_NAME.match(qualname):
+        raise ValueError(f"not a function reference (module:qualname): {ref[:_LOGGED_CHARS]!r}")
+    return module_name, qualname
+
+
+def lookup(module: types.ModuleType, qualname: str) -> Any:
+    """The function ``qualname`` names in ``module``, found without running code.
+
+    Each step reads the attribute statically (:func:`inspect.getattr_static`);
+    the steps before the last must be classes. What is found must be a
+    function: a plain one, a builtin one, or a ``staticmethod`` or
+    ``classmethod`` of one (the latter comes back bound to its class).
 
     Raises:
-        TypeError: for what a worker could not import: a lambda, a closure, a
-            bound method of an object, a function of a script run as
-            ``__main__``, or anything that is not a function.
+        AttributeError: when a name is missing.
+        TypeError: when it names something other than a function (a class,
+            an instance, a module, a property, ...).
+    """
+    found, owner = _walk(module, qualname)
+    function = _as_function(found, owner)
+    if function is None:
+        raise TypeError(f"{module.__name__}:{qualname} is {_kind(found)}, not a function")
+    return function
+
+
+def _kind(obj: Any) -> str:
+    """What ``obj`` is, for a message: "a class", "a module", "a property", ..."""
+    if isinstance(obj, type):
+        return "a class"
+    if inspect.ismodule(obj):
+        return "a module"
+    return f"a {type(obj).__name__}"
+
+
+def _walk(module: types.ModuleType, qualname: str) -> tuple[Any, Any]:
+    """The raw object ``qualname`` names (descriptors unapplied) and its owner."""
+    owner: Any = module
+    parts = qualname.split(".")
+    found: Any = module
+    for depth, part in enumerate(parts):
+        found = inspect.getattr_static(owner, part)
+        if depth < len(parts) - 1:
+            if not isinstance(found, type):
+                raise TypeError(f"{part!r} in {qualname!r} is {_kind(found)}, not a class")
+            owner = found
+    return found, owner
+
+
+def _as_function(found: Any, owner: Any) -> Callable[..., Any] | None:
+    if isinstance(found, staticmethod):
+        found = found.__func__
+    elif isinstance(found, classmethod):
+        func = found.__func__
+        # Bound by hand: a classmethod wrapping another descriptor would run
+        # that descriptor's __get__.
+        if isinstance(func, types.FunctionType) and isinstance(owner, type):
+            return types.MethodType(func, owner)
+        return None
+    if isinstance(found, types.FunctionType):
+        return found
+    if isinstance(found, types.BuiltinFunctionType) and (
+            found.__self__ is None or inspect.ismodule(found.__self__)):
+        return found
+    return None
+
+
+def reference(fn: Callable[..., Any]) -> str:
+    """The ``module:qualname`` a worker can find ``fn`` back from.
+
+    Raises:
+        TypeError: for what a worker could not or would not run: a lambda, a
+            closure, a bound method of an object, a function of a script run
+            as ``__main__``, or anything that is not a function (a class, a
+            callable object, a ``functools.partial``).
 
     >>> import os.path
     >>> reference(os.path.join)
@@ -52,6 +202,35 @@ def reference(fn: Callable[..., Any]) -> str:
             "cannot rebuild. Submit a module-level function (or a classmethod or "
             "staticmethod) and pass the data it needs as arguments."
         )
+    ref = _name(fn)
+    module_name, qualname = ref.split(":", 1)
+    # The function's own module: already imported, except for one whose
+    # __module__ was set by hand. Submitting runs the user's code anyway.
+    module = sys.modules.get(module_name)
+    if getattr(fn, "__module__", None) == "__main__":
+        module = sys.modules.get("__main__")
+    try:
+        if module is None:
+            module = importlib.import_module(module_name)
+        found = lookup(module, qualname)
+    except TypeError as exc:
+        raise TypeError(
+            f"cannot submit {fn!r}: a worker runs only plain functions ({exc}). Wrap it "
+            "in a module-level function, or register it with @off.task."
+        ) from None
+    except (ImportError, AttributeError):
+        found = None
+    if found is not fn and (getattr(found, "__func__", found) is not getattr(fn, "__func__", fn)
+                            or getattr(found, "__self__", None) is not getattr(fn, "__self__", None)):
+        raise TypeError(
+            f"cannot submit {fn!r}: {ref} names a different object (was the function "
+            "replaced by a decorator without functools.wraps?)"
+        )
+    return ref
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """``module:qualname`` from ``fn``'s own names, checking only that they can work."""
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None) or ""
     if "<lambda>" in qualname:
@@ -75,28 +254,7 @@ def reference(fn: Callable[..., Any]) -> str:
                 "(__main__), which a worker cannot import. Move it into a module and "
                 "import it from there."
             )
-    ref = f"{module}:{qualname}"
-    try:
-        found = resolve(ref)
-    except (ImportError, AttributeError):
-        found = None
-    if found is not fn and getattr(found, "__func__", found) is not getattr(fn, "__func__", fn):
-        raise TypeError(
-            f"cannot submit {fn!r}: importing {ref} gives a different object (was the "
-            "function replaced by a decorator without functools.wraps?)"
-        )
-    return ref
-
-
-def resolve(ref: str) -> Any:
-    """Import the object a ``module:qualname`` reference names."""
-    module_name, sep, qualname = ref.partition(":")
-    if not sep or not module_name or not qualname:
-        raise ValueError(f"not a function reference (module:qualname): {ref!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return f"{module}:{qualname}"
 
 
 def _inside(module: str, packages: Iterable[str]) -> bool:
@@ -107,42 +265,352 @@ class AllowList:
     """Which function references a worker may run.
 
     A reference is allowed when it names a function registered with
-    ``@off.task`` or when both the module it is imported from and the module
-    the function was defined in are inside one of ``packages`` (so an allowed
-    module that happens to import ``os`` does not open ``os.system``).
+    ``@off.task``, or a plain function whose module (the one named and the
+    one it was defined in) is inside one of ``packages``: an allowed module
+    that imports ``os`` does not open ``os.system``.
+
+    Raises:
+        ConfigurationError: when a package may not be allowed (see :func:`refusal`).
     """
 
     def __init__(self, packages: Iterable[str]) -> None:
-        self.packages: tuple[str, ...] = tuple(p for p in packages if p)
-        self._registered: set[str] = set()
+        self._packages: tuple[str, ...] = ()
+        self.packages = tuple(packages)
+        #: reference -> the objects found there that may run (the function, its task).
+        self._registered: dict[str, tuple[Any, ...]] = {}
+        #: reference -> the function it resolved to. Only allowed functions
+        #: get here (they exist in the code, so it stays small); a static
+        #: look-up costs several times a plain getattr, once per reference.
+        self._resolved: dict[str, Callable[..., Any]] = {}
 
-    def register(self, fn: Callable[..., Any]) -> None:
-        """Allow one function wherever it lives."""
-        try:
-            self._registered.add(reference(fn))
-        except TypeError:
-            pass
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """The allowed packages (``OFFLOAD_ALLOW``)."""
+        return self._packages
+
+    @packages.setter
+    def packages(self, packages: Iterable[str]) -> None:
+        packages = tuple(packages)
+        for package in packages:
+            reason = refusal(package)
+            if reason is not None:
+                raise ConfigurationError(f"OFFLOAD_ALLOW: {reason}.")
+        self._packages = packages
+        self._resolved = {}
+
+    def register(self, fn: Callable[..., Any], task: Any = None) -> None:
+        """Allow ``fn`` wherever it lives, found as itself or as its ``task``.
+
+        ``@off.task`` replaces the module's function with the task, so a
+        reference to it finds the task: both count as ``fn``.
+
+        Raises:
+            TypeError: when ``fn`` has no name a reference could use.
+        """
+        ref = _name(fn)
+        known = self._registered.get(ref, ())
+        self._registered[ref] = known + tuple(obj for obj in (fn, task) if obj is not None)
+        self._resolved.pop(ref, None)
 
     def is_allowed(self, ref: str) -> bool:
+        """Whether ``ref`` is registered or names a module inside an allowed package.
+
+        Only what the reference says: :meth:`resolve` also checks what it finds.
+        """
         module = ref.partition(":")[0]
-        return ref in self._registered or _inside(module, self.packages)
+        return ref in self._registered or _inside(module, self._packages)
 
     def resolve(self, ref: Any) -> Callable[..., Any]:
         """The function ``ref`` names, or :class:`NotAllowedError`."""
-        if not isinstance(ref, str) or not self.is_allowed(ref):
-            logger.error("refused to run %r: not in the allow-list %s", ref, self.packages)
-            raise NotAllowedError(
-                f"{ref!r} is not allowed to run on this worker: register it with "
-                "@off.task or add its package to OFFLOAD_ALLOW"
-            )
-        fn = resolve(ref)
-        defined_in = getattr(getattr(fn, "__func__", fn), "__module__", None) or ""
-        if ref not in self._registered and not _inside(defined_in, self.packages):
-            logger.error("refused to run %r: defined in %r, outside the allow-list", ref, defined_in)
-            raise NotAllowedError(
-                f"{ref!r} resolves to a function defined in {defined_in!r}, which is "
-                "outside the allow-list"
-            )
-        if not callable(fn):
-            raise NotAllowedError(f"{ref!r} is not callable")
-        return fn
+        try:
+            return self._resolved[ref]
+        except (KeyError, TypeError):  # TypeError: a forged unhashable reference
+            pass
+        function = self._resolve(ref)
+        self._resolved[ref] = function
+        return function
+
+    def _resolve(self, ref: Any) -> Callable[..., Any]:
+        if not isinstance(ref, str):
+            raise self._refuse(ref, "a reference is a 'module:qualname' string")
+        try:
+            module_name, qualname = _split(ref)
+        except ValueError as exc:
+            raise self._refuse(ref, str(exc)) from None
+        registered = self._registered.get(ref)
+        if registered is None and not _inside(module_name, self._packages):
+            raise self._refuse(ref, "register it with @off.task or add its package to OFFLOAD_ALLOW")
+        module = sys.modules.get(module_name)
+        if module is None and registered is None:
+            # Allowed by package: importing it is what the allow-list permits.
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+                    raise self._refuse(ref, f"there is no module {module_name!r}") from None
+                raise
+        if module is None:
+            raise self._refuse(ref, f"its module {module_name!r} is not imported on this worker")
+        try:
+            found, owner = _walk(module, qualname)
+        except AttributeError:
+            raise self._refuse(ref, f"{module_name!r} has no {qualname!r}") from None
+        except TypeError as exc:
+            raise self._refuse(ref, f"{exc}; only functions run") from None
+        if registered is not None:
+            return self._registered_function(ref, found, owner, registered)
+        function = _as_function(found, owner)
+        if function is None:
+            raise self._refuse(ref, f"it names {_kind(found)}, not a function; only functions run")
+        defined_in = getattr(getattr(function, "__func__", function), "__module__", None) or ""
+        if not _inside(defined_in, self._packages):
+            raise self._refuse(
+                ref, f"it resolves to a function defined in {defined_in!r}, which is "
+                     "outside the allow-list")
+        return function
+
+    def _registered_function(self, ref: str, found: Any, owner: Any,
+                             registered: tuple[Any, ...]) -> Callable[..., Any]:
+        function = _as_function(found, owner)
+        for allowed in registered:
+            if found is allowed:
+                if function is not None:
+                    return function
+                # The task @off.task put in the function's place: run its
+                # function, so that current_task stays the dispatcher's (with
+                # the real task id).
+                return found.run
+            if function is not None and getattr(function, "__func__", function) is allowed:
+                return function
+        raise self._refuse(ref, "it no longer names the function registered with @off.task")
+
+    def _refuse(self, ref: Any, why: str) -> NotAllowedError:
+        shown = repr(ref)[:_LOGGED_CHARS]
+        logger.error("refused to run %s: %s (allow-list: %s)", shown, why, self._packages)
+        return NotAllowedError(f"{shown} is not allowed to run on this worker: {why}")
+
+
+def install_dispatcher(app: Any, allow: AllowList) -> Any:
+    """Register the ``offload.dispatch`` task on the Celery ``app``; the task.
+
+    It runs ``allow.resolve(ref)(*args, **kwargs)`` for a message
+    ``(ref, args, kwargs)``, with late acknowledgement so that a worker
+    killed mid-task gives the message back.
+    """
+
+    def dispatch(ref: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run an allowed function by its ``module:qualname`` reference."""
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise TypeError("offload.dispatch takes (reference, list of args, dict of kwargs)")
+        return allow.resolve(ref)(*args, **kwargs)
+
+    # shared=False: Celery would otherwise add the task to every app created
+    # later in the process, and two Offloads would share one.
+    return app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True, shared=False)(dispatch)
+
+
+def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
+        [], contextlib.AbstractContextManager[Any]] | None = None) -> Any:
+    """Register the ``offload.dispatch_chunk`` task on the Celery ``app``; the task.
+
+    A message ``(ref, [[call_id, args, kwargs], ...])`` names one function
+    (resolved once, by the same allow-list as ``offload.dispatch``) and its
+    calls. Each call has its own id and its own result, stored under that id
+    as if it were a task of its own: one failing call does not fail the
+    others, and a call whose id already has a final state (its result, or
+    REVOKED by ``Future.cancel()``) is skipped. States are read in one batch
+    when the chunk starts and again at each flush; results are written in
+    one batch (:func:`store_results`) every :data:`CHUNK_FLUSH_SECONDS` of
+    work and at the end. The message is acknowledged late, so a worker
+    killed mid-chunk gives it back and the next worker runs only the calls
+    without a stored result.
+
+    While a call runs, the task's ``request.id`` is the call's id, so that
+    ``progress()`` and ``current_task.update_state()`` report on the call's
+    own future; each call runs inside its own ``call_context()`` (a Flask
+    app context, a Pyramid request), as a task of its own would.
+    """
+
+    def dispatch_chunk(task: Any, ref: str, calls: list[Any]) -> None:
+        """Run calls of an allowed function by its ``module:qualname`` reference."""
+        checked = _checked_calls(calls)
+        backend = app.backend
+        try:
+            fn = allow.resolve(ref)
+        except Exception as exc:
+            # Every call ends with the refusal: no future waits forever.
+            store_results(backend, [(call_id, states.FAILURE, exc, None) for call_id, _, _ in checked])
+            raise
+        ended = read_states(backend, [call_id for call_id, _, _ in checked])
+        finished: list[tuple[str, str, Any, str | None]] = []
+        last_flush = time.monotonic()
+        request = task.request
+        chunk_id = request.id
+        for index, (call_id, args, kwargs) in enumerate(checked):
+            if ended.get(call_id) in states.READY_STATES:
+                continue
+            request.id = call_id
+            request._offload_progress_at = 0.0  # progress()'s rate limit is per call
+            try:
+                if call_context is None:
+                    value = fn(*args, **kwargs)
+                else:
+                    with call_context():
+                        value = fn(*args, **kwargs)
+                finished.append((call_id, states.SUCCESS, value, None))
+            except Exception as exc:
+                logger.info("call %s of %s raised %r", call_id, ref, exc)
+                finished.append((call_id, states.FAILURE, exc, traceback.format_exc()))
+                # As Celery does for a failed task: error reporting (and any
+                # other receiver) hears of each failed call, by its own id,
+                # with (ref, args, kwargs) as offload.dispatch's arguments.
+                signals.task_failure.send(sender=task, task_id=call_id, exception=exc,
+                                          args=[ref, args, kwargs], kwargs={},
+                                          traceback=exc.__traceback__, einfo=None)
+            finally:
+                request.id = chunk_id
+            if time.monotonic() - last_flush >= CHUNK_FLUSH_SECONDS and index + 1 < len(checked):
+                store_results(backend, finished)
+                finished = []
+                ended = read_states(backend, [call_id for call_id, _, _ in checked[index + 1:]])
+                last_flush = time.monotonic()
+        store_results(backend, finished)
+
+    def chunk_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+        # A chunk revoked before it ran (its ``expires`` passed while it
+        # waited, or its own id revoked): Celery marks the chunk's id, which
+        # no future follows; each call's own id is marked here, so that its
+        # future ends REVOKED instead of waiting until the hub gives up.
+        if getattr(sender, "name", None) != CHUNK_TASK or getattr(sender, "app", None) is not app:
+            return
+        try:
+            call_ids = [call_id for call_id, _, _ in _checked_calls(list(request.args)[1])]
+        except (TypeError, IndexError, AttributeError):
+            return  # a malformed chunk: nothing it names can be followed
+        ended = read_states(app.backend, call_ids)
+        reason = TaskRevokedError("expired" if expired else "revoked")
+        store_results(app.backend, [(call_id, states.REVOKED, reason, None) for call_id in call_ids
+                                    if ended.get(call_id) not in states.READY_STATES])
+
+    # Held by the app, connected weakly: the receiver goes with its app.
+    app._offload_chunk_revoked = chunk_revoked
+    signals.task_revoked.connect(chunk_revoked)
+    return app.task(name=CHUNK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+                    ignore_result=True, shared=False)(dispatch_chunk)
+
+
+def _checked_calls(calls: Any) -> list[tuple[str, list[Any], dict[str, Any]]]:
+    shape = "offload.dispatch_chunk takes (reference, [[call id, list of args, dict of kwargs], ...])"
+    if not isinstance(calls, list):
+        raise TypeError(shape)
+    checked = []
+    for call in calls:
+        if not (isinstance(call, list) and len(call) == 3 and isinstance(call[0], str)
+                and 0 < len(call[0]) <= _MAX_CALL_ID and isinstance(call[1], list)
+                and isinstance(call[2], dict)):
+            raise TypeError(shape)
+        checked.append((call[0], call[1], call[2]))
+    return checked
+
+
+def read_states(backend: Any, task_ids: list[str]) -> dict[str, str]:
+    """The stored state of each of ``task_ids`` (missing ones left out), in one read.
+
+    One ``MGET`` on a key-value backend (Redis, the embedded sqlite one),
+    one read per id on any other.
+    """
+    if not task_ids:
+        return {}
+    found: dict[str, str] = {}
+    if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
+        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
+        for task_id, value in zip(task_ids, values):
+            if value:
+                found[task_id] = backend.decode(value).get("status", states.PENDING)
+        return found
+    for task_id in task_ids:
+        status = backend.get_task_meta(task_id, cache=False).get("status", states.PENDING)
+        if status != states.PENDING:
+            found[task_id] = status
+    return found
+
+
+def store_results(backend: Any, results: list[tuple[str, str, Any, str | None]]) -> None:
+    """Store ``(task_id, state, result or exception, traceback)`` for many tasks at once.
+
+    One pipeline on Redis (each value set and published, as Celery's own
+    Redis backend does for one, and all of them published again as one
+    message on :func:`results_channel`), one transaction on a backend with
+    ``set_many`` (the embedded sqlite one), one write per result elsewhere.
+    """
+    if not results:
+        return
+    set_many = getattr(backend, "set_many", None)
+    client = getattr(backend, "client", None)
+    if not hasattr(backend, "get_key_for_task") or (set_many is None and not _is_redis(backend)):
+        for task_id, state, result, tb in results:
+            backend.store_result(task_id, result, state, traceback=tb)
+        return
+    items = []
+    for task_id, state, result, tb in results:
+        try:
+            value = _encoded_meta(backend, task_id, state, result, tb)
+        except Exception as exc:  # a result JSON cannot carry fails its call alone
+            error = TypeError(f"the result of {task_id} cannot be stored: {exc}")
+            value = _encoded_meta(backend, task_id, states.FAILURE, error, None)
+        items.append((backend.get_key_for_task(task_id), value))
+    if set_many is not None:
+        set_many(items)
+        return
+    expires = backend.expires
+    batches: dict[str, list[str]] = {}
+    with client.pipeline() as pipe:
+        for (key, value), (task_id, _state, _result, _tb) in zip(items, results):
+            if expires:
+                pipe.set(key, value, ex=int(expires))
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            if batches_results(backend):
+                text = value.decode() if isinstance(value, bytes) else value
+                batches.setdefault(results_channel(task_id[:8]), []).append(text)
+        for channel, values in batches.items():
+            pipe.publish(channel, "[" + ",".join(values) + "]")
+        pipe.execute()
+
+
+def results_channel(prefix: str) -> str:
+    """The Redis channel where a chunk's results are published together.
+
+    A chunk stores and publishes each call's result under its own key, as
+    Celery does for a task (so ``AsyncResult.get()`` and ``off.get(id)`` in
+    any process hear of it), and also publishes all of them in one message
+    on this channel, named after the first 8 characters of the call ids:
+    the submitting process's result hub reads one message per flush
+    instead of one per call (:class:`offload.hub.ResultHub`).
+    """
+    return f"offload-results-{prefix}"
+
+
+def batches_results(backend: Any) -> bool:
+    """True when stored results can be published as one JSON array (JSON, no compression)."""
+    return (_is_redis(backend) and getattr(backend, "serializer", None) == "json"
+            and not getattr(backend, "compression", None))
+
+
+def _encoded_meta(backend: Any, task_id: str, state: str, result: Any, tb: str | None) -> Any:
+    # Celery builds a stored meta in a private method; using it keeps the
+    # format exactly what every reader of this backend expects
+    # (tests/test_map.py fails if it changes).
+    meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state,
+                                    traceback=tb, request=None)
+    meta["task_id"] = task_id
+    return backend.encode(meta)
+
+
+def _is_redis(backend: Any) -> bool:
+    try:
+        from celery.backends.redis import RedisBackend
+    except ImportError:
+        return False
+    return isinstance(backend, RedisBackend)

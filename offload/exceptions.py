@@ -22,3 +22,15 @@ class NotAllowedError(OffloadError):
 
 class BrokerUnavailable(OffloadError, ConnectionError):
     """The broker could not be reached in time to send a task."""
+
+
+class TaskLost(OffloadError, TimeoutError):
+    """Nothing was heard of a task for longer than the result hub waits.
+
+    The task was sent with ``ignore_result``, it expired before a worker
+    took it, or its id is unknown. ``off.get(id)`` follows it again.
+    """
+
+
+class ResultBackendLimit(OffloadError):
+    """The result backend cannot do what was asked (rpc:// serves one process)."""

@@ -1,56 +1,88 @@
-"""``Future`` and the per-process result watcher.
+"""``Future``, the asyncio adapter, and the worker step that honours cancels.
 
-A :class:`Future` is a real :class:`concurrent.futures.Future`: it works with
-``wait``, ``as_completed``, ``add_done_callback`` and ``await``. It is
-completed by one :class:`ResultWatcher` per ``Offload`` per process, never by
-a thread or a subscription per future: on a Redis result backend the watcher
-holds one pub/sub connection (Celery publishes every state it stores), on
-other backends it polls all outstanding ids in one batch, quickly at first and
-more slowly while nothing changes.
+A :class:`Future` is a real :class:`concurrent.futures.Future` (``wait``,
+``as_completed``, ``add_done_callback``, ``await``) and one listener of the
+process's :class:`~offload.hub.ResultHub`: any number of futures may follow
+one task id (``off.get(id)`` twice, and the future ``submit`` returned), and
+each completes.
+
+Waiting never cancels: ``await fut`` under ``asyncio.wait_for(fut, 0.5)``
+that times out, or a coroutine cancelled because its client went away, only
+stops *waiting*. ``Future.cancel()`` is the one way to revoke a task.
+
+Coroutines are woken through their event loop's :class:`LoopInbox` (no
+thread per waiter, and one ``call_soon_threadsafe`` per batch of ended tasks
+rather than one per waiter). For asyncio code that follows a task by id (a
+web API), two entry points:
+
+* long-poll, "wait until done or timeout": ``event = await wait_event(hub,
+  task_id, timeout=25)`` returns the final :class:`~offload.hub.TaskEvent`,
+  or the latest one (``event.ready`` false) when the timeout passes;
+* server-sent events, "every state as it comes": ``async with
+  TaskEvents(hub, task_id) as events: async for event in events: ...``
+  yields the latest known state first, then each change (STARTED, each new
+  PROGRESS meta), and stops after the final one. A consumer slower than the
+  task's progress reports gets the newest PROGRESS, not a backlog.
+
+Leaving either (a timeout, ``break``, a cancelled coroutine) closes the
+subscription and leaves the task alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
-import os
 import threading
-import time
-from collections.abc import Callable, Generator
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import Future as _BaseFuture
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
 
-from celery import states
+from celery import bootsteps, states
 from celery.exceptions import TaskRevokedError
-from celery.result import AsyncResult
 
-__all__ = ["Future", "ResultWatcher"]
+from .exceptions import TaskLost
+from .hub import LOST, ResultHub, Subscription, TaskEvent, state_rank
+
+__all__ = ["Future", "LoopInbox", "SkipRevoked", "TaskEvents", "loop_inbox", "wait_event"]
 
 logger = logging.getLogger("offload.futures")
-
-_RUNNING_STATES = frozenset({states.STARTED, "PROGRESS"})
 
 
 class Future(_BaseFuture):
     """The future of one task: a :class:`concurrent.futures.Future`.
 
-    Besides the standard API it has ``id``, ``state`` (Celery's state name)
-    and ``progress`` (the latest ``progress()`` report), and it can be
-    awaited.
+    Besides the standard API it has ``id``, ``state`` (Celery's state name,
+    which never moves backwards) and ``progress`` (the latest ``progress()``
+    report), and it can be awaited. Done-callbacks run on the hub's callback
+    threads, never on the thread that follows results, so a callback that
+    blocks holds up no other future.
 
     >>> fut = off.submit(add, 1, 2)          # doctest: +SKIP
     >>> fut.result(timeout=10)               # doctest: +SKIP
     3
     """
 
-    def __init__(self, async_result: AsyncResult, watcher: ResultWatcher | None = None) -> None:
+    def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None) -> None:
         super().__init__()
-        self._async_result = async_result
-        self._watcher = watcher
+        self._task_id = task_id
+        self._hub = hub
+        self._app = app
+        self._async_result: Any = None
         self._task_state: str = states.PENDING
         self._progress: Any = None
+        self._subscription: Subscription | None = None
+        # Done-callbacks and asyncio wakers are kept here, not in the base
+        # class's list, so that they run where we choose (see _on_done).
+        self._callback_lock = threading.Lock()
+        self._cancel_lock = threading.Lock()
+        self._cancel_notified = False
+        self._callbacks: list[Callable[[Future], Any]] = []
+        self._wakers: list[Callable[[], None]] = []
+        self._fired = False
+        super().add_done_callback(Future._on_done)
 
     def __repr__(self) -> str:
         return f"<offload.Future {self.id} {self._task_state}>"
@@ -58,7 +90,7 @@ class Future(_BaseFuture):
     @property
     def id(self) -> str:
         """The task id, to look the task up again with ``off.get(id)``."""
-        return self._async_result.id
+        return self._task_id
 
     @property
     def state(self) -> str:
@@ -71,70 +103,173 @@ class Future(_BaseFuture):
         return self._progress
 
     @property
-    def async_result(self) -> AsyncResult:
+    def async_result(self) -> Any:
         """The Celery :class:`~celery.result.AsyncResult` behind this future."""
+        if self._async_result is None and self._app is not None:
+            self._async_result = self._app.AsyncResult(self._task_id)
         return self._async_result
+
+    def follow(self, hub: ResultHub, *, grace: float = 0.0) -> Future:
+        """Have ``hub`` complete this future (``Offload`` calls this)."""
+        self._hub = hub
+        self._subscription = hub.subscribe(self._task_id, self, grace=grace)
+        return self
+
+    @staticmethod
+    def follow_all(futures: list[Future], hub: ResultHub, *, grace: float = 0.0) -> None:
+        """:meth:`follow` for many futures in one call of the hub (``map``)."""
+        subscriptions = hub.subscribe_many([(future._task_id, future) for future in futures], grace=grace)
+        for future, subscription in zip(futures, subscriptions):
+            future._hub = hub
+            future._subscription = subscription
+
+    def unfollow(self) -> None:
+        """Stop following the task (the task goes on; this future stays pending)."""
+        if self._subscription is not None:
+            self._subscription.close()
 
     def cancel(self) -> bool:
         """Revoke the task if it has not started; False if it has.
 
-        A running task is never killed: ``cancel()`` returns False and the
-        task runs to its end, as ``concurrent.futures`` does for a running
-        call.
+        True means the revoke is recorded in the result backend, so a worker
+        that starts later skips the task too. rpc:// records nothing, so
+        there ``cancel()`` returns False and sends nothing. A
+        running task is never killed: ``cancel()`` returns False and the
+        task runs to its end, as ``concurrent.futures`` does for a running call.
         """
-        with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            if self._state in (RUNNING, FINISHED):
+        if self.cancelled():
+            return True
+        if self.running() or self.done():
+            return False
+        if self._hub is not None:
+            # The hub's view may lag behind the backend by a poll.
+            self._hub.refresh(self._task_id)
+            if self.running() or self.done():
                 return False
-        if self._watcher is not None:
-            # The watcher's view may lag behind the backend by a poll.
-            self._watcher.refresh(self)
-            if self._state in (RUNNING, FINISHED):
+            if not self._hub.revoke(self._task_id):
                 return False
-        self._async_result.revoke()
+        if not self._cancel_and_notify():
+            return False
         self._task_state = states.REVOKED
-        cancelled = super().cancel()
-        if self._watcher is not None:
-            self._watcher.forget(self)
-        return cancelled
+        if self._subscription is not None:
+            self._subscription.close()
+        return True
 
     def add_done_callback(self, fn: Callable[..., Any]) -> None:
-        """Call ``fn(future)`` when the task ends (``fn()`` is accepted too)."""
-        super().add_done_callback(_adapt_callback(fn))
+        """Call ``fn(future)`` when the task ends (``fn()`` is accepted too).
+
+        On a future already done, ``fn`` runs at once in this thread, as in
+        ``concurrent.futures``; otherwise on one of the hub's callback threads.
+        """
+        fn = _adapt_callback(fn)
+        with self._callback_lock:
+            if not self._fired:
+                self._callbacks.append(fn)
+                return
+        _call(fn, self)
 
     def __await__(self) -> Generator[Any, None, Any]:
-        # wrap_future hooks a done-callback and wakes the loop thread-safely:
-        # no thread is parked per awaited future.
-        return asyncio.wrap_future(self).__await__()
+        return self._wait().__await__()
 
-    # The watcher's side -------------------------------------------------
+    async def _wait(self) -> Any:
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            woken: asyncio.Future[None] = loop.create_future()
+            inbox = loop_inbox(loop)
 
-    def _apply_meta(self, meta: dict[str, Any]) -> bool:
-        """Take a backend meta dict; True once the future is done."""
-        state = meta.get("status") or states.PENDING
-        result = meta.get("result")
-        self._task_state = state
-        if state == "PROGRESS":
-            self._progress = result
+            def wake() -> None:
+                inbox.call(_resolve, woken)  # a closed loop: nobody waits any more
+
+            self._add_waker(wake)
+            try:
+                # Cancelling this coroutine (a timeout, a client gone) ends
+                # the wait here and leaves the task alone.
+                await woken
+            finally:
+                self._remove_waker(wake)
+        if self.cancelled():
+            raise asyncio.CancelledError(f"task {self._task_id} was cancelled")
+        return self.result()
+
+    def _add_waker(self, wake: Callable[[], None]) -> None:
+        with self._callback_lock:
+            if not self._fired:
+                self._wakers.append(wake)
+                return
+        wake()
+
+    def _remove_waker(self, wake: Callable[[], None]) -> None:
+        with self._callback_lock:
+            try:
+                self._wakers.remove(wake)
+            except ValueError:
+                pass
+
+    def _on_done(self) -> None:
+        # The base class calls this in the completing thread (the hub's):
+        # wake coroutines there (non-blocking), run callbacks elsewhere.
+        with self._callback_lock:
+            self._fired = True
+            callbacks, self._callbacks = self._callbacks, []
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+        if not callbacks:
+            return
+
+        def run_all() -> None:
+            for fn in callbacks:
+                _call(fn, self)
+
+        if self._hub is None:
+            run_all()  # eager mode: completed in the submitting thread
+        else:
+            self._hub.run_callback(run_all)
+
+    # The hub's side: offload.hub.Listener ------------------------------------
+
+    def on_event(self, event: TaskEvent) -> None:
+        """Take one state of the task (the hub calls this)."""
+        if state_rank(event.state) < state_rank(self._task_state):
+            return  # a late STARTED after SUCCESS: state never moves back
         if self.done():
+            return
+        self._task_state = event.state
+        if event.state == "PROGRESS":
+            self._progress = event.result
+        if not event.ready:
+            if state_rank(event.state) == 2 and not self.running():
+                try:
+                    self.set_running_or_notify_cancel()
+                except RuntimeError:  # finished meanwhile
+                    pass
+            return
+        if event.state == states.SUCCESS:
+            self._finish(result=event.result)
+        elif event.state == states.REVOKED and not self.running() and self._cancel_and_notify():
+            pass
+        elif event.state == LOST:
+            self._finish(exception=TaskLost(
+                f"nothing was heard of task {self._task_id} for too long: it was sent with "
+                "ignore_result, it expired, or the id is unknown. off.get(id) follows it again."
+            ))
+        else:
+            error = event.result
+            if not isinstance(error, BaseException):
+                error = TaskRevokedError(str(error)) if event.state == states.REVOKED else Exception(str(error))
+            self._finish(exception=error)
+
+    def _cancel_and_notify(self) -> bool:
+        # The hub (a REVOKED state) and cancel() may race here: one of them
+        # moves CANCELLED on to CANCELLED_AND_NOTIFIED, which is when
+        # concurrent.futures.wait and as_completed count the future as done.
+        with self._cancel_lock:
+            if not super().cancel():
+                return False
+            if not self._cancel_notified:
+                self._cancel_notified = True
+                self.set_running_or_notify_cancel()
             return True
-        if state in _RUNNING_STATES:
-            with self._condition:
-                if self._state == PENDING:
-                    self._state = RUNNING
-            return False
-        if state == states.SUCCESS:
-            self._finish(result=result)
-            return True
-        if state in states.EXCEPTION_STATES and state != states.RETRY:
-            if state == states.REVOKED and self._state == PENDING and super().cancel():
-                return True
-            if not isinstance(result, BaseException):
-                result = TaskRevokedError(str(result)) if state == states.REVOKED else Exception(str(result))
-            self._finish(exception=result)
-            return True
-        return False
 
     def _finish(self, result: Any = None, exception: BaseException | None = None) -> None:
         try:
@@ -144,6 +279,18 @@ class Future(_BaseFuture):
                 self.set_result(result)
         except Exception:  # InvalidStateError: cancelled locally meanwhile
             pass
+
+
+def _resolve(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
+def _call(fn: Callable[[Future], Any], future: Future) -> None:
+    try:
+        fn(future)
+    except Exception:
+        logger.exception("done-callback %r of %r raised", fn, future)
 
 
 def _adapt_callback(fn: Callable[..., Any]) -> Callable[[Future], Any]:
@@ -159,366 +306,214 @@ def _adapt_callback(fn: Callable[..., Any]) -> Callable[[Future], Any]:
     return lambda _future: fn()
 
 
-class ResultWatcher:
-    """Completes every outstanding :class:`Future` of one backend in one thread."""
+# asyncio -----------------------------------------------------------------------
 
-    _MIN_POLL = 0.002
-    _MAX_POLL = 0.25
-    _SAFETY_POLL = 2.0  # push backends: re-read everything this often
 
-    def __init__(self, backend_factory: Callable[[], Any]) -> None:
-        self._backend_factory = backend_factory
+class LoopInbox:
+    """Calls handed to one event loop from other threads, run there in batches.
+
+    ``call_soon_threadsafe`` writes to the loop's wake-up socket and queues
+    one handle per call: when thousands of tasks end together, one per
+    waiting coroutine is thousands of wake-ups. An inbox wakes its loop once
+    for whatever piles up before the loop gets to it, and runs those calls
+    in order in one callback. Get a loop's inbox with :func:`loop_inbox`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._reset()
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._pending: dict[str, Future] = {}
-        self._new: list[str] = []
-        self._thread: threading.Thread | None = None
-        self._strategy: Any = None
-
-    def _get_strategy(self) -> Any:
-        # Called with the lock held, in the submitting thread: an RPC reply
-        # queue must exist before the first result is sent to it.
-        if self._strategy is None:
-            backend = self._backend_factory()
-            if _is_redis(backend):
-                self._strategy = _RedisPush(backend)
-            elif _is_rpc(backend):
-                self._strategy = _RpcPush(backend)
-            else:
-                self._strategy = _BatchPoll(backend)
-        return self._strategy
-
-    def submit_options(self) -> dict[str, Any]:
-        """Options every submit needs for this backend (an RPC reply queue)."""
+    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on the loop soon (from any thread); False if the loop is closed."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._reset()
-            return self._get_strategy().submit_options()
-
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
-    def watch(self, future: Future) -> None:
-        """Complete ``future`` when its task ends."""
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the thread stayed in the parent
-                self._reset()
-            self._pending[future.id] = future
-            self._new.append(future.id)
-            self._get_strategy()
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="offload-result-watcher", daemon=True
-                )
-                self._thread.start()
-        self._wakeup.set()
-
-    def forget(self, future: Future) -> None:
-        with self._lock:
-            self._pending.pop(future.id, None)
-
-    def refresh(self, future: Future) -> None:
-        """Read ``future``'s state from the backend now."""
-        backend = self._backend_factory()
+            self._pending.append((fn, args))
+            first = len(self._pending) == 1
+        if not first:
+            return True  # the loop is already asked to drain
         try:
-            meta = backend.get_task_meta(future.id, cache=False)
-        except Exception:
-            logger.debug("could not refresh %s", future.id, exc_info=True)
-            return
-        if future._apply_meta(meta):
-            self.forget(future)
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            with self._lock:
+                self._pending.clear()
+            return False
+        return True
 
-    # The thread ------------------------------------------------------------
-
-    def _take_new(self) -> list[str]:
+    def _drain(self) -> None:
         with self._lock:
-            new, self._new = self._new, []
-            return new
-
-    def _snapshot(self) -> list[str]:
-        with self._lock:
-            return list(self._pending)
-
-    def _deliver(self, task_id: str, meta: dict[str, Any] | None) -> None:
-        if not meta:
-            return
-        future = self._pending.get(task_id)
-        if future is not None and future._apply_meta(meta):
-            self.forget(future)
-
-    def _run(self) -> None:
-        strategy = self._strategy
-        while True:
+            batch, self._pending = self._pending, []
+        for fn, args in batch:
             try:
-                strategy.run(self)
-            except Exception:
-                logger.warning("result watcher: backend error, retrying", exc_info=True)
-                strategy.reset()
-                self._wakeup.wait(0.5)
-                self._wakeup.clear()
-                with self._lock:
-                    self._new = list(self._pending)
+                fn(*args)
+            except Exception as exc:  # one bad call must not hold back the others
+                self.loop.call_exception_handler(
+                    {"message": f"LoopInbox call {fn!r} failed", "exception": exc})
 
 
-def _is_redis(backend: Any) -> bool:
-    try:
-        from celery.backends.redis import RedisBackend
-    except ImportError:  # redis-py not installed
-        return False
-    return isinstance(backend, RedisBackend) and hasattr(backend, "client")
+_INBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopInbox] = weakref.WeakKeyDictionary()
+_INBOXES_LOCK = threading.Lock()
 
 
-def _is_rpc(backend: Any) -> bool:
-    from celery.backends.rpc import RPCBackend
-
-    return isinstance(backend, RPCBackend)
-
-
-class _BatchPoll:
-    """Reads all outstanding ids in one batch, backing off while idle."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.many = getattr(backend, "mget", None) is not None and hasattr(backend, "get_key_for_task")
-
-    def reset(self) -> None:
-        pass
-
-    def submit_options(self) -> dict[str, Any]:
-        return {}
-
-    def fetch(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        if not ids:
-            return {}
-        if self.many:
-            keys = [self.backend.get_key_for_task(i) for i in ids]
-            values = self.backend.mget(keys)
-            return {
-                task_id: self.backend.decode_result(value)
-                for task_id, value in zip(ids, values) if value
-            }
-        return {task_id: self.backend.get_task_meta(task_id, cache=False) for task_id in ids}
-
-    def run(self, watcher: ResultWatcher) -> None:
-        delay = ResultWatcher._MIN_POLL
-        seen: dict[str, str] = {}
-        while True:
-            if watcher._take_new():
-                delay = ResultWatcher._MIN_POLL
-            ids = watcher._snapshot()
-            if not ids:
-                seen.clear()
-                watcher._wakeup.wait(30)
-                watcher._wakeup.clear()
-                continue
-            changed = False
-            for start in range(0, len(ids), 500):
-                for task_id, meta in self.fetch(ids[start:start + 500]).items():
-                    status = meta.get("status")
-                    if seen.get(task_id) != status or status == "PROGRESS":
-                        changed = True
-                        seen[task_id] = status
-                    watcher._deliver(task_id, meta)
-            delay = ResultWatcher._MIN_POLL if changed else min(delay * 1.5, ResultWatcher._MAX_POLL)
-            if watcher._wakeup.wait(delay):
-                watcher._wakeup.clear()
+def loop_inbox(loop: asyncio.AbstractEventLoop) -> LoopInbox:
+    """The one :class:`LoopInbox` of ``loop`` (made on first use)."""
+    inbox = _INBOXES.get(loop)
+    if inbox is None:
+        with _INBOXES_LOCK:
+            inbox = _INBOXES.get(loop)
+            if inbox is None:
+                inbox = _INBOXES[loop] = LoopInbox(loop)
+    return inbox
 
 
-class _RedisPush:
-    """One pub/sub connection: Celery's Redis backend publishes each state it stores.
+class TaskEvents:
+    """An async iterator over one task's states, for one coroutine.
 
-    Futures submitted here get task ids that start with this process's own
-    random prefix (the ids stay UUID-shaped), so one pattern subscription
-    covers them all: no SUBSCRIBE/UNSUBSCRIBE per task, and no results of
-    other processes. Ids from elsewhere (``off.get(id)``) are subscribed one
-    by one on the same connection.
+    A hub listener that hands each event to its event loop's
+    :class:`LoopInbox`. Yields the latest known state first and stops
+    after the final one. Between two reads of a slow consumer, successive
+    PROGRESS reports collapse into the newest; no state change is dropped.
+    Use it as an async context manager (or call :meth:`close`) so that the
+    subscription ends with the coroutine.
     """
 
-    #: Take new ids (MGET what was stored before we listened) and drop
-    #: finished foreign subscriptions at most this often: one round trip per
-    #: batch, not per task, and the GIL left to the threads that submit.
-    TICK = 0.005
+    #: Pending events kept for a slow reader, beyond which the oldest
+    #: non-final one goes (a task that retries in a loop).
+    MAX_PENDING = 64
 
-    def __init__(self, backend: Any) -> None:
-        import uuid
+    def __init__(self, hub: ResultHub, task_id: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._inbox = loop_inbox(self._loop)
+        self._pending: collections.deque[TaskEvent] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._finished = False
+        #: The newest event seen (PENDING until the hub says otherwise).
+        self.latest: TaskEvent = TaskEvent(task_id, states.PENDING)
+        self._subscription = hub.subscribe(task_id, self)
 
-        self.backend = backend
-        self.pubsub: Any = None
-        self.prefix = uuid.uuid4().hex[:8]
-        self.pattern_prefix = bytes(backend.get_key_for_task(self.prefix))
-        self.channels: dict[bytes, str] = {}  # foreign ids, subscribed one by one
-        # Until Redis confirms the pattern subscription, a result may be
-        # published unheard: every id is then read back once it is confirmed.
-        self.listening = False
+    def on_event(self, event: TaskEvent) -> None:
+        """The hub's side (any thread): pass the event to the loop."""
+        if not self._inbox.call(self._push, event):  # the loop is closed: nobody reads any more
+            self._stop_listening()
 
-    def new_task_id(self) -> str:
-        import uuid
+    def _stop_listening(self) -> None:
+        # Called from inside the hub's delivery: closing is re-entrant there.
+        subscription = getattr(self, "_subscription", None)
+        if subscription is not None:
+            subscription.close()
 
-        return self.prefix + str(uuid.uuid4())[8:]
+    def _push(self, event: TaskEvent) -> None:
+        self.latest = event
+        pending = self._pending
+        if pending and pending[-1].state == event.state == "PROGRESS":
+            pending[-1] = event
+        else:
+            pending.append(event)
+            if len(pending) > self.MAX_PENDING:
+                pending.popleft()
+        self._arrived.set()
 
-    def submit_options(self) -> dict[str, Any]:
-        return {"task_id": self.new_task_id()}
+    def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        return self
 
-    def reset(self) -> None:
-        if self.pubsub is not None:
+    async def __anext__(self) -> TaskEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        event = self._pending.popleft()
+        if event.ready:
+            self._finished = True
+            self.close()
+        return event
+
+    async def wait_ready(self, timeout: float | None) -> TaskEvent:
+        """The final event, or the latest one once ``timeout`` seconds pass."""
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.latest.ready:
+            self._arrived.clear()
+            if self.latest.ready:
+                break
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
             try:
-                self.pubsub.close()
-            except Exception:
-                pass
-        self.pubsub = None
-        self.channels.clear()
+                # Only our own Event is cancelled on timeout, never the task.
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return self.latest
 
-    def _manage(self, watcher: ResultWatcher) -> None:
-        new = watcher._take_new()
-        if new:
-            foreign = {
-                bytes(self.backend.get_key_for_task(i)): i for i in new if not i.startswith(self.prefix)
-            }
-            if foreign:
-                self.channels.update(foreign)
-                self.pubsub.subscribe(*foreign)
-                # Anything stored before their subscription took effect.
-                self._read_stored(watcher, list(foreign.values()))
-        done = [ch for ch, task_id in self.channels.items() if task_id not in watcher._pending]
-        if done:
-            for channel in done:
-                del self.channels[channel]
-            self.pubsub.unsubscribe(*done)
+    def close(self) -> None:
+        """Stop listening (the task goes on)."""
+        self._subscription.close()
 
-    def _read_stored(self, watcher: ResultWatcher, ids: list[str]) -> None:
-        for start in range(0, len(ids), 500):
-            batch = ids[start:start + 500]
-            keys = [self.backend.get_key_for_task(i) for i in batch]
-            for task_id, value in zip(batch, self.backend.client.mget(keys)):
-                if value:
-                    watcher._deliver(task_id, self.backend.decode_result(value))
+    async def __aenter__(self) -> TaskEvents:
+        return self
 
-    def _task_id(self, message: dict[str, Any]) -> str | None:
-        channel = bytes(message["channel"])
-        if message["type"] == "pmessage":
-            return channel[len(self.pattern_prefix) - len(self.prefix):].decode()
-        return self.channels.get(channel)
-
-    def _confirmed(self, watcher: ResultWatcher) -> None:
-        # From here on every result of this process's ids is heard; read what
-        # was stored before (submitted earlier, or during a reconnect).
-        self.listening = True
-        self._read_stored(watcher, watcher._snapshot())
-
-    def run(self, watcher: ResultWatcher) -> None:
-        self.listening = False
-        self.pubsub = self.backend.client.pubsub()
-        self.pubsub.psubscribe(self.pattern_prefix + b"*")
-        # After a reconnect: the ids of other processes still awaited.
-        self.channels = {bytes(self.backend.get_key_for_task(i)): i
-                         for i in watcher._snapshot() if not i.startswith(self.prefix)}
-        if self.channels:
-            self.pubsub.subscribe(*self.channels)
-        last_safety = time.monotonic()
-        next_tick = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + self.TICK
-                self._manage(watcher)
-            if not watcher._pending:
-                # Keep reading while idle, or subscription confirmations and
-                # stray results would pile up in the socket.
-                if self.pubsub.get_message(timeout=0) is not None and not self.listening:
-                    self._confirmed(watcher)
-                if watcher._wakeup.wait(5.0):
-                    watcher._wakeup.clear()
-                continue
-            message = self.pubsub.get_message(timeout=max(next_tick - time.monotonic(), 0.0))
-            received = 0
-            while message is not None:
-                kind = message.get("type")
-                if kind in ("message", "pmessage"):
-                    received += 1
-                    task_id = self._task_id(message)
-                    if task_id is not None:
-                        watcher._deliver(task_id, self.backend.decode_result(message["data"]))
-                elif kind == "psubscribe" and not self.listening:
-                    self._confirmed(watcher)
-                message = self.pubsub.get_message(timeout=0)
-            if received > 1:
-                # A burst of results: let the next ones pile up until the tick
-                # and take them in one go, rather than waking (and taking the
-                # GIL from the submitting threads) once per message. A lone
-                # result is still delivered as soon as it arrives.
-                time.sleep(max(next_tick - time.monotonic(), 0.0))
-            if time.monotonic() - last_safety > ResultWatcher._SAFETY_POLL:
-                last_safety = time.monotonic()
-                self._read_stored(watcher, watcher._snapshot())
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
 
-class _RpcPush:
-    """RPC results (``rpc://``): one reply queue per process, one consumer.
+async def wait_event(hub: ResultHub, task_id: str, timeout: float | None) -> TaskEvent:
+    """Long-poll: the final event of ``task_id``, or its latest after ``timeout`` s.
 
-    Celery's RPC backend sends each result to the queue named in the task's
-    ``reply_to``, by default one per submitting *thread*. offload names one
-    queue per process instead, so the watcher consumes every result of the
-    process, whichever thread submitted it. The queue outlives a short
-    disconnect (it expires after 10 idle minutes instead of auto-deleting).
+    Giving up (the timeout, or this coroutine being cancelled) never revokes
+    the task.
+    """
+    async with TaskEvents(hub, task_id) as events:
+        return await events.wait_ready(timeout)
+
+
+# The worker's side ----------------------------------------------------------------
+
+
+class SkipRevoked(bootsteps.StartStopStep):
+    """A consumer step: skip a received task whose result says REVOKED.
+
+    ``Future.cancel()`` records REVOKED in the result backend besides telling
+    the live workers. A worker that was not running then never heard of it:
+    this step reads the backend for each task it receives (one read, before
+    the task is queued for the pool) and, if the task was revoked, marks it
+    revoked in the worker, which then skips and acknowledges it as Celery
+    does for any revoked task. Result backends that store nothing (rpc://,
+    none) are skipped.
     """
 
-    def __init__(self, backend: Any) -> None:
-        import uuid
+    requires = ("celery.worker.consumer.tasks:Tasks",)
 
-        from kombu import Queue
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._consumer: Any = None
 
-        self.backend = backend
-        self.queue = Queue(
-            f"offload.reply.{uuid.uuid4()}", exchange=backend.exchange,
-            routing_key=None, durable=False, auto_delete=False,
-            expires=600.0, message_ttl=None,
-        )
-        self.queue.routing_key = self.queue.name
-        self.connection: Any = None
-        self.consumer: Any = None
-        self._connect()
+    def start(self, c: Any) -> None:
+        from celery import signals
 
-    def submit_options(self) -> dict[str, Any]:
-        return {"reply_to": self.queue.name}
+        from .hub import stores_results
 
-    def _connect(self) -> None:
-        from kombu import Consumer
+        if not stores_results(c.app.backend):
+            return
+        self._consumer = c
+        signals.task_received.connect(self._on_received, sender=c, weak=False)
 
-        self.connection = self.backend.app.connection_for_read()
-        channel = self.connection.default_channel
-        self.queue(channel).declare()
-        self.consumer = Consumer(channel, queues=[self.queue], no_ack=True,
-                                 accept=self.backend.accept, callbacks=[self._on_message])
-        self.consumer.consume()
-        self._watcher: ResultWatcher | None = None
+    def _on_received(self, sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+        from celery.worker import state as worker_state
 
-    def reset(self) -> None:
         try:
-            if self.connection is not None:
-                self.connection.close()
+            meta = request.task.backend.get_task_meta(request.id, cache=False)
         except Exception:
-            pass
-        self.connection = None
+            logger.debug("could not read the state of %s", request.id, exc_info=True)
+            return
+        if meta.get("status") == states.REVOKED:
+            # Celery's own revoked set: the request is skipped before it runs.
+            worker_state.revoked.add(request.id)
 
-    def _on_message(self, body: Any, message: Any) -> None:
-        task_id = message.properties.get("correlation_id") or body.get("task_id")
-        if self._watcher is not None and task_id:
-            self._watcher._deliver(task_id, self.backend.meta_from_decoded(dict(body)))
+    def stop(self, c: Any) -> None:
+        from celery import signals
 
-    def run(self, watcher: ResultWatcher) -> None:
-        import socket
+        if self._consumer is not None:
+            signals.task_received.disconnect(self._on_received, sender=self._consumer)
+            self._consumer = None
 
-        if self.connection is None:
-            self._connect()
-        self._watcher = watcher
-        while True:
-            watcher._take_new()  # nothing to subscribe: every reply comes here
-            try:
-                self.connection.drain_events(timeout=0.25)
-            except socket.timeout:
-                self.connection.heartbeat_check()
+    shutdown = stop

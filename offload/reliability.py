@@ -25,6 +25,9 @@ logger = logging.getLogger("offload.reliability")
 
 def _renew(channel: Any) -> int:
     """Move the delivery time of every unacked message of ``channel`` to now."""
+    renew_leases = getattr(channel.qos, "renew_leases", None)
+    if renew_leases is not None:  # offload's own transport (offload.transport.redis)
+        return int(renew_leases())
     # QoS._delivered is kombu's map of the channel's unacked delivery tags:
     # the same set kombu itself restores from when a channel closes.
     tags = list(getattr(channel.qos, "_delivered", None) or ())

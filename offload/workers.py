@@ -1,184 +1,89 @@
-"""Local worker processes, and monitoring through Celery's control API.
+"""Local worker processes: the workers ``CELERY_WORKERS`` describes, run from the app.
 
-:class:`LocalWorkers` runs the workers ``CELERY_WORKERS`` describes as child
-processes of the web app (``off.start()``, or the first ``submit`` with
-``CELERY_START_LOCAL_WORKERS``). Three promises:
+:class:`LocalWorkers` runs them as child processes of the web app
+(``off.start()``, or each ``submit`` with ``CELERY_START_LOCAL_WORKERS``).
+It puts together three modules, each with one job:
+
+* :mod:`offload.specs`: which workers (``CELERY_WORKERS`` -> :class:`WorkerSpec`);
+* :mod:`offload.supervise`: starting, watching, backing off, restarting and
+  stopping them, shared with ``offload cluster``;
+* :mod:`offload.monitor`: :func:`status` and :func:`inspect` over Celery's
+  control API (re-exported here).
+
+Its promises:
 
 * **Started right**: ``sys.executable -m celery -A offload._boot:app worker``
   with an argument list; the worker finds the app exactly as the ``offload``
   CLI does (``OFFLOAD_APP``); output goes to a log file per worker under
-  ``OFFLOAD_DATA_DIR/workers`` (a file never fills up and blocks like a pipe).
-* **Never orphaned**: each worker is the leader of a process group of its
-  own and watches its parent pid (:mod:`offload._boot`). When the starter
-  exits normally its ``atexit`` hook stops them; when it crashes or is
-  SIGKILLed the watchdog sees the new parent pid and takes the whole group
-  (pool processes included) down within seconds. We chose the watchdog over
+  ``OFFLOAD_DATA_DIR/workers``.
+* **Restarted, backing off**: a worker that exits is started again (by a
+  thread of the process that called ``off.start()``, and by the next
+  ``submit`` with ``CELERY_START_LOCAL_WORKERS``), at once the first time,
+  then ever more slowly (2 s, 4 s, ... up to 30 s) while it keeps exiting;
+  each exit is logged as a warning on the ``offload.workers`` logger with
+  the tail of the worker's log. Nothing waits for it.
+* **Never orphaned**: each worker leads a process group of its own and
+  watches its parent pid (:mod:`offload._boot`). When the starter exits
+  normally its ``atexit`` hook stops them; when it crashes or is SIGKILLed
+  the watchdog sees the new parent pid and takes the whole group (pool
+  processes included) down within seconds. Stopping, restarting or
+  replacing a worker ends its whole group too. We chose the watchdog over
   ``PR_SET_PDEATHSIG``: that fires when the *thread* that forked the worker
   exits (a request thread in a threaded server), is Linux-only, and does not
   reach the pool processes.
+* **With the scheduler when something is scheduled**: the process that runs
+  the workers also runs the periodic-task scheduler (:class:`offload.beat.BeatProcess`)
+  when a task has a schedule or ``CELERY_BEAT_SCHEDULE`` is set, and stops
+  it with them; the scheduler's own ``flock`` keeps it to one per host
+  (another ``offload beat`` or ``offload cluster`` waits).
 * **Started once per machine and app**: under a pre-forking server several
   processes share the app; an ``flock`` on ``OFFLOAD_DATA_DIR/workers/starter.lock``
   elects the one that starts (and owns) the workers. The lock dies with its
-  holder, so the next ``ensure_started`` elsewhere takes over.
-
-:func:`status` and :func:`inspect` ask the workers over the broker from the
-calling process (no subprocess per call) and return plain JSON-able data.
+  holder, so another process that called ``off.start()`` (or the next
+  ``ensure_started`` elsewhere) takes over; a forked child neither holds it
+  nor thinks it owns its parent's workers.
 """
 
 from __future__ import annotations
 
 import atexit
-import datetime
-import math
+import copy
+import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery.utils.nodenames import host_format, node_format
 from kombu.exceptions import OperationalError
 
-from .exceptions import BrokerUnavailable, ConfigurationError, OffloadError
+from .exceptions import ConfigurationError, OffloadError
+from .monitor import INSPECT_TARGETS, broker_unreachable, inspect, status
+from .specs import WorkerSpec, worker_specs
+from .supervise import (Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
+                        describe_exit, start_process)
 
-__all__ = ["INSPECT_TARGETS", "LocalWorkers", "WorkerSpec", "WorkersNotReady",
-           "inspect", "status", "worker_specs"]
+__all__ = ["BOOT_APP", "INSPECT_TARGETS", "Backoff", "LocalWorkers", "WorkerExited", "WorkerSpec",
+           "WorkerStarted", "WorkersNotReady", "inspect", "status", "worker_specs"]
 
-#: What :func:`inspect` can ask the workers.
-INSPECT_TARGETS = ("active", "scheduled", "reserved", "revoked", "registered", "stats",
-                   "active_queues")
+if TYPE_CHECKING:  # offload.beat imports this module's BOOT_APP when it starts a scheduler
+    from .beat import BeatProcess
 
 #: The app spec a worker process imports; it reads ``OFFLOAD_APP``.
 BOOT_APP = "offload._boot:app"
 
-#: Per-worker options in a ``CELERY_WORKERS`` dict, and the option they become.
-_OPTION_FLAGS = {
-    "concurrency": "--concurrency",
-    "loglevel": "--loglevel",
-    "log-level": "--loglevel",
-    "log_level": "--loglevel",
-    "pidfile": "--pidfile",
-    "queues": "--queues",
-    "pool": "--pool",
-    "prefetch": "--prefetch-multiplier",
-}
-_POOLS = ("prefork", "eventlet", "gevent", "solo", "processes", "threads", "custom")
-_LOGLEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")
+#: Where each exit of a local worker is reported (a warning with its log's tail).
+logger = logging.getLogger("offload.workers")
+
+#: Seconds between two tries at the starter lock by a process that does not
+#: hold it (every submit would otherwise try).
+_RETRY_LOCK_EVERY = 1.0
 
 
 class WorkersNotReady(OffloadError, TimeoutError):
     """Local workers did not all answer a ping in time (or one exited)."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """One configured worker: its name and the ``celery worker`` arguments."""
-
-    #: The name as configured (``foo``), used for its log file.
-    name: str
-    #: The node name it answers pings with (``foo@host``).
-    nodename: str
-    #: Arguments after ``celery -A ... worker``.
-    args: tuple[str, ...] = field(default=())
-    #: The queues it consumes (empty: the app's default queues).
-    queues: tuple[str, ...] = field(default=())
-    #: Its pid file (``%n`` already expanded), if configured.
-    pidfile: str | None = None
-
-
-def _positive_int(worker: str, key: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or (isinstance(value, float) and value != number):
-        raise ConfigurationError(
-            f"CELERY_WORKERS[{worker!r}][{key!r}] must be a whole number >= 1, got {value!r}")
-    return number
-
-
-def _queue_names(worker: str, value: Any) -> tuple[str, ...]:
-    names = value.replace(",", " ").split() if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not names or not all(
-            isinstance(n, str) and n.strip() for n in names):
-        raise ConfigurationError(
-            f"CELERY_WORKERS[{worker!r}]['queues'] takes a list of queue names, got {value!r}")
-    return tuple(n.strip() for n in names)
-
-
-def _one_spec(name: str, options: Mapping[str, Any], loglevel: str) -> WorkerSpec:
-    if not name or any(c.isspace() for c in name) or name.count("@") > 1:
-        raise ConfigurationError(
-            f"worker name {name!r} in CELERY_WORKERS must be non-empty, without spaces, "
-            "with at most one '@' (like 'foo' or 'foo@%h')")
-    unknown = sorted(set(options) - set(_OPTION_FLAGS))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {unknown} for worker {name!r} in CELERY_WORKERS; "
-            f"valid: {sorted(_OPTION_FLAGS)}")
-    # "foo" answers as foo@<this host>, as `celery worker -n foo` would.
-    nodename = host_format(name if "@" in name else f"{name}@%h")
-    args: list[str] = ["--hostname", nodename]
-    level = next((options[k] for k in ("loglevel", "log-level", "log_level") if k in options), loglevel)
-    if not isinstance(level, str) or level.upper() not in _LOGLEVELS:
-        raise ConfigurationError(
-            f"CELERY_WORKERS[{name!r}] log level must be one of {list(_LOGLEVELS)}, got {level!r}")
-    args += ["--loglevel", level.upper()]
-    if "concurrency" in options:
-        args += ["--concurrency", str(_positive_int(name, "concurrency", options["concurrency"]))]
-    if "prefetch" in options:
-        args += ["--prefetch-multiplier", str(_positive_int(name, "prefetch", options["prefetch"]))]
-    if "pool" in options:
-        if options["pool"] not in _POOLS and ":" not in str(options["pool"]):
-            raise ConfigurationError(
-                f"CELERY_WORKERS[{name!r}]['pool'] must be one of {list(_POOLS)}, got {options['pool']!r}")
-        args += ["--pool", str(options["pool"])]
-    queues: tuple[str, ...] = ()
-    if "queues" in options:
-        queues = _queue_names(name, options["queues"])
-        args += ["--queues", ",".join(queues)]
-    pidfile = None
-    if options.get("pidfile"):
-        pidfile = os.path.abspath(node_format(str(options["pidfile"]), nodename))
-        args += ["--pidfile", pidfile]
-    return WorkerSpec(name=name.partition("@")[0], nodename=nodename, args=tuple(args),
-                      queues=queues, pidfile=pidfile)
-
-
-def worker_specs(setting: int | list[str] | Mapping[str, Mapping[str, Any]], *,
-                 loglevel: str = "INFO") -> list[WorkerSpec]:
-    """The workers a ``CELERY_WORKERS`` value describes.
-
-    >>> [w.name for w in worker_specs(2)], [w.name for w in worker_specs(["foo", "bar"])]
-    (['worker1', 'worker2'], ['foo', 'bar'])
-    >>> "--concurrency" in worker_specs({"foo": {"concurrency": 4}})[0].args
-    True
-    """
-    if isinstance(setting, bool):
-        raise ConfigurationError(f"CELERY_WORKERS takes a count, names or a dict, got {setting!r}")
-    if isinstance(setting, int):
-        items: list[tuple[str, Mapping[str, Any]]] = [(f"worker{i}", {}) for i in range(1, setting + 1)]
-    elif isinstance(setting, Mapping):
-        items = []
-        for name, options in setting.items():
-            if not isinstance(options, Mapping):
-                raise ConfigurationError(
-                    f"CELERY_WORKERS[{name!r}] must be a dict of options, got {options!r}")
-            items.append((str(name), options))
-    else:
-        items = [(str(name), {}) for name in setting]
-    specs = [_one_spec(name, options, loglevel) for name, options in items]
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise ConfigurationError(f"CELERY_WORKERS names the worker {spec.name!r} twice")
-        seen.add(spec.name)
-    return specs
 
 
 def _module_attr_holding(module_name: str, obj: Any) -> str | None:
@@ -216,38 +121,6 @@ def _root_of(module_name: str) -> str | None:
     return folder
 
 
-class _Owned:
-    """A worker process this process started, with where its log begins."""
-
-    def __init__(self, spec: WorkerSpec, proc: subprocess.Popen[bytes], log: Path, offset: int) -> None:
-        self.spec = spec
-        self.proc = proc
-        self.log = log
-        self.offset = offset
-
-    def exited(self) -> bool:
-        """True once the process has exited, without reaping it.
-
-        While it is an unreaped zombie its pid (and process group id) cannot
-        be reused, so a later ``killpg`` cannot hit a stranger.
-        """
-        if self.proc.returncode is not None:
-            return True
-        try:
-            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return True
-        return info is not None
-
-    def kill_group(self, sig: int) -> None:
-        if self.proc.returncode is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 class LocalWorkers:
     """The worker processes ``CELERY_WORKERS`` describes, run from this app.
 
@@ -261,25 +134,36 @@ class LocalWorkers:
     ['bar@myhost', 'foo@myhost']
     """
 
-    def __init__(self, off: Any) -> None:
+    def __init__(self, off: Any, backoff: Backoff | None = None) -> None:
         self._off = off
         #: How a worker process imports the app (``module:attr``, a Flask
         #: factory or a Pyramid ini); found from ``off`` when None.
         self.app_spec: str | None = None
-        worker_specs(off.settings.workers)  # fail early on a bad setting
-        self._owned: dict[str, _Owned] = {}
-        self._mutex = threading.RLock()
-        self._lock_fd: int | None = None
-        self._pid = os.getpid()
+        # Parsed now, so that a bad setting fails here and not in a worker's log.
+        self._parsed = (copy.deepcopy(off.settings.workers), worker_specs(off.settings.workers))
+        self.supervisor = Supervisor(self._launch, backoff)
+        self._starter = StarterLock(self.folder / "starter.lock", after_fork_in_child=self._forked)
         self._atexit_registered = False
         self._next_attempt = 0.0
+        self._watch_thread: threading.Thread | None = None
+        self._watch_lock = threading.Lock()
+        self._watch_cancel = threading.Event()
+        #: The periodic-task scheduler started beside the workers, if any
+        #: (:class:`offload.beat.BeatProcess`).
+        self.scheduler: BeatProcess | None = None
+        self._nothing_scheduled: tuple[int, bool] | None = None
 
     # What to start --------------------------------------------------------------
 
     @property
     def specs(self) -> list[WorkerSpec]:
         """The configured workers (re-read, so a later ``configure`` counts)."""
-        return worker_specs(self._off.settings.workers)
+        setting = self._off.settings.workers
+        # Each submit asks (with CELERY_START_LOCAL_WORKERS): parse only when
+        # the setting changed, comparing a copy (it may be a mutable dict).
+        if self._parsed[0] != setting:
+            self._parsed = (copy.deepcopy(setting), worker_specs(setting))
+        return list(self._parsed[1])
 
     @property
     def folder(self) -> Path:
@@ -327,128 +211,176 @@ class LocalWorkers:
             "module:attr (an Offload, a Flask app or factory, or a Pyramid .ini), or "
             "off.workers.app_spec.")
 
-    # Ownership --------------------------------------------------------------------
+    def process_env(self) -> dict[str, str]:
+        """The environment of a process this app starts (a worker, Flower).
 
-    def _after_fork(self) -> None:
-        # A forked child (a pre-forking server's worker) inherits our state,
-        # but the processes and the lock belong to its parent.
-        if os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._owned = {}
-            self._mutex = threading.RLock()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # the parent's copy keeps the lock held
-                self._lock_fd = None
-
-    @property
-    def owner(self) -> bool:
-        """True when this process holds the starter lock (and so runs the workers)."""
-        self._after_fork()
-        return self._lock_fd is not None
-
-    def owner_pid(self) -> int | None:
-        """The pid recorded by the process that holds the starter lock, if any."""
-        try:
-            text = (self.folder / "starter.lock").read_text().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    def acquire(self) -> bool:
-        """Become the one process that runs the workers; False if another is."""
-        self._after_fork()
-        with self._mutex:
-            if self._lock_fd is not None:
-                return True
-            try:
-                import fcntl
-            except ImportError:  # not POSIX: no pre-forking servers to guard against
-                self._lock_fd = -1
-                return True
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / "starter.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                return False
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self._lock_fd = fd
-            if not self._atexit_registered:
-                atexit.register(self.stop)
-                self._atexit_registered = True
-            return True
-
-    def _release(self) -> None:
-        if self._lock_fd is not None:
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-            self._lock_fd = None
-
-    # Starting ---------------------------------------------------------------------
-
-    def ensure_started(self) -> bool:
-        """Start the workers that are not running, without waiting for them.
-
-        Returns True when this process runs the workers, False when another
-        process does (or this *is* a worker: a task that submits never
-        starts workers of its own).
+        It imports the app as this process would (``OFFLOAD_APP``, and the
+        folders on ``PYTHONPATH``), and its watchdog follows this process
+        (``OFFLOAD_PARENT_PID``, see :mod:`offload._boot`).
         """
-        if os.environ.get("OFFLOAD_IN_WORKER"):
-            return False
-        self._after_fork()
-        with self._mutex:
-            if self._lock_fd is None:
-                # Another process runs them. Every submit lands here, so ask
-                # the lock again (to take over if that process has gone) at
-                # most once a second.
-                if time.monotonic() < self._next_attempt:
-                    return False
-                if not self.acquire():
-                    self._next_attempt = time.monotonic() + 1.0
-                    return False
-            for spec in self.specs:
-                owned = self._owned.get(spec.name)
-                if owned is None or owned.exited():
-                    self._spawn(spec)
-            return True
-
-    def _spawn(self, spec: WorkerSpec) -> _Owned:
         app_spec, folders = self.resolve_app_spec()
-        self.folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         paths = [p for p in dict.fromkeys(folders) if p] + [env.get("PYTHONPATH", "")]
         env.update({
             "OFFLOAD_APP": app_spec,
             "OFFLOAD_PARENT_PID": str(os.getpid()),
+            # A task that submits must not start workers of its own.
             "OFFLOAD_IN_WORKER": "1",
             "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         })
+        return env
+
+    def _launch(self, spec: WorkerSpec) -> Child:
         args = [sys.executable, "-m", "celery", "-A", BOOT_APP, "worker", *spec.args]
         if spec.pidfile:
             os.makedirs(os.path.dirname(spec.pidfile), exist_ok=True)
         log_path = self.log_path(spec.name)
-        with open(log_path, "ab") as log:
-            offset = log.tell()
-            log.write(f"--- offload: starting {spec.nodename} at {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True, close_fds=True)
-        owned = _Owned(spec, proc, log_path, offset)
-        self._owned[spec.name] = owned
-        return owned
+        proc, offset = start_process(args, self.process_env(), log_path, f"starting {spec.nodename}")
+        return Child(spec.name, spec.nodename, proc, log_path, offset)
+
+    # Ownership --------------------------------------------------------------------
+
+    def _forked(self) -> None:
+        # A forked child (a pre-forking server's worker) inherits our state,
+        # but the processes belong to its parent.
+        self.supervisor.forget()
+        self._next_attempt = 0.0
+        self._watch_thread = None  # threads do not survive a fork
+        self.scheduler = None  # the parent's
+        self._watch_lock = threading.Lock()
+        self._watch_cancel = threading.Event()
+
+    @property
+    def owner(self) -> bool:
+        """True when this process holds the starter lock (and so runs the workers)."""
+        return self._starter.held
+
+    def owner_pid(self) -> int | None:
+        """The pid recorded by the process that holds the starter lock, if any."""
+        return self._starter.holder_pid()
+
+    def acquire(self) -> bool:
+        """Become the one process that runs the workers; False if another is."""
+        if not self._starter.held:
+            self._starter.path = self.folder / "starter.lock"  # a later configure counts
+        if not self._starter.acquire():
+            return False
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        return True
+
+    # Starting and watching ----------------------------------------------------------
+
+    def supervise(self) -> list[WorkerExited | WorkerStarted]:
+        """One round of supervision: reap the workers that exited, start those due.
+
+        Never waits for a worker. Does nothing in a process that does not
+        hold the starter lock (see :meth:`acquire`).
+        """
+        if not self.owner:
+            return []
+        return self.supervisor.supervise(self.specs)
+
+    def ensure_started(self) -> bool:
+        """Start the workers that are not running (backing off), without waiting for them.
+
+        Returns True when this process runs the workers, False when another
+        process does (or this *is* a worker: a task that submits never
+        starts workers of its own). Each worker found exited is logged as a
+        warning on the ``offload.workers`` logger, with its log's last lines.
+        """
+        if os.environ.get("OFFLOAD_IN_WORKER"):
+            return False
+        if not self.owner:
+            # Another process runs them. Every submit lands here, so ask the
+            # lock again (to take over if that process has gone) at most
+            # once a second.
+            if time.monotonic() < self._next_attempt:
+                return False
+            if not self.acquire():
+                self._next_attempt = time.monotonic() + _RETRY_LOCK_EVERY
+                return False
+        for event in self.supervise():
+            if isinstance(event, WorkerExited):
+                logger.warning("%s", event)
+            else:
+                logger.info("started worker %s (pid %d, log %s)", event.nodename, event.pid,
+                            self.log_path(event.name))
+        self._ensure_scheduler()
+        return True
+
+    def _ensure_scheduler(self) -> None:
+        """Start the periodic-task scheduler once, when anything is scheduled.
+
+        Started once per ownership, not again if it exits: a scheduler that
+        cannot start (a bad schedule) says why in its log, not once a second.
+        """
+        if self.scheduler is not None:
+            return
+        from .beat import BeatProcess, has_schedule
+
+        # Each submit lands here: look through the tasks again only when
+        # their number or the beat_schedule setting changed.
+        key = (len(self._off.celery.tasks), bool(self._off.celery.conf.beat_schedule))
+        if key == self._nothing_scheduled:
+            return
+        if not has_schedule(self._off):
+            self._nothing_scheduled = key
+            return
+        scheduler = BeatProcess(self._off)
+        scheduler.start()
+        self.scheduler = scheduler
+        logger.info("started the periodic-task scheduler (pid %s, log %s)", scheduler.pid,
+                    scheduler.log_path)
 
     def start(self, timeout: float = 60.0,
               progress: Callable[[set[str], list[WorkerSpec]], None] | None = None) -> None:
         """Start the workers (unless another process runs them) and wait for all.
 
+        An explicit start does not wait out a back-off: it starts now. Then
+        a thread of this process keeps looking after the workers until
+        :meth:`stop`: it starts again a worker that exited (backing off as
+        ``submit`` does), and, in a process that does not run them, takes
+        over once the process that does has gone (a pre-forking server
+        recycling its workers).
+
         Raises:
             WorkersNotReady: a worker exited, or not every worker answered a
                 ping within ``timeout`` seconds; the message has its log's tail.
         """
+        self.supervisor.forgive()
         self.ensure_started()
-        self.wait_ready(timeout, progress=progress)
+        try:
+            self.wait_ready(timeout, progress=progress)
+        finally:
+            # Only now: wait_ready must see a worker that exited while
+            # starting, not the run the watcher would have started instead.
+            self._keep_watching()
+
+    def _keep_watching(self) -> None:
+        if os.environ.get("OFFLOAD_IN_WORKER"):
+            return
+        with self._watch_lock:
+            if self._watch_thread is not None and self._watch_thread.is_alive():
+                return
+            self._watch_cancel = threading.Event()
+            self._watch_thread = threading.Thread(target=self._watch, args=(self._watch_cancel,),
+                                                  name="offload-workers", daemon=True)
+            self._watch_thread.start()
+
+    def _watch(self, cancel: threading.Event) -> None:
+        # A round a second (sooner when a back-off ends): each is a few
+        # system calls, and a worker that died is back within a second.
+        failure = ""
+        while not cancel.wait(max(0.05, min([_RETRY_LOCK_EVERY, *self.pending_restarts().values()]))):
+            try:
+                self.ensure_started()
+                failure = ""
+            except Exception as exc:  # a bad app spec, a full disk: say so once, try again
+                if str(exc) != failure:
+                    logger.exception("offload could not start the local workers")
+                failure = str(exc)
 
     def wait_ready(self, timeout: float = 60.0,
                    progress: Callable[[set[str], list[WorkerSpec]], None] | None = None) -> None:
@@ -460,12 +392,13 @@ class LocalWorkers:
         deadline = time.monotonic() + timeout
         answered: set[str] = set()
         while True:
-            for owned in list(self._owned.values()):
-                if owned.spec.nodename not in answered and owned.exited():
-                    owned.proc.poll()
+            for spec in specs:
+                child = self.supervisor.latest(spec.name)
+                code = child.exit_code() if child is not None and self.owner else None
+                if spec.nodename not in answered and code is not None:
                     raise WorkersNotReady(
-                        f"worker {owned.spec.nodename} exited with code {owned.proc.returncode} "
-                        f"while starting. Last lines of {owned.log}:\n{self.log_tail(owned.spec.name)}")
+                        f"worker {spec.nodename} {describe_exit(code)} while starting. "
+                        f"Last lines of {self.log_path(spec.name)}:\n{self.log_tail(spec.name)}")
             missing = [s.nodename for s in specs if s.nodename not in answered]
             if not missing:
                 return
@@ -476,141 +409,68 @@ class LocalWorkers:
                 replies = self._off.celery.control.ping(
                     destination=missing, timeout=min(0.5, max(remaining, 0.05)), limit=len(missing))
             except OperationalError as exc:
-                raise BrokerUnavailable(
-                    f"cannot ping the workers: the broker at {self._off.celery.conf.broker_url!r} "
-                    f"is unreachable ({exc})") from exc
+                raise broker_unreachable(self._off.celery, exc, "ping the workers") from exc
             for reply in replies or ():
                 answered.update(reply)
             if progress is not None:
                 progress(set(answered), specs)
         late = next(s for s in specs if s.nodename not in answered)
-        who = "" if self.owner else (
-            f" (they are run by process {self.owner_pid()}, which holds {self.folder / 'starter.lock'})")
+        holder = self.owner_pid()
+        if self.owner:
+            who = ""
+        elif holder == os.getpid():
+            # Two Offloads of this process share one data folder (two Flask
+            # apps of one package share its instance folder).
+            who = (f" (another Offload of this same process runs the workers of {self.folder}: "
+                   "give each app its own OFFLOAD_DATA_DIR)")
+        else:
+            who = f" (they are run by process {holder}, which holds {self.folder / 'starter.lock'})"
         raise WorkersNotReady(
             f"worker {late.nodename} did not answer a ping within {timeout:g}s{who}. "
             f"Last lines of {self.log_path(late.name)}:\n{self.log_tail(late.name)}")
 
     def log_tail(self, name: str, lines: int = 20) -> str:
-        """The last lines worker ``name`` wrote in its current run."""
-        owned = self._owned.get(name)
+        """The last lines worker ``name`` wrote in its latest run (its whole log if unknown)."""
+        child = self.supervisor.latest(name)
+        if child is not None:
+            return child.log_tail(lines)
         try:
-            with open(self.log_path(name), "rb") as log:
-                log.seek(owned.offset if owned is not None else 0)
-                text = log.read().decode("utf-8", "replace")
+            text = self.log_path(name).read_bytes().decode("utf-8", "replace")
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
-    # Watching and stopping ----------------------------------------------------------
-
     def running(self) -> dict[str, int]:
         """Node names and pids of the live workers this process started."""
-        self._after_fork()
-        return {o.spec.nodename: o.proc.pid for o in self._owned.values() if not o.exited()}
+        return {c.nodename: c.pid for c in self.supervisor.running().values()}
 
-    def dead(self) -> dict[str, int | None]:
-        """Workers this process started that have exited: name -> exit code."""
-        self._after_fork()
-        found = {}
-        for name, owned in self._owned.items():
-            if owned.exited():
-                owned.kill_group(signal.SIGKILL)  # whatever it left behind
-                found[name] = owned.proc.wait()
-        return found
+    def pending_restarts(self) -> dict[str, float]:
+        """Workers that exited and wait out their back-off: name -> seconds left."""
+        return self.supervisor.pending()
 
-    def restart(self, name: str) -> int:
-        """Start worker ``name`` again (after it died); its new pid."""
-        with self._mutex:
-            spec = next((s for s in self.specs if s.name == name), None)
-            if spec is None or not self.owner:
-                raise ValueError(f"no worker {name!r} run by this process")
-            return self._spawn(spec).proc.pid
+    # Stopping -----------------------------------------------------------------------
+
+    def restart(self, name: str, timeout: float = 10.0) -> int:
+        """Stop worker ``name`` (warm, then its whole group) and start it again; its new pid."""
+        spec = next((s for s in self.specs if s.name == name), None)
+        if spec is None or not self.owner:
+            raise ValueError(f"no worker {name!r} run by this process")
+        return self.supervisor.restart(spec, grace=timeout).pid
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL each group after ``timeout``.
+        """Warm shutdown (SIGTERM), then SIGKILL each worker's group after ``timeout``.
 
         Only the process that started the workers stops them: in a forked
-        child of it this does nothing.
+        child of it this does nothing (but stop standing by to take over).
         """
-        self._after_fork()
-        with self._mutex:
-            owned = list(self._owned.values())
-            for worker in owned:
-                if not worker.exited():
-                    try:
-                        worker.proc.send_signal(signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.monotonic() + timeout
-            pending = [w for w in owned if not w.exited()]
-            wake = threading.Event()
-            while pending and time.monotonic() < deadline:
-                wake.wait(0.05)
-                pending = [w for w in pending if not w.exited()]
-            for worker in owned:
-                # Pool processes or a task's children may outlive the main
-                # process; its group id is still reserved while it is unreaped.
-                worker.kill_group(signal.SIGKILL)
-                try:
-                    worker.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-            self._owned = {}
-            self._release()
-
-
-# Monitoring -------------------------------------------------------------------------
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types only (control replies may hold tuples, sets, datetimes)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    return repr(value)
-
-
-def _broker_error(app: Any, exc: Exception) -> BrokerUnavailable:
-    return BrokerUnavailable(
-        f"cannot reach the workers: the broker at {app.conf.broker_url!r} is unreachable "
-        f"({exc}). Is it running?")
-
-
-def status(app: Any, timeout: float = 1.0) -> dict[str, Any]:
-    """Ping every worker: ``{"ping": bool, "workers": {"foo@host": "OK"}}``.
-
-    ``ping`` is True when at least one worker answered within ``timeout``.
-    """
-    try:
-        replies = app.control.ping(timeout=timeout)
-    except OperationalError as exc:
-        raise _broker_error(app, exc) from exc
-    workers: dict[str, str] = {}
-    for reply in replies or ():
-        for node, answer in reply.items():
-            ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
-            workers[str(node)] = "OK" if ok else str(_jsonable(answer))
-    return {"ping": bool(workers), "workers": dict(sorted(workers.items()))}
-
-
-def inspect(app: Any, what: str, timeout: float = 1.0) -> dict[str, Any]:
-    """Ask every worker ``what`` (one of :data:`INSPECT_TARGETS`); per worker.
-
-    >>> inspect(off.celery, "registered")          # doctest: +SKIP
-    {'foo@host': ['offload.dispatch', ...]}
-    """
-    if what not in INSPECT_TARGETS:
-        raise ValueError(f"cannot inspect {what!r}; choose one of {', '.join(INSPECT_TARGETS)}")
-    try:
-        replies = getattr(app.control.inspect(timeout=timeout), what)()
-    except OperationalError as exc:
-        raise _broker_error(app, exc) from exc
-    return _jsonable(dict(sorted((replies or {}).items())))
+        self._watch_cancel.set()
+        thread = self._watch_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)  # a round under way finishes before the workers stop
+        if not self.owner:
+            return
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.stop(timeout)
+        self.supervisor.stop(grace=timeout)
+        self._starter.release()

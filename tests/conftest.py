@@ -96,6 +96,29 @@ class WorkerProcess:
         self._log.close()
 
 
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then closed)."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    return port
+
+
+def dead_broker_url(scheme: str) -> str:
+    """A ``redis`` or ``amqp`` broker URL on a port where nothing listens."""
+    port = closed_port()
+    return f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"amqp://guest:guest@127.0.0.1:{port}//"
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A file path a ``testapp.calls.gated`` call waits for; opened at the end whatever happens."""
+    path = tmp_path / "gate"
+    yield str(path)
+    path.touch()
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes (a condition, not a sleep)."""
     deadline = time.monotonic() + timeout

@@ -125,7 +125,8 @@ def test_inspect_registered_lists_the_dispatcher(routed):
     result = offload("--app", "testapp.routed:off", "inspect", "registered", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
-        f"bar@{HOST}": ["offload.dispatch"], f"foo@{HOST}": ["offload.dispatch"]}
+        f"bar@{HOST}": ["offload.dispatch", "offload.dispatch_chunk"],
+        f"foo@{HOST}": ["offload.dispatch", "offload.dispatch_chunk"]}
     human = offload("inspect", "registered", env={"OFFLOAD_APP": "testapp.routed"})
     assert f"foo@{HOST}:\n  offload.dispatch" in human.stdout
 
@@ -192,7 +193,20 @@ def test_cluster_runs_every_worker_restarts_a_dead_one_and_stops_on_ctrl_c(data_
         assert set(ready["workers"]) == {f"foo@{HOST}", f"bar@{HOST}"}
         foo = psutil.Process(ready["workers"][f"foo@{HOST}"])
         os.killpg(foo.pid, signal.SIGKILL)  # foo and its pool crash
-        assert lines.next_event("died")["worker"] == "foo"
+        died = lines.next_event("died")
+        assert (died["worker"], died["exit_code"], died["restart_in"]) == ("foo", -signal.SIGKILL, 0)
+        restarted = lines.next_event("restarted")
+        assert restarted["worker"] == "foo" and restarted["pid"] != foo.pid
+        # It dies again at once: the same back-off as local workers (2 s), and
+        # its pool processes go with it.
+        foo = psutil.Process(restarted["pid"])
+        assert wait_until(lambda: len(foo.children()) == 2, 60)
+        pool = foo.children()
+        foo.kill()
+        died = lines.next_event("died")
+        assert (died["worker"], died["restart_in"]) == ("foo", 2)
+        gone, alive = psutil.wait_procs(pool, timeout=10)
+        assert not alive
         restarted = lines.next_event("restarted")
         assert restarted["worker"] == "foo" and restarted["pid"] != foo.pid
         assert wait_until(lambda: off.status(timeout=0.5)["workers"] == {
@@ -231,3 +245,13 @@ def test_flower_serves_its_dashboard(data_root):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.parametrize("command", [["status"], ["inspect", "active"]])
+def test_broker_passwords_never_appear_in_the_output(command, data_root):
+    from testapp.secret import PASSWORD
+
+    result = offload("--app", "testapp.secret:off", *command, "--timeout", "0.5")
+    assert result.returncode != 0
+    assert "unreachable" in result.stderr and "127.0.0.1:1" in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr

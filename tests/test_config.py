@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
 
 from offload import ConfigurationError, Offload
-from offload.config import celery_key, coerce, read_settings
+from offload.config import (
+    AMQP_PUBLISH_RETRY_POLICY, AMQP_TRANSPORT_DEFAULTS, celery_key, coerce, default_data_dir,
+    read_settings, translate,
+)
 
 
 @pytest.mark.parametrize("spelling", [
@@ -86,6 +90,65 @@ def test_bad_workers_value(value):
         read_settings({"CELERY_WORKERS": value})
 
 
+@pytest.mark.parametrize("key", ["S3_BUCKET", "REDIS_HOST", "CONTROL_EXCHANGE", "ENABLE_UTC",
+                                 "CASSANDRA_SERVERS", "GCS_BUCKET"])
+def test_a_web_apps_own_keys_never_become_celery_settings(key):
+    # Celery's table of old names knows these bare; in a Flask config they are the app's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_settings({key: "value"}).celery == {}
+    assert celery_key(f"CELERY_{key}") is not None  # with a prefix they are Celery's
+
+
+def test_translate_is_a_pure_function_of_its_arguments(tmp_path):
+    mapping = {"CELERY_QUEUES": ["high"], "CELERY_ROUTES": {"a.b": {"queue": "high"}}}
+    first = translate(mapping, default_data_dir=str(tmp_path), default_allow=["myapp"])
+    second = translate(mapping, default_data_dir=str(tmp_path), default_allow=["myapp"])
+    assert first.celery["broker_url"] == second.celery["broker_url"] == f"sqlite:///{tmp_path}/offload-broker.sqlite3"
+    assert first.celery["task_routes"] == ({"a.b": {"queue": "high"}},)
+    assert [q.name for q in first.celery["task_queues"]] == ["celery", "high"]
+    assert first.celery["task_acks_late"] is True and first.allow == ["myapp"]
+    assert mapping == {"CELERY_QUEUES": ["high"], "CELERY_ROUTES": {"a.b": {"queue": "high"}}}
+    assert not list(tmp_path.iterdir())  # nothing created
+    assert translate({"OFFLOAD_ALLOW": []}, default_allow=["myapp"]).allow == []
+
+
+@pytest.mark.parametrize("allow, reason", [
+    (["builtins"], "standard library"),
+    ("os", "standard library"),
+    (["myapp", "subprocess"], "standard library"),
+    (["offload"], "offload itself"),
+    (["offload.workers"], "offload itself"),
+    ([""], "empty"),
+    (["__main__"], "script being run"),
+])
+def test_allow_list_is_checked_at_configuration(allow, reason, tmp_path):
+    with pytest.raises(ConfigurationError, match=f"OFFLOAD_ALLOW: .*{reason}"):
+        Offload({"OFFLOAD_ALLOW": allow, "OFFLOAD_DATA_DIR": str(tmp_path)})
+
+
+def test_the_demo_allows_its_app_module_only():
+    from offload.demo.app import off
+
+    assert off.settings.allow == ["offload.demo.app"]
+
+
+def test_default_data_dir_is_never_inside_site_packages(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("site-packages", "dist-packages"):
+        installed = types.ModuleType("someapp.web")
+        installed.__file__ = f"/usr/lib/python3/{folder}/someapp/web.py"
+        monkeypatch.setitem(sys.modules, "someapp.web", installed)
+        assert default_data_dir("someapp.web") == str(tmp_path / "instance")
+    source = types.ModuleType("someapp.web")
+    source.__file__ = str(tmp_path / "src" / "someapp" / "web.py")
+    monkeypatch.setitem(sys.modules, "someapp.web", source)
+    assert default_data_dir("someapp.web") == str(tmp_path / "src" / "instance")
+    assert default_data_dir("never.imported") == str(tmp_path / "instance")
+
+
 def test_config_must_be_a_mapping():
     with pytest.raises(ConfigurationError, match="must be a mapping"):
         Offload(["broker_url"])
@@ -96,6 +159,15 @@ def test_pickle_is_refused_unless_opted_in(tmp_path):
         Offload({"CELERY_TASK_SERIALIZER": "pickle", "OFFLOAD_DATA_DIR": str(tmp_path)})
     with pytest.raises(ConfigurationError, match="OFFLOAD_ALLOW_PICKLE"):
         Offload({"celery.accept_content": "json,pickle", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    # The MIME spelling of pickle is pickle too.
+    for key, value in [("CELERY_ACCEPT_CONTENT", ["application/x-python-serialize"]),
+                       ("CELERY_RESULT_ACCEPT_CONTENT", ["json", "Application/X-Python-Serialize"]),
+                       ("celery.accept_content", "application/json, application/x-python-serialize"),
+                       ("CELERY_TASK_SERIALIZER", "application/x-python-serialize")]:
+        with pytest.raises(ConfigurationError, match="OFFLOAD_ALLOW_PICKLE"):
+            Offload({key: value, "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert Offload({"CELERY_ACCEPT_CONTENT": ["application/json"],
+                    "OFFLOAD_DATA_DIR": str(tmp_path)}).celery.conf.accept_content == ["application/json"]
     off = Offload({"CELERY_TASK_SERIALIZER": "pickle", "CELERY_ACCEPT_CONTENT": ["pickle", "json"],
                    "OFFLOAD_ALLOW_PICKLE": True, "OFFLOAD_DATA_DIR": str(tmp_path)})
     assert off.celery.conf.task_serializer == "pickle"
@@ -121,25 +193,28 @@ def test_defaults_are_overridable():
     assert off.celery.conf.broker_transport_options["visibility_timeout"] == 3600
 
 
+def test_rabbitmq_publishes_with_bounded_confirms_by_default():
+    off = Offload({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
+    conf = off.celery.conf
+    assert conf.broker_transport_options == {"confirm_publish": True, "confirm_timeout": 1.0}
+    assert conf.task_publish_retry_policy == AMQP_PUBLISH_RETRY_POLICY
+
+
+def test_rabbitmq_confirms_can_be_turned_off():
+    off = Offload({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+                   "CELERY_BROKER_TRANSPORT_OPTIONS": {"confirm_publish": False},
+                   "CELERY_TASK_PUBLISH_RETRY_POLICY": {"max_retries": 3}})
+    conf = off.celery.conf
+    assert conf.broker_transport_options["confirm_publish"] is False
+    assert conf.task_publish_retry_policy == {"max_retries": 3}
+
+
 def test_no_global_celery_app_leaks():
     import celery
 
     before = celery.current_app._get_current_object()
     Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/9"})
     assert celery.current_app._get_current_object() is before
-
-
-def test_flask_config_is_read(tmp_path):
-    import flask
-
-    app = flask.Flask(__name__, instance_path=str(tmp_path / "instance"))
-    app.config["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/9"
-    off = Offload()
-    off.init_app(app)
-    assert off.celery.conf.broker_url == "redis://127.0.0.1:6379/9"
-    assert app.extensions["offload"] is off
-    assert off.settings.data_dir == str(tmp_path / "instance")
-    assert Offload(app).celery.conf.broker_url == "redis://127.0.0.1:6379/9"
 
 
 def test_a_second_configuration_replaces_the_first(tmp_path):
@@ -150,4 +225,4 @@ def test_a_second_configuration_replaces_the_first(tmp_path):
     conf = off.celery.conf
     assert conf.broker_url.startswith("amqp://") and conf.result_backend == "rpc://"
     assert conf.task_default_queue == "celery"
-    assert conf.broker_transport_options == {}
+    assert conf.broker_transport_options == AMQP_TRANSPORT_DEFAULTS

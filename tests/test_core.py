@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import closed_port, dead_broker_url
 from offload import BrokerUnavailable, Offload, current_task, progress
 from testapp import add, crunch, div, mul, whoami
 
@@ -125,12 +126,8 @@ class TestEagerMode:
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
 def test_unreachable_broker_fails_fast(scheme):
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()  # nothing listens there now
-    url = f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"amqp://guest:guest@127.0.0.1:{port}//"
-    off = Offload({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/9"})
+    off = Offload({"CELERY_BROKER_URL": dead_broker_url(scheme),
+                   "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/9"})
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable, match="unreachable"):
         off.submit(add, 1, 2)
@@ -153,3 +150,52 @@ def test_silent_broker_fails_within_five_seconds(scheme):
         assert time.monotonic() - started < 5
     finally:
         silent.close()
+
+
+# Secrets and files ---------------------------------------------------------------
+
+SECRET = "s3cr3t-pw"
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_broker_passwords_never_show(scheme, tmp_path):
+    port = closed_port()
+    url = (f"redis://:{SECRET}@127.0.0.1:{port}/0" if scheme == "redis"
+           else f"amqp://guest:{SECRET}@127.0.0.1:{port}//")
+    off = Offload({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/9",
+                   "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert SECRET not in repr(off) and "127.0.0.1" in repr(off)
+    assert SECRET not in off.broker_url
+    assert SECRET not in repr(off.settings) and "127.0.0.1" in repr(off.settings)
+    with pytest.raises(BrokerUnavailable) as submitted:
+        off.submit(add, 1, 2)
+    assert SECRET not in str(submitted.value) and str(port) in str(submitted.value)
+    with pytest.raises(BrokerUnavailable) as pinged:
+        off.status(timeout=0.5)
+    assert SECRET not in str(pinged.value)
+
+
+def test_files_under_the_data_dir_are_the_owners_only(tmp_path, monkeypatch):
+    """A real local worker on the embedded broker: folder 0700, files 0600."""
+    import importlib
+    import os
+    import stat
+
+    data = tmp_path / "deep" / "data"
+    monkeypatch.setenv("OFFLOAD_PRIVATE_DATA_DIR", str(data))
+    import testapp.private
+
+    off = importlib.reload(testapp.private).off
+    off.start(timeout=60)
+    try:
+        assert off.submit(add, 1, 2).result(timeout=30) == 3
+    finally:
+        off.stop()
+
+    def mode(path):
+        return oct(stat.S_IMODE(os.stat(path).st_mode))
+
+    assert {mode(p) for p in (tmp_path / "deep", data, data / "workers")} == {"0o700"}
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name.endswith("-wal") for p in files) and any(p.suffix == ".log" for p in files)
+    assert {p.name: mode(p) for p in files} == {p.name: "0o600" for p in files}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
-from offload import NotAllowedError
-from offload.dispatch import AllowList, reference
+from offload import ConfigurationError, NotAllowedError
+from offload.dispatch import AllowList, default_allow, reference, refusal
 from testapp import Shapes, add
 
 
@@ -69,15 +70,100 @@ def test_allow_list_rules():
     assert allow.is_allowed("testapp.sub:thing")
     assert not allow.is_allowed("testapplication:add")
     assert not allow.is_allowed("os:system")
+    assert allow.resolve("testapp:add") is add
     with pytest.raises(NotAllowedError):
         allow.resolve("os:getcwd")
     with pytest.raises(NotAllowedError):
         allow.resolve(["not", "a", "string"])
-    # An allowed module importing os must not open os's functions.
-    with pytest.raises(NotAllowedError, match="outside the allow-list"):
+    with pytest.raises(NotAllowedError, match="module:qualname"):
+        allow.resolve("testapp:add.<locals>.inner")
+    # An allowed module importing os must not open os's functions...
+    with pytest.raises(NotAllowedError, match="a module, not a class"):
         allow.resolve("testapp:os.getcwd")
-    allow.register(os.getcwd)
-    assert allow.resolve("posix:getcwd") is os.getcwd
+    # ...nor a function it imported from elsewhere.
+    with pytest.raises(NotAllowedError, match="outside the allow-list"):
+        allow.resolve("testapp:progress")
+
+
+def test_the_worker_resolves_static_and_class_methods_to_the_function():
+    allow = AllowList(["testapp"])
+    assert allow.resolve("testapp:Shapes.square") is Shapes.square
+    assert allow.resolve("testapp:Shapes.name")() == "Shapes"
+    with pytest.raises(NotAllowedError, match="not a function"):
+        allow.resolve("testapp:Shapes")
+
+
+def test_registering_accepts_the_function_and_the_task_in_its_place():
+    import types
+
+    allow = AllowList([])
+    module = types.ModuleType("elsewhere_jobs")
+    sys.modules["elsewhere_jobs"] = module
+    try:
+        def job():
+            return "ran"
+
+        job.__module__, job.__qualname__ = "elsewhere_jobs", "job"
+
+        class FakeTask:  # what @off.task leaves in the function's place
+            run = staticmethod(job)
+
+        task = FakeTask()
+        allow.register(job, task)
+        module.job = lambda: "impostor"
+        with pytest.raises(NotAllowedError, match="no longer names"):
+            allow.resolve("elsewhere_jobs:job")
+        module.job = task
+        assert allow.resolve("elsewhere_jobs:job")() == "ran"
+    finally:
+        del sys.modules["elsewhere_jobs"]
+
+
+def test_reference_refuses_what_a_worker_would_not_run():
+    from testapp.allowed import cached_square
+
+    with pytest.raises(TypeError, match="only plain functions"):
+        reference(cached_square)
+
+
+@pytest.mark.parametrize("package, reason", [
+    ("", "empty"),
+    ("builtins", "standard library"),
+    ("os", "standard library"),
+    ("json.decoder", "standard library"),
+    ("offload", "offload itself"),
+    ("offload._boot", "offload itself"),
+    ("__main__", "script being run"),
+    ("my-app", "dotted module name"),
+])
+def test_refused_allow_list_entries(package, reason):
+    assert reason in refusal(package)
+    with pytest.raises(ConfigurationError, match=reason):
+        AllowList([package])
+
+
+def test_default_allow_list_is_never_the_stdlib_nor_offload(monkeypatch):
+    assert default_allow("myapp.tasks") == ("myapp",)
+    # The demo is offload's own: exactly its app module, never all of offload.
+    assert default_allow("offload.demo.app") == ("offload.demo.app",)
+    assert default_allow("offload.demo") == ()
+    assert default_allow("json.tool") == ()
+    # `python -m myapp.cli`: __main__ has an importable name; a script has none.
+    main = type(sys)("__main__")
+    main.__spec__ = type("Spec", (), {"name": "myapp.cli"})()
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert default_allow("__main__") == ("myapp",)
+    main.__spec__ = None
+    assert default_allow("__main__") == ()
+
+
+def test_an_app_made_in_the_standard_library_or_offload_allows_nothing_by_default():
+    made_in = {}
+    for module in ("json.fake", "offload.fake", "offload.demo.app"):
+        scope = {"__name__": module}
+        exec("from offload import Offload\noff = Offload({'CELERY_ALWAYS_EAGER': True})", scope)
+        made_in[module] = scope["off"].settings.allow
+    assert made_in == {"json.fake": [], "offload.fake": [], "offload.demo.app": ["offload.demo.app"]}
 
 
 def test_forged_message_is_refused_by_the_worker(off, tmp_path):
@@ -96,3 +182,88 @@ def test_forged_malformed_message_is_refused(off):
     result = off.celery.send_task("offload.dispatch", args=["testapp:add", "1,2", {}])
     with pytest.raises(TypeError, match="list of args"):
         result.get(timeout=30)
+
+
+# A worker whose allow-list is one subpackage: what a forged message can reach.
+
+@pytest.fixture(scope="module")
+def guarded(data_root):
+    from conftest import WorkerProcess
+    from testapp import test_id
+    from testapp.allowed import Jobs
+    from testapp.guarded import off
+
+    # One pool process: what one task imported, the next task sees.
+    worker = WorkerProcess("testapp.guarded", f"guarded-{test_id()}@%h", data_root / "guarded.log",
+                           concurrency=1)
+    try:
+        try:
+            assert off.submit(Jobs.double, 1).result(timeout=60) == 2
+        except Exception as exc:
+            raise RuntimeError(f"the guarded worker did not start: {exc!r}\n{worker.log_tail()}") from exc
+        yield off
+    finally:
+        worker.stop()
+
+
+def forge(off, ref, *args):
+    """Send a dispatch message straight through Celery, as an attacker on the broker would."""
+    return off.celery.send_task("offload.dispatch", args=(ref, list(args), {}))
+
+
+def test_a_class_in_an_allowed_package_is_not_constructed(guarded, tmp_path):
+    created = tmp_path / "constructed"
+    with pytest.raises(NotAllowedError, match="a class, not a function"):
+        forge(guarded, "testapp.allowed:Runner", str(created)).get(timeout=30)
+    assert not created.exists()
+
+
+@pytest.mark.parametrize("ref, marker", [
+    ("testapp.allowed.magic:anything", "anything"),  # module __getattr__
+    ("testapp.allowed.magic:config.secret", "property"),  # a property of an instance
+])
+def test_resolving_runs_no_attribute_code(guarded, data_root, ref, marker):
+    from testapp.allowed.magic import marker as marker_path
+
+    with pytest.raises(NotAllowedError):
+        forge(guarded, ref).get(timeout=30)
+    assert not os.path.exists(marker_path(marker))
+
+
+def test_a_module_outside_the_allow_list_is_not_imported(guarded, data_root):
+    from testapp.allowed import loaded
+
+    with pytest.raises(NotAllowedError, match="OFFLOAD_ALLOW"):
+        forge(guarded, "testapp.side_effect:fn").get(timeout=30)
+    assert guarded.submit(loaded, ["testapp.side_effect"]).result(timeout=30) == {
+        "testapp.side_effect": False}
+    assert not (data_root / "side-effect-imported").exists()
+
+
+@pytest.mark.parametrize("ref", [
+    "builtins:eval", "__main__:main", "offload._boot:load_default", "os:system",
+    "testapp.allowed:getcwd",  # os.getcwd, reachable from an allowed module
+    "testapp.allowed:os.getcwd", "testapp.allowed:Jobs", "testapp.allowed:Jobs.__init__",
+    "testapp.allowed:cached_square", "testapp.allowed.nope:fn",
+])
+def test_forged_references_outside_plain_allowed_functions_are_refused(guarded, ref):
+    with pytest.raises(NotAllowedError):
+        forge(guarded, ref, "print(1)").get(timeout=30)
+
+
+def test_a_function_of_an_allowed_package_not_yet_imported_runs(guarded):
+    from testapp.allowed import Jobs, loaded
+    from testapp.allowed.lazy import triple
+
+    assert guarded.submit(triple, 2).result(timeout=30) == 6
+    assert guarded.submit(loaded, ["testapp.allowed.lazy"]).result(timeout=30) == {
+        "testapp.allowed.lazy": True}
+    assert guarded.submit(Jobs.name).result(timeout=30) == "Jobs"
+
+
+def test_a_decorated_task_outside_the_allowed_packages_is_registered(guarded):
+    # @off.task put a task where the function was; a message naming the
+    # function by reference still reaches it (and only it).
+    assert forge(guarded, "testapp.guarded:decorated", 4).get(timeout=30) == 40
+    with pytest.raises(NotAllowedError):
+        forge(guarded, "testapp.guarded:settings", "embedded").get(timeout=30)

@@ -5,15 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import socket
 import threading
 import time
+import uuid
 
 import pytest
 from celery.exceptions import TaskRevokedError
 
 from offload import Future
+from offload.dispatch import CHUNK_TASK
+from offload.exceptions import ResultBackendLimit, TaskLost
+from offload.futures import TaskEvents, wait_event
+from offload.hub import LOST, TaskEvent, state_rank
 from conftest import wait_until
 from testapp import add, crunch, div, noop, sleep_then
+
+
+def listeners(off, task_id: str) -> int:
+    """How many listeners the hub holds for ``task_id`` (0: not followed).
+
+    The hub is the session's, shared with earlier tests in this process that
+    may have left tasks of their own behind: count one id, never the total.
+    """
+    hub = off.hub
+    with hub._lock:
+        entry = hub._entries.get(task_id)
+        return len(entry.subscriptions) if entry else 0
 
 
 
@@ -44,8 +63,12 @@ def test_result_timeout_raises_timeouterror(off):
 
 
 def test_running_is_true_only_once_started(off):
+    # Both pool processes busy: the next task waits, so it cannot have
+    # started yet however fast the broker delivers.
+    busy = [off.submit(sleep_then, 1.0) for _ in range(2)]
+    assert wait_until(lambda: all(f.running() for f in busy), 30)
     blocker = off.submit(sleep_then, 1.5)
-    assert not blocker.running()
+    assert not blocker.running() and blocker.state == "PENDING"
     assert wait_until(blocker.running, 30), blocker.state
     assert blocker.state == "STARTED"
     # A running task is never killed by cancel().
@@ -115,7 +138,7 @@ def test_progress_is_visible_on_the_future(off):
 
 def test_a_thousand_futures_share_one_watcher_thread(redis_off):
     redis_off.submit(noop).result(timeout=30)  # the watcher thread exists now
-    watcher_thread = redis_off._watcher._thread
+    watcher_thread = redis_off.hub._thread
     threads_before = threading.active_count()
     futures = [redis_off.submit(noop) for _ in range(1000)]
     # Unrelated threads (a pool's, a finished test's) may come and go: allow a
@@ -124,9 +147,11 @@ def test_a_thousand_futures_share_one_watcher_thread(redis_off):
     done, not_done = concurrent.futures.wait(futures, timeout=120)
     assert not not_done
     assert threading.active_count() <= threads_before + 3
-    # The same single thread served all thousand, and nothing is left pending.
-    assert redis_off._watcher._thread is watcher_thread and watcher_thread.is_alive()
-    assert redis_off._watcher.pending_count == 0
+    # The same single thread served all thousand, and none of them is still
+    # followed. (The hub is the session's: an earlier test in this process may
+    # have left a task of its own behind, so count only these ids.)
+    assert redis_off.hub._thread is watcher_thread and watcher_thread.is_alive()
+    assert not any(listeners(redis_off, f.id) for f in futures)
 
 
 def test_redis_watcher_survives_its_connection_being_killed(redis_off):
@@ -137,7 +162,7 @@ def test_redis_watcher_survives_its_connection_being_killed(redis_off):
     own = redis_off.submit(sleep_then, 2.0, "own")
     sent = redis_off.celery.send_task("offload.dispatch", args=["testapp:sleep_then", [2.0, "foreign"], {}])
     foreign = redis_off.get(sent.id)
-    watcher = redis_off._watcher
+    watcher = redis_off.hub
     assert wait_until(lambda: sent.id in watcher._strategy.channels.values(), timeout=10)
     assert not own.done() and not foreign.done()
     pubsub = watcher._strategy.pubsub
@@ -148,8 +173,9 @@ def test_redis_watcher_survives_its_connection_being_killed(redis_off):
     assert foreign.result(timeout=30) == "foreign"
     # A new connection, still the one thread, and it hears new results.
     assert wait_until(lambda: watcher._strategy.pubsub is not pubsub, timeout=10)
-    assert redis_off.submit(add, 1, 2).result(timeout=30) == 3
-    assert watcher.pending_count == 0
+    later = redis_off.submit(add, 1, 2)
+    assert later.result(timeout=30) == 3
+    assert not any(listeners(redis_off, i) for i in (own.id, sent.id, later.id))
 
 
 def test_get_rejects_a_bad_id(redis_off):
@@ -186,3 +212,523 @@ def test_get_follows_a_task_sent_by_someone_else(off):
     slow = off.celery.send_task("offload.dispatch", args=["testapp:sleep_then", [0.5, "late"], {}])
     future = off.get(slow.id)
     assert future.result(timeout=30) == "late"
+
+
+# The result hub: many listeners per id ----------------------------------------
+
+
+class Recorder:
+    """A hub listener that keeps every event it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[TaskEvent] = []
+        self.threads: set[str] = set()
+        self.done = threading.Event()
+
+    def on_event(self, event: TaskEvent) -> None:
+        self.events.append(event)
+        self.threads.add(threading.current_thread().name)
+        if event.ready:
+            self.done.set()
+
+    @property
+    def states(self) -> list[str]:
+        return [e.state for e in self.events]
+
+
+def test_any_number_of_futures_follow_one_id(off):
+    future = off.submit(sleep_then, 1.0, 42)
+    first, second = off.get(future.id), off.get(future.id)
+    assert [f.result(timeout=30) for f in (future, first, second)] == [42, 42, 42]
+    # A late one is answered from the final states the hub keeps.
+    assert off.get(future.id).result(timeout=30) == 42
+    # The id leaves the hub once its end is delivered (just after the futures see it).
+    assert wait_until(lambda: not listeners(off, future.id), 10), off.hub.stats()
+
+
+def test_a_listener_is_told_every_state_in_order(off, broker):
+    future = off.submit(crunch, 4, 0.2)
+    recorder = Recorder()
+    subscription = off.hub.subscribe(future.id, recorder)
+    # Told the latest known state at once, in subscribe() itself: PENDING, or
+    # a later state when the worker was quicker than this line.
+    assert recorder.events and recorder.states[0] in ("PENDING", "STARTED", "PROGRESS")
+    assert recorder.done.wait(30), recorder.states
+    assert subscription.closed and future.result(timeout=30) is True
+    states = recorder.states
+    assert states[-1] == "SUCCESS" and "PROGRESS" in states
+    ranks = [state_rank(s) for s in states]
+    assert ranks == sorted(ranks), states
+    # Each PROGRESS is new (no repeats of an unchanged meta).
+    progress = [e.result for e in recorder.events if e.state == "PROGRESS"]
+    assert all(a != b for a, b in zip(progress, progress[1:]))
+    if broker == "redis":  # pushed: nothing is skipped
+        assert "STARTED" in states and len(progress) >= 4
+
+
+def test_rpc_futures_and_listeners_share_one_reply(rpc_off):
+    future = rpc_off.submit(sleep_then, 0.5, "x")
+    again = rpc_off.get(future.id)  # its own task: rpc:// can serve it
+    recorder = Recorder()
+    rpc_off.hub.subscribe(future.id, recorder)
+    assert future.result(timeout=30) == again.result(timeout=30) == "x"
+    assert recorder.done.wait(30) and recorder.states[-1] == "SUCCESS"
+
+
+def test_hub_states_never_move_backwards(redis_off):
+    task_id = str(uuid.uuid4())  # nobody runs it: the hub is fed by hand
+    future = redis_off.get(task_id)
+    recorder = Recorder()
+    redis_off.hub.subscribe(task_id, recorder)
+    hub = redis_off.hub
+    assert hub.deliver(task_id, {"status": "STARTED", "result": {"pid": 1}})
+    assert hub.deliver(task_id, {"status": "PROGRESS", "result": {"current": 1}})
+    assert not hub.deliver(task_id, {"status": "PROGRESS", "result": {"current": 1}})
+    assert not hub.deliver(task_id, {"status": "RECEIVED"})
+    assert hub.deliver(task_id, {"status": "SUCCESS", "result": 7})
+    assert not hub.deliver(task_id, {"status": "STARTED", "result": {"pid": 1}})
+    assert recorder.states == ["PENDING", "STARTED", "PROGRESS", "SUCCESS"]
+    assert future.result(timeout=1) == 7 and future.state == "SUCCESS"
+    # The future itself ignores an older state handed to it directly.
+    future.on_event(TaskEvent(task_id, "STARTED"))
+    assert future.state == "SUCCESS"
+
+
+# Waiting never cancels; cancel() is persisted -------------------------------------
+
+
+def _occupy_both_pool_processes(off, seconds=2.0):
+    busy = [off.submit(sleep_then, seconds) for _ in range(2)]
+    assert wait_until(lambda: all(f.running() for f in busy), 30)
+    return busy
+
+
+def test_an_await_that_times_out_does_not_revoke(off):
+    busy = _occupy_both_pool_processes(off)
+    queued = off.submit(add, 40, 2)
+
+    async def give_up():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(queued, 0.2)
+        # A coroutine cancelled while it awaits (a client that went away).
+        waiter = asyncio.ensure_future(_await(queued))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(give_up())
+    assert not queued.cancelled()
+    assert queued.result(timeout=30) == 42
+    for f in busy:
+        f.result(timeout=30)
+
+
+async def _await(future):
+    return await future
+
+
+def test_await_gives_the_result_or_the_error(off):
+    async def main():
+        ok = await off.submit(add, 1, 2)
+        with pytest.raises(ZeroDivisionError):
+            await off.submit(div, 1, 0)
+        return ok
+
+    assert asyncio.run(main()) == 3
+
+
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_cancel_is_kept_for_a_worker_that_starts_later(kind, _workers, data_root):
+    """Revoked while no worker consumes the queue: a worker started afterwards skips it."""
+    from conftest import WorkerProcess, require_service
+    from testapp import test_id
+
+    if kind == "redis":
+        require_service("redis")
+    off = _workers(kind)[0]
+    queue = f"hub-later-{uuid.uuid4().hex[:8]}"
+    queued = off.options(queue=queue).submit(sleep_then, 0, "ran")
+    assert queued.cancel() is True
+    assert queued.cancelled() and queued.state == "REVOKED"
+    assert off.celery.AsyncResult(queued.id).state == "REVOKED"
+    worker = WorkerProcess(f"testapp.on_{kind}", f"later-{kind}-{test_id()}@%h",
+                           data_root / f"worker-later-{kind}.log", concurrency=1, queues=queue)
+    try:
+        # One process, prefetch 1, late acks: the marker runs after the
+        # revoked message was dealt with.
+        marker = off.options(queue=queue).submit(add, 1, 1)
+        assert marker.result(timeout=60) == 2, worker.log_tail()
+    finally:
+        worker.stop()
+    assert off.celery.AsyncResult(queued.id).state == "REVOKED"
+    with pytest.raises((concurrent.futures.CancelledError, TaskRevokedError)):
+        off.get(queued.id).result(timeout=30)
+
+
+def test_cancel_on_rpc_says_it_cannot_be_kept(rpc_off):
+    queue = f"hub-rpc-{uuid.uuid4().hex[:8]}"
+    queued = rpc_off.options(queue=queue).submit(add, 1, 1)
+    # rpc:// stores nothing a later worker could read: the honest answer.
+    assert queued.cancel() is False
+    assert not queued.cancelled() and queued.state == "PENDING"
+    queued.unfollow()
+    assert _queue_length(rpc_off, queue) == 1  # still there, not revoked
+
+
+def test_a_cancelled_future_counts_as_done_for_wait(off):
+    busy = _occupy_both_pool_processes(off)
+    queued = off.submit(add, 1, 1)
+    assert queued.cancel() is True
+    done, not_done = concurrent.futures.wait([queued], timeout=5)
+    assert done == {queued} and not not_done
+    assert list(concurrent.futures.as_completed([queued], timeout=5)) == [queued]
+
+    async def awaited():
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+
+    asyncio.run(awaited())
+    for f in busy:
+        f.result(timeout=30)
+
+
+# asyncio adapter: long-poll and event streams --------------------------------------
+
+
+def test_wait_event_long_polls_and_events_stream(off):
+    future = off.submit(crunch, 3, 0.3)
+
+    async def main():
+        first = await wait_event(off.hub, future.id, timeout=0.05)
+        final = await wait_event(off.hub, future.id, timeout=30)
+        streamed = []
+        async with TaskEvents(off.hub, future.id) as events:
+            async for event in events:
+                streamed.append(event)
+        return first, final, streamed
+
+    first, final, streamed = asyncio.run(main())
+    assert not first.ready  # the timeout passed: the latest state, task untouched
+    assert final.ready and final.state == "SUCCESS" and final.result is True
+    # Subscribed after the end: the final state at once, then the end.
+    assert [e.state for e in streamed] == ["SUCCESS"]
+    assert future.result(timeout=1) is True
+
+
+def test_event_stream_sees_progress_and_leaving_it_leaves_the_task(off):
+    future = off.submit(crunch, 20, 0.1)
+
+    async def follow_a_little():
+        seen = []
+        async with TaskEvents(off.hub, future.id) as events:
+            async for event in events:
+                seen.append(event.state)
+                if event.state == "PROGRESS":
+                    break
+        return seen
+
+    seen = asyncio.run(follow_a_little())
+    assert seen[0] in ("PENDING", "STARTED", "PROGRESS") and seen[-1] == "PROGRESS"
+    assert future.result(timeout=30) is True and not future.cancelled()
+
+
+# Bounded ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_off(_workers):
+    return _workers("embedded")[0]
+
+
+def test_an_unchanged_progress_task_lets_the_poll_back_off(embedded_off):
+    """One task sitting in PROGRESS: the batched poll backs off (it used to
+    stay at 2 ms, about 450 backend reads per second)."""
+    hub = embedded_off.hub
+    future = embedded_off.submit(crunch, 1, 3.0)  # one report, then 3 s unchanged
+    assert wait_until(lambda: future.progress is not None, 30)
+    reads, started = hub.stats().reads, time.monotonic()
+    assert future.result(timeout=30) is True
+    rate = (hub.stats().reads - reads) / (time.monotonic() - started)
+    print(f"backend reads per second, one PROGRESS task: {rate:.1f}")
+    # At the 250 ms ceiling about 4 reads/s; the first steps of the back-off add a few.
+    assert rate < 40, rate
+
+
+def test_an_id_nothing_is_heard_of_leaves_the_hub(off):
+    hub = off.hub
+    hub.pending_limit = 0.5
+    try:
+        lost = off.get(str(uuid.uuid4()))
+        assert listeners(off, lost.id) == 1
+        assert isinstance(lost.exception(timeout=30), TaskLost)
+        assert lost.state == LOST
+    finally:
+        hub.pending_limit = None
+    assert wait_until(lambda: not listeners(off, lost.id), 10)
+    # A task that runs is not lost for waiting longer than nothing.
+    assert off.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_an_id_leaves_the_hub_with_its_last_listener(off):
+    unknown = str(uuid.uuid4())
+    futures = [off.get(unknown), off.get(unknown)]
+    assert listeners(off, unknown) == 2
+    futures[0].unfollow()
+    assert listeners(off, unknown) == 1
+    futures[1].unfollow()
+    assert listeners(off, unknown) == 0 and not off.hub.knows(unknown)
+    assert not futures[0].done()
+
+
+def test_ignore_result_tasks_are_not_followed(off):
+    future = off.options(ignore_result=True).submit(add, 1, 2)
+    assert listeners(off, future.id) == 0
+
+
+def test_what_the_hub_holds_stays_bounded_under_steady_load(embedded_off):
+    hub = embedded_off.hub
+    long = embedded_off.submit(sleep_then, 2.0)  # keeps the hub busy throughout
+    futures = [embedded_off.submit(noop) for _ in range(300)]
+    done, not_done = concurrent.futures.wait(futures, timeout=120)
+    assert not not_done
+    assert long.result(timeout=30) is None
+    assert not any(listeners(embedded_off, f.id) for f in [long, *futures])
+    assert hub.stats().recent <= hub.RECENT_LIMIT
+
+
+# Registered before publish -------------------------------------------------------------
+
+
+def test_the_future_listens_before_its_message_leaves(off):
+    from celery.signals import before_task_publish
+
+    known = []
+
+    def check(sender=None, headers=None, body=None, **kwargs):
+        if sender == CHUNK_TASK:  # map's chunks: the message names its calls' ids
+            known.extend(off.hub.knows(call_id) for call_id, _args, _kwargs in body[0][1])
+        else:
+            known.append(off.hub.knows(headers["id"]))
+
+    before_task_publish.connect(check, weak=False)
+    try:
+        futures = [off.submit(add, 1, 1)] + off.map(add, [[2, 2], [3, 3]])
+    finally:
+        before_task_publish.disconnect(check)
+    assert known == [True, True, True]
+    assert [f.result(timeout=30) for f in futures] == [2, 4, 6]
+
+
+def test_rpc_get_of_another_process_task_says_which_backend_to_use(rpc_off):
+    with pytest.raises(ResultBackendLimit, match=r"rpc://.*CELERY_RESULT_BACKEND='redis://"):
+        rpc_off.get(str(uuid.uuid4()))
+
+
+# Callbacks and fork -----------------------------------------------------------------------
+
+
+def test_a_blocking_done_callback_stalls_no_other_future(off):
+    gate = threading.Event()
+    threads = []
+    first = off.submit(add, 1, 1)
+
+    def blocks(fut):
+        threads.append(threading.current_thread().name)
+        gate.wait(60)
+
+    first.add_done_callback(blocks)
+    assert first.result(timeout=30) == 2
+    assert wait_until(lambda: threads, 10)
+    later = off.submit(add, 2, 2)
+    chained = []
+    waits_on_other = off.submit(add, 3, 3)
+    waits_on_other.add_done_callback(lambda fut: chained.append(off.submit(add, 4, 4).result(timeout=30)))
+    try:
+        assert later.result(timeout=30) == 4
+        assert waits_on_other.result(timeout=30) == 6
+        assert wait_until(lambda: chained == [8], 30)
+    finally:
+        gate.set()
+    assert threads and not threads[0].startswith("offload-result-hub")
+
+
+def test_a_forked_child_submits_and_waits(off):
+    assert off.submit(add, 1, 1).result(timeout=30) == 2  # the hub thread runs
+    pending = off.submit(sleep_then, 0.5, "inherited")
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh hub thread and connection
+        code = 1
+        try:
+            ok = off.submit(add, 2, 3).result(timeout=30) == 5
+            ok = ok and pending.result(timeout=30) == "inherited"
+            code = 0 if ok else 1
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    status = []
+    assert wait_until(lambda: status.append(os.waitpid(pid, os.WNOHANG)) or status[-1][0] == pid, 60)
+    assert os.waitstatus_to_exitcode(status[-1][1]) == 0
+    assert pending.result(timeout=30) == "inherited"
+    assert off.submit(add, 3, 4).result(timeout=30) == 7
+
+
+GUNICORN_APP = '''
+import os
+from testapp import add, sleep_then
+from testapp.on_{kind} import off
+
+# In the master, before the fork (--preload): the hub thread starts here,
+# and one future is still outstanding when the workers are forked.
+assert off.submit(add, 1, 2).result(timeout=60) == 3
+inherited = off.submit(sleep_then, 1.0, "from the master")
+
+
+def app(environ, start_response):
+    value = off.submit(add, 2, 3).result(timeout=30)
+    assert inherited.result(timeout=30) == "from the master"
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("%s %s" % (value, os.getpid())).encode()]
+'''
+
+
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_gunicorn_preload_workers_submit_after_the_master_did(kind, _workers, tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import require_service, worker_env
+
+    if kind == "redis":
+        require_service("redis")
+    _workers(kind)  # the Celery worker serving testapp.on_<kind>
+    (tmp_path / "preloaded.py").write_text(GUNICORN_APP.format(kind=kind))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = worker_env({"PYTHONPATH": os.pathsep.join([str(tmp_path), worker_env()["PYTHONPATH"]])})
+    log = open(tmp_path / "gunicorn.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
+         "--timeout", "60", "preloaded:app"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=40) as response:
+                    return response.read().decode()
+            except OSError:
+                return None
+
+        assert wait_until(lambda: answers() is not None, 60), (tmp_path / "gunicorn.log").read_text()
+        bodies = [answers() for _ in range(8)]
+        assert all(body and body.split()[0] == "5" for body in bodies), bodies
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+# map --------------------------------------------------------------------------------------
+
+
+def test_map_sends_nothing_when_an_item_cannot_be_encoded(off):
+    queue = f"hub-map-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    with pytest.raises(TypeError, match=r"item 1 of map\('add', \.\.\.\).*nothing was sent"):
+        off.options(queue=queue).map(add, [[1, 2], [object(), 1], [3, 4]])
+    assert _queue_length(off, queue) == 0
+
+
+def _queue_length(off, queue: str) -> int:
+    """Messages waiting in ``queue`` (0 if it was never declared); deletes it."""
+    with off.celery.connection_for_write() as conn:
+        channel = conn.channel()
+        try:
+            length = channel.queue_declare(queue=queue, passive=True).message_count
+        except Exception:  # not declared: nothing was ever published to it
+            return 0
+        channel.queue_delete(queue)
+        return length
+
+
+def test_the_library_contract_future_relies_on():
+    """Future uses only public concurrent.futures API, but relies on these
+    documented behaviours: if one changes, this fails."""
+    base = concurrent.futures.Future()
+    assert base.cancel() is True
+    # wait() counts a cancelled future as done only once notified.
+    assert concurrent.futures.wait([base], timeout=0).not_done == {base}
+    assert base.set_running_or_notify_cancel() is False
+    assert concurrent.futures.wait([base], timeout=0).done == {base}
+    order = []
+    other = concurrent.futures.Future()
+    other.add_done_callback(lambda f: order.append("first"))
+    other.set_result(1)
+    other.add_done_callback(lambda f: order.append("at once"))
+    assert order == ["first", "at once"]
+
+
+def test_a_hub_on_a_dead_backend_logs_one_traceback_then_backs_off(tmp_path, caplog):
+    """A result store that stays down: the whole traceback once, then one line
+    per retry, and the retries slow down instead of spinning."""
+    import logging
+
+    from offload import Offload
+
+    dead = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:9/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    caplog.set_level(logging.WARNING, logger="offload.hub")
+    future = dead.get(str(uuid.uuid4()))
+    try:
+        def hub_records():
+            return [r for r in caplog.records if r.name == "offload.hub"]
+
+        assert wait_until(lambda: len(hub_records()) >= 3, 30), caplog.text
+        records = hub_records()
+        assert records[0].exc_info is not None
+        assert all(r.exc_info is None for r in records[1:])
+        assert "retry 2" in records[1].getMessage()
+        gaps = [b.created - a.created for a, b in zip(records, records[1:3])]
+        assert gaps[1] > gaps[0], gaps  # backing off
+    finally:
+        future.unfollow()
+
+
+def test_a_loop_inbox_wakes_its_loop_once_for_a_burst():
+    # Many calls handed over from another thread while the loop is busy run
+    # in order, in one callback of the loop: one wake-up, not one per call.
+    from offload.futures import loop_inbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = loop_inbox(loop)
+        assert loop_inbox(loop) is inbox
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(*args):
+            wakeups.append(args)
+            return real(*args)
+
+        loop.call_soon_threadsafe = counting
+        ran = []
+        sender = threading.Thread(target=lambda: [inbox.call(ran.append, i) for i in range(1000)])
+        sender.start()
+        sender.join()  # the loop is blocked meanwhile: everything piles up
+        assert ran == []
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return ran, len(wakeups)
+
+    ran, wakeups = asyncio.run(main())
+    assert ran == list(range(1000)) and wakeups == 1
+
+
+def test_a_loop_inbox_of_a_closed_loop_refuses_calls():
+    from offload.futures import loop_inbox
+
+    loop = asyncio.new_event_loop()
+    inbox = loop_inbox(loop)
+    loop.close()
+    assert inbox.call(print, "never") is False

@@ -8,6 +8,9 @@ however the app that started them ends.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +20,10 @@ import psutil
 import pytest
 
 from conftest import require_service, wait_until, worker_env
-from offload import ConfigurationError, Offload
-from offload.workers import INSPECT_TARGETS, WorkersNotReady, _jsonable, inspect, worker_specs
+from offload import BrokerUnavailable, ConfigurationError, Offload
+from offload.monitor import jsonable
+from offload.workers import INSPECT_TARGETS, Backoff, WorkersNotReady, inspect, worker_specs
+from testapp.local import local_settings
 
 HOST = socket.gethostname()
 
@@ -62,11 +67,31 @@ def test_inspect_rejects_an_unknown_target(tmp_path):
         inspect(off.celery, "everything")
 
 
+def test_an_unreachable_broker_is_a_clear_error_without_its_password(tmp_path):
+    off = Offload({"CELERY_BROKER_URL": "redis://:s3cret@127.0.0.1:1/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    for ask in (off.status, off.active, off.stats):
+        with pytest.raises(BrokerUnavailable, match="Is it running") as info:
+            ask(timeout=0.2)
+        assert "127.0.0.1:1" in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_backoff_and_restart_refuse_nonsense(tmp_path):
+    assert [Backoff(base=1, cap=5).delay(n) for n in range(1, 6)] == [0, 1, 2, 4, 5]
+    for bad in ({"base": 0}, {"cap": -1}, {"stable_after": 0}):
+        with pytest.raises(ValueError, match="Backoff needs"):
+            Backoff(**bad)
+    off = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path), "CELERY_WORKERS": ["foo"]})
+    with pytest.raises(ValueError, match="no worker 'bar' run by this process"):
+        off.workers.restart("bar")
+    with pytest.raises(ValueError, match="no worker 'foo' run by this process"):
+        off.workers.restart("foo")  # configured, but this process runs no workers
+
+
 def test_control_replies_become_plain_json():
     import datetime
 
     odd = {("a", 1): {1, 2}, "when": datetime.datetime(2024, 1, 2), "raw": b"x", "nan": float("nan")}
-    assert json.loads(json.dumps(_jsonable(odd), allow_nan=False)) == {
+    assert json.loads(json.dumps(jsonable(odd), allow_nan=False)) == {
         "('a', 1)": [1, 2], "when": "2024-01-02T00:00:00", "raw": "x", "nan": "nan"}
 
 
@@ -188,6 +213,11 @@ def test_workers_never_outlive_the_app_that_started_them(ending, data_root, tmp_
     tree = _worker_tree(status)
     assert len(tree) >= 4  # two workers, each with its pool
     if ending == "sigkill":
+        # A program a task started goes with its worker too.
+        from testapp import spawn_sleeper
+        from testapp.named import off
+
+        tree.append(psutil.Process(off.submit(spawn_sleeper, 300).result(timeout=30)))
         app.kill()
     app.wait(30)
     if ending == "crash":
@@ -214,3 +244,260 @@ def test_several_processes_of_one_app_start_the_workers_once(data_root, tmp_path
             app.wait(10)
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive
+
+
+def test_a_forked_child_neither_holds_the_starter_lock_nor_owns_the_workers(data_root, tmp_path):
+    """A pre-forking server: children forked after the parent started the workers."""
+    require_service("redis")
+    app = _starter("fork", str(tmp_path))
+    child = None
+    try:
+        lines = [json.loads(app.stdout.readline()) for _ in range(2)]
+        child = next(line for line in lines if line.get("child"))
+        parent = next(line for line in lines if not line.get("child"))
+        # A first child exited normally (its atexit hooks ran): the workers
+        # are still the parent's and still answer.
+        assert parent["owner"] is True and parent["pid"] == app.pid
+        assert parent["workers"] == {f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}
+        tree = _worker_tree(parent)
+
+        os.kill(app.pid, signal.SIGKILL)  # the parent dies; its child lives on
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive
+        # The child never held the lock: another process of the app can take it.
+        probe = Offload(local_settings("named", CELERY_WORKERS=["foo", "bar"], OFFLOAD_DATA_DIR=str(tmp_path)))
+        assert probe.workers.acquire(), f"the starter lock is still held ({probe.workers.owner_pid()})"
+        probe.workers.stop()  # lets it go again
+
+        # And the child itself takes over on its next ensure_started.
+        os.kill(child["pid"], signal.SIGUSR1)
+        took_over = json.loads(app.stdout.readline())
+        # It never believed it owned its parent's workers...
+        assert took_over["before"] == {"pid": child["pid"], "owner": False, "pids": {}}
+        # ...and now runs its own.
+        assert took_over["started"] is True and took_over["owner"] is True
+        assert set(took_over["pids"]) == {f"bar@{HOST}", f"foo@{HOST}"}
+        assert wait_until(lambda: probe.status(timeout=0.5)["workers"] == {
+            f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 60, interval=0.1)
+        tree = _worker_tree(took_over)
+        app.stdin.close()  # the child returns: its atexit hook stops its workers
+        gone, alive = psutil.wait_procs([psutil.Process(child["pid"])] + tree, timeout=30)
+        assert not alive
+    finally:
+        for pid in (app.pid, child and child["pid"]):
+            if pid and psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+        app.wait(10)
+
+
+# Supervision: back off, and end whole process groups ---------------------------------
+
+def _starts(off, name: str) -> int:
+    """How many times the worker was started (each start writes a line to its log)."""
+    log = off.workers.log_path(name)
+    return log.read_text().count("--- offload: starting") if log.exists() else 0
+
+
+def test_a_worker_that_keeps_exiting_is_backed_off_not_started_by_every_submit(data_root, tmp_path, caplog):
+    require_service("redis")
+    from testapp import add
+
+    off = Offload(local_settings("crashing", CELERY_START_LOCAL_WORKERS=True, CELERY_WORKERS=["crashing"],
+                                 OFFLOAD_DATA_DIR=str(tmp_path)))
+    off.workers.app_spec = "testapp.no_such_module:off"  # every start exits at once
+    caplog.set_level(logging.INFO, logger="offload.workers")
+    futures = []
+
+    def submit_and_count(starts: int) -> bool:
+        futures.append(off.submit(add, 1, 1))
+        return _starts(off, "crashing") >= starts
+
+    try:
+        # Started at once, again at once after its first exit, then after 2 s.
+        assert wait_until(lambda: submit_and_count(3), 60)
+        assert wait_until(lambda: off.workers.running() == {}, 60)  # the third run exited
+        # Submits go on: the first sees the exit and backs off (4 s), none starts it.
+        for _ in range(50):
+            futures.append(off.submit(add, 1, 1))
+        assert _starts(off, "crashing") == 3
+        assert off.workers.pending_restarts()["crashing"] > 0  # submits returned while it waits
+        assert {f.state for f in futures[-50:]} == {"PENDING"}
+        exits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                 and r.name == "offload.workers"]  # other threads of this process log too
+        assert len(exits) == 3
+        assert f"worker crashing@{HOST} exited with code" in exits[0] and "starts again at once" in exits[0]
+        assert "3 times in a row; it starts again in 4s" in exits[2]
+        assert "no such module" in exits[2]  # the tail of its log says why
+
+        # An explicit start does not wait out the back-off, and says why it failed.
+        assert off.workers.pending_restarts()["crashing"] > 0
+        with pytest.raises(WorkersNotReady, match="no such module"):
+            off.start(timeout=60)
+        assert _starts(off, "crashing") >= 4
+    finally:
+        off.stop()
+        off.celery.control.purge()
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def test_a_worker_found_dead_is_replaced_with_its_whole_group_gone(data_root):
+    """Its main process was SIGKILLed; a program a task started lives on in its group."""
+    require_service("redis")
+    from testapp import add, spawn_sleeper
+    from testapp.respawn import off
+
+    off.celery.control.purge()
+    try:
+        sleeper = psutil.Process(off.submit(spawn_sleeper, 300).result(timeout=60))
+        (old,) = off.workers.running().values()
+        assert os.getpgid(sleeper.pid) == old  # in the worker's group
+        os.kill(old, signal.SIGKILL)  # the main process only
+        assert wait_until(lambda: off.workers.running() == {}, 30)
+        assert off.submit(add, 2, 2).result(timeout=60) == 4  # the next submit replaced it
+        assert list(off.workers.running().values()) != [old]
+        gone, alive = psutil.wait_procs([sleeper], timeout=10)
+        assert not alive
+    finally:
+        off.stop()
+
+
+def test_restart_and_stop_end_the_whole_group(data_root):
+    require_service("redis")
+    from testapp import add, spawn_sleeper
+    from testapp.respawn import off
+
+    off.celery.control.purge()
+    try:
+        off.start(timeout=60)
+        sleeper = psutil.Process(off.submit(spawn_sleeper, 300).result(timeout=60))
+        (old,) = off.workers.running().values()
+        old_group = _group(old)
+        assert sleeper in old_group and len(old_group) == 4  # the worker, its pool of two, the program
+        new = off.workers.restart("respawn")
+        gone, alive = psutil.wait_procs(old_group, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+        assert off.workers.running() == {f"respawn@{HOST}": new}
+        sleeper = psutil.Process(off.submit(spawn_sleeper, 300).result(timeout=60))
+        assert os.getpgid(sleeper.pid) == new
+
+        new_group = _group(new)
+        off.stop()
+        gone, alive = psutil.wait_procs(new_group, timeout=10)
+        assert not alive
+        assert off.workers.running() == {}
+    finally:
+        off.stop()
+
+
+def test_after_start_a_worker_that_dies_is_started_again(routed):
+    """No submit needed: off.start() keeps looking after the workers until off.stop()."""
+    (foo,) = [pid for name, pid in routed.workers.running().items() if name.startswith("foo@")]
+    os.killpg(foo, signal.SIGKILL)
+    assert wait_until(lambda: routed.workers.running().get(f"foo@{HOST}") not in (None, foo), 30)
+    assert wait_until(lambda: routed.status(timeout=0.5)["workers"] == {
+        f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 60, interval=0.1)
+
+
+def test_when_the_process_running_the_workers_ends_another_takes_over(data_root, tmp_path):
+    """A pre-forking server recycles the process that started the workers."""
+    require_service("redis")
+    from testapp.named import off
+
+    apps = [_starter("hang", str(tmp_path)) for _ in range(3)]
+    try:
+        statuses = [json.loads(app.stdout.readline()) for app in apps]
+        (owner,) = [s for s in statuses if s["pids"]]
+        old = _worker_tree(owner)
+        app = next(a for a in apps if a.pid == owner["pid"])
+        app.stdin.close()  # it returns normally: its atexit hook stops its workers
+        assert app.wait(30) == 0
+        gone, alive = psutil.wait_procs(old, timeout=10)
+        assert not alive
+
+        def workers_of_the_others() -> list[psutil.Process]:
+            return [c for a in apps if a is not app for c in psutil.Process(a.pid).children()
+                    if "celery" in c.cmdline()]
+
+        assert wait_until(lambda: len(workers_of_the_others()) == 2, 30)
+        assert wait_until(lambda: off.status(timeout=0.5)["workers"] == {
+            f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 60, interval=0.1)
+        assert len({w.ppid() for w in workers_of_the_others()}) == 1  # one new starter
+        tree = workers_of_the_others()
+        tree += [c for w in list(tree) for c in w.children(recursive=True)]
+    finally:
+        for app in apps:
+            app.kill()
+            app.wait(10)
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive
+
+
+def _celery_mains(data_dir: str) -> list[psutil.Process]:
+    """The main processes of the local workers started for ``data_dir``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "offload._boot:app" not in (proc.info["cmdline"] or []):
+            continue
+        try:
+            if os.getpgid(proc.pid) == proc.pid and proc.environ().get("OFFLOAD_LOCAL_DATA_DIR") == data_dir:
+                found.append(proc)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_under_gunicorn_one_process_starts_the_workers(preload, data_root, tmp_path):
+    require_service("redis")
+    pytest.importorskip("gunicorn")
+    from testapp.named import off
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "20",
+            *(["--preload"] if preload else []), "testapp.wsgi_starter:application"]
+    server = subprocess.Popen(args, env=worker_env({"OFFLOAD_LOCAL_DATA_DIR": str(tmp_path)}),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        master = psutil.Process(server.pid)
+        assert wait_until(lambda: len(_celery_mains(str(tmp_path))) == 2 and off.status(
+            timeout=0.5)["workers"] == {f"bar@{HOST}": "OK", f"foo@{HOST}": "OK"}, 90, interval=0.1)
+        mains = _celery_mains(str(tmp_path))
+        (starter,) = {m.ppid() for m in mains}  # one starter
+        if preload:
+            assert starter == master.pid
+            assert wait_until(lambda: len(master.children()) == 3 + 2, 60)  # its gunicorn workers + ours
+            # Each gunicorn worker was forked with the master's lock open: none keeps it.
+            web = [c for c in master.children() if c.pid != starter and "gunicorn" in " ".join(c.cmdline())]
+            assert not [w for w in web if any(f.path.endswith("starter.lock") for f in w.open_files())]
+        else:
+            assert starter in {c.pid for c in master.children()}
+        tree = mains + [c for m in mains for c in m.children(recursive=True)]
+        # Gunicorn replaces the worker that started them (max-requests, a reload): another takes over.
+        if not preload:
+            os.kill(starter, signal.SIGTERM)
+            gone, alive = psutil.wait_procs(tree, timeout=30)
+            assert not alive
+            assert wait_until(lambda: len(_celery_mains(str(tmp_path))) == 2 and starter not in {
+                m.ppid() for m in _celery_mains(str(tmp_path))}, 60)
+            mains = _celery_mains(str(tmp_path))
+            tree = mains + [c for m in mains for c in m.children(recursive=True)]
+        server.send_signal(signal.SIGTERM)  # gunicorn's graceful stop
+        assert server.wait(60) == 0
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)

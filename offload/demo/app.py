@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from offload import Offload, OffloadError
+from offload import Offload, OffloadError, progress
+from offload.web import TaskAPI
 
-__all__ = ["DATA_DIR_ENV", "application", "default_data_dir", "off", "total"]
+__all__ = ["DATA_DIR_ENV", "api", "application", "default_data_dir", "off", "total"]
 
 #: The environment variable naming the demo's data folder.
 DATA_DIR_ENV = "OFFLOAD_DEMO_DATA_DIR"
@@ -58,7 +59,7 @@ def demo_config(data_dir: str) -> dict[str, Any]:
     return {
         "OFFLOAD_DATA_DIR": data_dir,
         # Only the demo's own functions may run (not the whole offload package).
-        "OFFLOAD_ALLOW": ["offload.demo"],
+        "OFFLOAD_ALLOW": ["offload.demo.app"],
         "CELERY_WORKERS": {"demo": {"concurrency": 2, "loglevel": "warning"}},
     }
 
@@ -92,10 +93,18 @@ def append_value(value: int) -> None:
         db.close()
 
 
-@off.task
+@off.task(expose=True)
 def total(delay: float = 0.0) -> int:
-    """Sleep ``delay`` seconds (a stand-in for slow work), then total the ledger."""
-    time.sleep(delay)
+    """Sleep ``delay`` seconds (a stand-in for slow work), then total the ledger.
+
+    Progress is reported while it waits, so the page can show it live.
+    """
+    delay = min(max(float(delay), 0.0), MAX_DELAY)
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < delay:
+        progress(round(elapsed, 1), delay, message="working")
+        time.sleep(min(0.1, delay - elapsed))
+    progress(delay, delay, message="totalling")
     db = _ledger()
     try:
         # Summed in Python: sqlite's SUM() fails on 64-bit overflow.
@@ -131,6 +140,31 @@ else <code>Pending...</code>.</li>
 curl '{base}/append?value=32'
 id=$(curl -s '{base}/total?delay=2')
 curl "{base}/result?id=$id"    # Pending..., then 42</pre>
+<h2>Live</h2>
+<p>The same total, started from this page with <code>offload.js</code> over the
+task API at <code>/offload</code>, its progress followed as it runs.</p>
+<p><label>delay <input id="delay" type="number" value="3" min="0" max="300" step="0.5"></label>
+<button id="start">Start a total</button></p>
+<div id="bar"></div>
+<p id="total"></p>
+<script src="/offload/static/offload.js"></script>
+<script>
+  const api = new Offload("/offload");
+  document.getElementById("start").addEventListener("click", async function () {{
+    const out = document.getElementById("total");
+    const holder = document.getElementById("bar");
+    holder.textContent = "";
+    out.textContent = "";
+    const bar = Offload.progressBar(holder);
+    try {{
+      const id = await api.submit("total", [Number(document.getElementById("delay").value)]);
+      const last = await api.follow(id, bar.update);
+      out.textContent = last.error ? "failed: " + last.error.message : "total: " + last.result;
+    }} catch (err) {{
+      out.textContent = "error: " + err.message;
+    }}
+  }});
+</script>
 </body></html>
 """
 
@@ -196,10 +230,16 @@ def _respond(start_response: StartResponse, status: str, body: str,
     return [data]
 
 
-def application(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-    """The demo's WSGI app: ``/``, ``/append``, ``/total``, ``/result``."""
+#: The task API (offload.web) under /offload: the live total of the index page.
+api = TaskAPI(off, prefix="/offload")
+
+
+def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """The demo's WSGI app: ``/``, ``/append``, ``/total``, ``/result``, and the task API at ``/offload``."""
     method = environ.get("REQUEST_METHOD", "GET")
     path = environ.get("PATH_INFO") or "/"
+    if path == api.prefix or path.startswith(api.prefix + "/"):
+        return api.wsgi(environ, start_response)
     if method not in ("GET", "HEAD"):
         return _respond(start_response, "405 Method Not Allowed", "Use GET.\n",
                         extra=[("Allow", "GET, HEAD")])

@@ -14,12 +14,15 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 
-from ._sqlite import DEFAULT_BROKER_FILE, DEFAULT_RESULTS_FILE, parse_url
+from ._sqlite import (DEFAULT_BROKER_FILE, DEFAULT_RESULTS_FILE, DatabaseLocked, SQLiteFileError, parse_url,
+                      require_sqlite)
 
-__all__ = ["default_settings", "expand_sqlite_urls"]
+__all__ = ["DatabaseLocked", "SQLiteFileError", "default_settings", "expand_sqlite_urls"]
 
 # kombu resolves a URL's scheme through this table; `sqlite` is free in it.
 TRANSPORT_ALIASES.setdefault("sqlite", "offload.transport.sqlite:Transport")
+# `offload-redis://host:port/db`: Redis with the atomic take (offload.transport.redis).
+TRANSPORT_ALIASES.setdefault("offload-redis", "offload.transport.redis:Transport")
 
 
 def _file_url(path: str) -> str:
@@ -41,9 +44,13 @@ def default_settings(data_dir: str) -> dict[str, Any]:
 def expand_sqlite_urls(celery_settings: dict[str, Any], data_dir: str) -> None:
     """Give a bare ``sqlite://`` broker or backend its file under ``data_dir``.
 
-    Also checks every ``sqlite://`` URL now, so that a malformed one fails
-    when the app is configured rather than at the first task.
+    Also checks every ``sqlite://`` URL, and the sqlite library itself, now,
+    so that a malformed URL or too old a sqlite fails when the app is
+    configured rather than at the first task.
     """
+    if any(isinstance(celery_settings.get(key), str) and celery_settings[key].startswith("sqlite:")
+           for key in ("broker_url", "result_backend")):
+        require_sqlite()
     for key, default_file in (("broker_url", DEFAULT_BROKER_FILE),
                               ("result_backend", DEFAULT_RESULTS_FILE)):
         url = celery_settings.get(key)

@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from ..datadir import create_private_file, make_private_dirs
 from ..exceptions import ConfigurationError
 
-__all__ = ["SQLiteFileError", "connect", "is_busy", "parse_url", "retrying", "url_options",
-           "LocalConnections"]
+__all__ = ["DatabaseLocked", "SQLiteFileError", "connect", "is_busy", "parse_url", "require_sqlite",
+           "retrying", "url_options", "LocalConnections"]
 
 T = TypeVar("T")
 
@@ -26,14 +29,39 @@ T = TypeVar("T")
 DEFAULT_BROKER_FILE = "offload-broker.sqlite3"
 DEFAULT_RESULTS_FILE = "offload-results.sqlite3"
 
-#: How long one statement may wait inside sqlite for the write lock, and how
-#: long the retry loop around it keeps trying before it gives up and raises.
+#: The default bound, in seconds, on a write waiting for the file's write
+#: lock (the ``lock_timeout`` transport option): a statement waits this long
+#: inside sqlite, and the retry loop around it stops once it has passed, so a
+#: write fails within about this time (twice it at the very worst).
 BUSY_TIMEOUT = 5.0
-RETRY_DEADLINE = 30.0
+
+#: The oldest sqlite the broker and backend run on: ``RETURNING`` (3.35).
+MIN_SQLITE = (3, 35, 0)
 
 
 class SQLiteFileError(ConfigurationError, OSError):
     """The database file of the embedded broker or backend cannot be used."""
+
+
+class DatabaseLocked(KombuOperationalError):
+    """Another connection held the file's write lock for longer than ``lock_timeout``.
+
+    A kombu ``OperationalError``: kombu does not retry it on a publish (the
+    wait already happened here), and offload's ``submit`` turns it into
+    :class:`~offload.BrokerUnavailable`.
+    """
+
+
+def require_sqlite(version: tuple[int, ...] | None = None) -> None:
+    """Fail clearly when the sqlite library Python links lacks what offload needs."""
+    version = tuple(sqlite3.sqlite_version_info if version is None else version)
+    if version < MIN_SQLITE:
+        have = ".".join(map(str, version))
+        need = ".".join(map(str, MIN_SQLITE))
+        raise ConfigurationError(
+            f"the embedded sqlite:// broker and backend need SQLite {need} or newer (for RETURNING); "
+            f"this Python uses SQLite {have}. Use a newer Python build, or configure another broker "
+            "(CELERY_BROKER_URL=redis://... or amqp://...).")
 
 
 def parse_url(url: str, default_file: str, data_dir: str | None = None) -> str:
@@ -87,24 +115,33 @@ def is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
-def retrying(operation: Callable[[], T], deadline: float | None = None) -> T:
+def retrying(operation: Callable[[], T], deadline: float = BUSY_TIMEOUT, path: str = "") -> T:
     """Run ``operation`` until it gets past SQLITE_BUSY, with jittered backoff.
 
-    sqlite's own busy handler already waits ``BUSY_TIMEOUT`` per statement;
-    this loop covers the cases it does not (a lock upgrade refused at once in
-    WAL mode) and heavy contention. After ``deadline`` seconds the last error
-    is raised: nothing is ever dropped silently.
+    sqlite's own busy handler already waits up to the connection's timeout
+    per statement; this loop covers the cases it does not (a lock upgrade
+    refused at once in WAL mode). Once ``deadline`` seconds have passed,
+    :class:`DatabaseLocked` is raised: nothing is ever dropped silently.
     """
-    give_up = time.monotonic() + (RETRY_DEADLINE if deadline is None else deadline)
+    give_up = time.monotonic() + deadline
     delay = 0.001
     while True:
         try:
             return operation()
         except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= give_up:
+            if not is_busy(exc):
                 raise
+            if time.monotonic() >= give_up:
+                raise _locked(path, deadline, exc) from exc
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.1)
+
+
+def _locked(path: str, deadline: float, exc: BaseException) -> DatabaseLocked:
+    return DatabaseLocked(
+        f"the sqlite file {path or '(broker)'} stayed locked by another connection for more than "
+        f"{deadline:g} s ({exc}); is a process holding a long transaction on it? "
+        "The lock_timeout transport option sets this bound.")
 
 
 def release_free_pages(conn: sqlite3.Connection, min_free_pages: int) -> bool:
@@ -113,14 +150,14 @@ def release_free_pages(conn: sqlite3.Connection, min_free_pages: int) -> bool:
     if conn.execute("PRAGMA freelist_count").fetchone()[0] < min_free_pages:
         return False
     # executescript steps it to the end; execute() would free one page.
-    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"))
+    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT)
     return True
 
 
 def _prepare_folder(path: str) -> None:
     folder = os.path.dirname(path)
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_private_dirs(folder)
     except OSError as exc:
         raise SQLiteFileError(
             f"cannot create the folder {folder!r} for the sqlite file {os.path.basename(path)!r}: "
@@ -141,25 +178,31 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL",
     statements commit by themselves and multi-statement writes use
     ``BEGIN IMMEDIATE`` so that they wait for the write lock up front.
     """
+    require_sqlite()
     _prepare_folder(path)
+    busy_timeout = busy_timeout or BUSY_TIMEOUT
     try:
-        conn = sqlite3.connect(path, timeout=busy_timeout or BUSY_TIMEOUT, isolation_level=None,
+        create_private_file(path)  # owner-only; sqlite gives its -wal/-shm files the same mode
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                check_same_thread=False, cached_statements=256)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise SQLiteFileError(f"cannot open the sqlite file {path!r}: {exc}") from None
     try:
         # auto_vacuum only takes effect before the first table exists: it is
         # what lets the file shrink back when a queue drains.
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), busy_timeout, path)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         # After a checkpoint the -wal file is cut back to this size.
         conn.execute("PRAGMA journal_size_limit=4194304")
-        retrying(lambda: conn.executescript(schema))
+        retrying(lambda: conn.executescript(schema), busy_timeout, path)
+    except DatabaseLocked:
+        conn.close()
+        raise
     except sqlite3.DatabaseError as exc:
         conn.close()
         if is_busy(exc):
-            raise
+            raise _locked(path, busy_timeout, exc) from exc
         raise SQLiteFileError(
             f"cannot use {path!r} as an offload sqlite file: {exc}. "
             "Is it writable, and a sqlite database (or absent)?") from None
@@ -174,17 +217,19 @@ class LocalConnections:
     no lock around it.
     """
 
-    def __init__(self, path: str, schema: str, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str, schema: str, synchronous: str = "NORMAL",
+                 busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = path
         self._schema = schema
         self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
         self._local = threading.local()
 
     def get(self) -> sqlite3.Connection:
         local = self._local
         pid = os.getpid()
         if getattr(local, "pid", None) != pid:
-            local.conn = connect(self.path, self._schema, self._synchronous)
+            local.conn = connect(self.path, self._schema, self._synchronous, self._busy_timeout)
             local.pid = pid
         return local.conn
 

@@ -93,17 +93,38 @@ class SQLiteBackend(KeyValueStoreBackend):
         conn = self._conn
         params = (bytes_to_str(key), value, self._ttl())
         retrying(lambda: conn.execute(
-            "INSERT OR REPLACE INTO results (key, value, expires) VALUES (?, ?, ?)", params))
+            "INSERT OR REPLACE INTO results (key, value, expires) VALUES (?, ?, ?)", params), path=self.path)
+        self._maybe_sweep()
+
+    def set_many(self, items: Sequence[tuple[Any, Any]]) -> None:
+        """Store ``(key, value)`` pairs in one transaction (a chunk's results)."""
+        conn = self._conn
+        expires = self._ttl()
+        rows = [(bytes_to_str(key), value, expires) for key, value in items]
+
+        def write() -> None:
+            # Autocommit connection: one explicit transaction, one commit.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO results (key, value, expires) VALUES (?, ?, ?)", rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        retrying(write)
         self._maybe_sweep()
 
     def delete(self, key: Any) -> None:
         conn = self._conn
-        retrying(lambda: conn.execute("DELETE FROM results WHERE key = ?", (bytes_to_str(key),)))
+        retrying(lambda: conn.execute("DELETE FROM results WHERE key = ?", (bytes_to_str(key),)),
+                 path=self.path)
 
     def expire(self, key: Any, value: Any) -> None:
         conn = self._conn
         params = (self._ttl(value), bytes_to_str(key))
-        retrying(lambda: conn.execute("UPDATE results SET expires = ? WHERE key = ?", params))
+        retrying(lambda: conn.execute("UPDATE results SET expires = ? WHERE key = ?", params), path=self.path)
 
     def incr(self, key: Any) -> int:
         conn = self._conn
@@ -111,14 +132,14 @@ class SQLiteBackend(KeyValueStoreBackend):
         rows = retrying(lambda: conn.execute(
             "INSERT INTO results (key, value, expires) VALUES (?, 1, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 "
-            "RETURNING value", params).fetchall())
+            "RETURNING value", params).fetchall(), path=self.path)
         return int(rows[0][0])
 
     def cleanup(self) -> None:
         """Delete expired results now (``celery beat``'s cleanup calls this too)."""
         conn = self._conn
         retrying(lambda: conn.execute(
-            "DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)))
+            "DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)), path=self.path)
         release_free_pages(conn, min_free_pages=65)
 
     def _maybe_sweep(self) -> None:

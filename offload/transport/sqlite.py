@@ -1,45 +1,42 @@
 """``sqlite://``: a kombu transport on one sqlite file, safe across processes.
 
-The embedded default broker. Every message is a row; a consumer *leases* a
-row (sets ``owner`` to its id) instead of removing it, and deletes it on ack.
-Each consuming connection keeps a heartbeat row in ``consumers``; once a
-heartbeat is older than ``visibility_timeout`` seconds, any live consumer
-gives that dead consumer's rows back to the queue. So a worker that is
-SIGKILLed loses nothing, while a live worker's long task is never delivered
-twice (the lease lasts as long as the worker lives, not a fixed time).
+The embedded default broker. This module is the kombu glue (QoS, Channel,
+Transport); the SQL is in :mod:`offload.transport.store`, the heartbeat and
+the recovery after a pause in :mod:`offload.transport.lease`, the wake-up
+sockets in :mod:`offload.transport.wakeup`.
 
-Bindings and exchange types live in the file too, not in each process's
-memory, so direct, topic and fanout routing work across processes: that is
-what Celery's remote control (``inspect ping``, ``revoke``) needs.
+Every message is a row a consumer leases and deletes on ack; a consumer
+that dies (its heartbeat stops for ``visibility_timeout`` seconds) has its
+messages given back, so a SIGKILLed worker loses nothing while a live
+worker's long task is never delivered twice. A connection consuming from
+several queues (a worker's task and control channels) gets their messages
+in publish order, the most urgent first: a revoke broadcast reaches the
+worker before the task it revokes.
 
-A connection consuming from several queues (a worker's task and control
-channels) gets their messages in publish order, the most urgent first: a
-revoke broadcast reaches the worker before the task it revokes.
-
-Consumers wait on a unix datagram socket whose address is in their
-``consumers`` row; a producer pokes every waiter after each commit. A worker
-therefore sees a new message within a millisecond or so, and an idle worker
-sleeps in ``select()`` (one fallback poll per ``polling_interval``).
+The transport is asynchronous in kombu's sense: a consuming process sleeps
+on a unix datagram socket that producers poke after each commit, and that
+socket is the readable file descriptor kombu's event loop (the Hub) watches.
+So a Celery worker runs its asynchronous consumer and prefork pool on it,
+with Celery's defaults, and answers remote control while every pool process
+is busy. ``drain_events`` (kombu's blocking API) waits on the same socket.
 
 URL: ``sqlite:////absolute/path/broker.db``; ``sqlite://`` alone is
-``offload-broker.sqlite3`` under ``OFFLOAD_DATA_DIR``. Transport options:
-``visibility_timeout`` (seconds, default 10), ``polling_interval`` (seconds
-between fallback polls, default 1), ``synchronous`` (``NORMAL``: survives any
-process crash; ``FULL``: also survives power loss, at an fsync per commit).
+``offload-broker.sqlite3`` under ``OFFLOAD_DATA_DIR``. Transport options
+(or URL query parameters): ``visibility_timeout`` (seconds, default 10),
+``lock_timeout`` (seconds a write waits for the file's lock before it fails,
+default 5), ``polling_interval`` (seconds between fallback polls, default 1),
+``synchronous`` (``NORMAL``: survives any process crash; ``FULL``: also
+survives power loss, at an fsync per commit).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import sqlite3
-import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from queue import Empty
 from typing import Any
@@ -47,9 +44,11 @@ from typing import Any
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
-from ._sqlite import (BUSY_TIMEOUT, DEFAULT_BROKER_FILE, LocalConnections, SQLiteFileError, parse_url,
-                      release_free_pages, retrying,
-                      url_options)
+from ._sqlite import (BUSY_TIMEOUT, DEFAULT_BROKER_FILE, DatabaseLocked, SQLiteFileError, parse_url,
+                      require_sqlite, url_options)
+from .lease import ConsumerLease
+from .store import Store
+from .wakeup import Poker
 
 __all__ = ["Channel", "Transport"]
 
@@ -58,386 +57,62 @@ logger = logging.getLogger("offload.transport.sqlite")
 DEFAULT_VISIBILITY_TIMEOUT = 10.0
 DEFAULT_POLLING_INTERVAL = 1.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    queue TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    payload TEXT NOT NULL,
-    owner TEXT,
-    expires REAL
-);
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, id)
-    WHERE owner IS NULL;
-CREATE INDEX IF NOT EXISTS messages_leased ON messages (owner) WHERE owner IS NOT NULL;
-CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, owner TEXT, ttl REAL);
-CREATE TABLE IF NOT EXISTS bindings (
-    exchange TEXT NOT NULL, routing_key TEXT NOT NULL, pattern TEXT NOT NULL, queue TEXT NOT NULL,
-    PRIMARY KEY (exchange, routing_key, pattern, queue)
-);
-CREATE TABLE IF NOT EXISTS exchanges (name TEXT PRIMARY KEY, type TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, beat REAL NOT NULL, wake TEXT);
-"""
+# kombu's virtual transport framework is extended through its underscore
+# methods and attributes (``_get``, ``_put``, ``_restore``, ``_active_queues``,
+# ``_consumers``, ``_tag_to_queue``, ``_get_and_deliver``,
+# ``_get_message_priority``): they are its subclassing interface, not public
+# API. tests/test_transport.py::test_kombu_virtual_interface_is_what_this_module_uses
+# fails when a kombu release renames one.
 
-#: "Ready": not leased and not past its expiry (the parameter: now).
-_READY = "owner IS NULL AND (expires IS NULL OR expires > ?)"
-
-#: A leased row made ready again: its next delivery says it is a redelivery
-#: (``delivery_info["redelivered"]``, as AMQP and kombu's Redis transport do;
-#: Celery's ``Reject(requeue=True)`` pattern depends on it).
-_GIVE_BACK = ("owner = NULL, payload = CASE WHEN json_valid(payload) THEN json_set(payload, "
-              "'$.properties.delivery_info.redelivered', json('true')) ELSE payload END")
-
-#: "Owned by a consumer that has stopped beating" (the parameter: oldest live beat).
-_DEAD_OWNER = "owner IS NOT NULL AND owner NOT IN (SELECT id FROM consumers WHERE beat >= ?)"
+# A lock that is never inherited held: a fork while another thread held it
+# would leave the child's copy locked for good.
+_lease_lock = threading.Lock()
 
 
-class Store:
-    """The SQL of the broker file; safe to share between threads."""
-
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
-        self.path = path
-        self._conns = LocalConnections(path, SCHEMA, synchronous)
-        self._sender: socket.socket | None = None
-        self._sender_pid = 0
-
-    @property
-    def conn(self) -> sqlite3.Connection:
-        return self._conns.get()
-
-    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
-        conn = self.conn
-        return retrying(lambda: conn.execute(sql, tuple(params)))
-
-    def _returning(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        conn = self.conn
-        # fetchall: an autocommit statement commits only once fully stepped.
-        return retrying(lambda: conn.execute(sql, tuple(params)).fetchall())
-
-    def _transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        conn = self.conn
-
-        def run() -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-        retrying(run)
-
-    # Messages --------------------------------------------------------------
-
-    def put(self, queue: str, priority: int, payload: str, ttl: float | None = None) -> None:
-        now = time.time()
-        # A message's own expiration wins; else the queue's x-message-ttl.
-        self._write(
-            "INSERT INTO messages (queue, priority, payload, expires) VALUES (?, ?, ?, "
-            "coalesce(?, (SELECT ? + ttl FROM queues WHERE name = ? AND ttl IS NOT NULL)))",
-            (queue, priority, payload, None if ttl is None else now + ttl, now, queue))
-
-    def put_fanout(self, exchange: str, priority: int, payload: str, ttl: float | None = None) -> int:
-        now = time.time()
-        return self._write(
-            "INSERT INTO messages (queue, priority, payload, expires) "
-            "SELECT DISTINCT b.queue, ?, ?, coalesce(?, ? + q.ttl) FROM bindings AS b "
-            "LEFT JOIN queues AS q ON q.name = b.queue WHERE b.exchange = ?",
-            (priority, payload, None if ttl is None else now + ttl, now, exchange)).rowcount
-
-    def take(self, queue: str, owner: str | None) -> tuple[int, str] | None:
-        """Lease the next ready message (or remove it when ``owner`` is None)."""
-        conn = self.conn
-        while True:
-            # A read first: an empty poll then takes no write lock at all.
-            row = conn.execute(
-                f"SELECT id FROM messages WHERE queue = ? AND {_READY} "
-                "ORDER BY priority DESC, id LIMIT 1", (queue, time.time())).fetchone()
-            if row is None:
-                return None
-            if owner is None:
-                got = self._returning("DELETE FROM messages WHERE id = ? AND owner IS NULL "
-                                      "RETURNING payload", (row[0],))
-            else:
-                got = self._returning("UPDATE messages SET owner = ? WHERE id = ? AND owner IS NULL "
-                                      "RETURNING payload", (owner, row[0]))
-            if got:
-                return row[0], got[0][0]
-            # Another consumer took it between the two statements: look again.
-
-    def next_queue(self, queues: list[str]) -> str | None:
-        """Of ``queues``, the one whose next message comes first.
-
-        Each queue's head is its most urgent, then oldest, ready message;
-        the heads are compared the same way. So messages of several queues
-        go out in the order they were published (a revoke broadcast before
-        the task it revokes), and a higher priority still goes first.
-        """
-        best: tuple[int, int, str] | None = None
-        now = time.time()
-        for start in range(0, len(queues), 200):  # under sqlite's compound-select limit
-            chunk = queues[start:start + 200]
-            heads = " UNION ALL ".join(
-                f"SELECT * FROM (SELECT queue, priority, id FROM messages WHERE queue = ? AND {_READY} "
-                "ORDER BY priority DESC, id LIMIT 1)" for _ in chunk)
-            row = self.conn.execute(
-                f"SELECT queue, priority, id FROM ({heads}) ORDER BY priority DESC, id LIMIT 1",
-                [value for queue in chunk for value in (queue, now)]).fetchone()
-            if row is not None and (best is None or (-row[1], row[2]) < (-best[0], best[1])):
-                best = (row[1], row[2], row[0])
-        return None if best is None else best[2]
-
-    def delete_message(self, row_id: int) -> None:
-        self._write("DELETE FROM messages WHERE id = ?", (row_id,))
-
-    def release(self, row_ids: list[int], owner: str) -> None:
-        """Make leased rows ready again (a reject with requeue, a shutdown)."""
-        if row_ids:
-            conn = self.conn
-            retrying(lambda: conn.executemany(
-                f"UPDATE messages SET {_GIVE_BACK} WHERE id = ? AND owner = ?",
-                [(row_id, owner) for row_id in row_ids]))
-
-    def size(self, queue: str) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM messages WHERE queue = ? AND {_READY}",
-                                 (queue, time.time())).fetchone()[0]
-
-    def purge(self, queue: str) -> int:
-        return self._write(f"DELETE FROM messages WHERE queue = ? AND {_READY}",
-                           (queue, time.time())).rowcount
-
-    # Queues, exchanges, bindings -----------------------------------------
-
-    def declare_queue(self, queue: str, owner: str | None, ttl: float | None = None) -> None:
-        row = self.conn.execute("SELECT owner, ttl FROM queues WHERE name = ?", (queue,)).fetchone()
-        if row is None or tuple(row) != (owner, ttl):
-            self._write("INSERT INTO queues (name, owner, ttl) VALUES (?, ?, ?) ON CONFLICT (name) "
-                        "DO UPDATE SET owner = excluded.owner, ttl = excluded.ttl", (queue, owner, ttl))
-
-    def has_queue(self, queue: str) -> bool:
-        return self.conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM queues WHERE name = ?) "
-            "OR EXISTS (SELECT 1 FROM messages WHERE queue = ?)", (queue, queue)).fetchone()[0] == 1
-
-    def delete_queue(self, queue: str) -> None:
-        self._transaction([
-            ("DELETE FROM messages WHERE queue = ?", (queue,)),
-            ("DELETE FROM bindings WHERE queue = ?", (queue,)),
-            ("DELETE FROM queues WHERE name = ?", (queue,)),
-        ])
-
-    def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        if self.conn.execute(
-                "SELECT 1 FROM bindings WHERE exchange = ? AND routing_key = ? AND pattern = ? "
-                "AND queue = ?", (exchange, routing_key, pattern, queue)).fetchone() is None:
-            self._write("INSERT OR IGNORE INTO bindings VALUES (?, ?, ?, ?)",
-                        (exchange, routing_key, pattern, queue))
-
-    def unbind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        self._write("DELETE FROM bindings WHERE exchange = ? AND routing_key = ? AND pattern = ? "
-                    "AND queue = ?", (exchange, routing_key, pattern, queue))
-
-    def table(self, exchange: str) -> list[tuple[str, str, str]]:
-        return [tuple(row) for row in self.conn.execute(
-            "SELECT routing_key, pattern, queue FROM bindings WHERE exchange = ?", (exchange,))]
-
-    def declare_exchange(self, exchange: str, type_: str) -> None:
-        row = self.conn.execute("SELECT type FROM exchanges WHERE name = ?", (exchange,)).fetchone()
-        if row is None or row[0] != type_:
-            self._write("INSERT OR REPLACE INTO exchanges VALUES (?, ?)", (exchange, type_))
-
-    def exchange_type(self, exchange: str) -> str | None:
-        row = self.conn.execute("SELECT type FROM exchanges WHERE name = ?", (exchange,)).fetchone()
-        return row[0] if row else None
-
-    def delete_exchange(self, exchange: str) -> None:
-        self._transaction([
-            ("DELETE FROM bindings WHERE exchange = ?", (exchange,)),
-            ("DELETE FROM exchanges WHERE name = ?", (exchange,)),
-        ])
-
-    # Consumers ---------------------------------------------------------------
-
-    def beat(self, consumer: str, wake: str | None) -> None:
-        self._write("INSERT INTO consumers (id, beat, wake) VALUES (?, ?, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET beat = excluded.beat, wake = excluded.wake",
-                    (consumer, time.time(), wake))
-
-    def unregister(self, consumer: str) -> None:
-        """A clean exit: give leased messages back, drop auto-delete queues."""
-        owned = "SELECT name FROM queues WHERE owner = ?"
-        self._transaction([
-            (f"UPDATE messages SET {_GIVE_BACK} WHERE owner = ?", (consumer,)),
-            (f"DELETE FROM messages WHERE queue IN ({owned})", (consumer,)),
-            (f"DELETE FROM bindings WHERE queue IN ({owned})", (consumer,)),
-            ("DELETE FROM queues WHERE owner = ?", (consumer,)),
-            ("DELETE FROM consumers WHERE id = ?", (consumer,)),
-        ])
-
-    def sweep(self, visibility_timeout: float) -> int:
-        """Recover what dead consumers held; the number of messages made ready.
-
-        Read-only unless something is dead, so that every live consumer can
-        run it every few seconds for next to nothing.
-        """
-        now = time.time()
-        oldest_live = now - visibility_timeout
-        conn = self.conn
-        if conn.execute("SELECT EXISTS (SELECT 1 FROM messages WHERE owner IS NULL AND expires <= ?)",
-                        (now,)).fetchone()[0]:
-            self._write("DELETE FROM messages WHERE owner IS NULL AND expires <= ?", (now,))
-        leased = conn.execute(f"SELECT count(*) FROM messages WHERE {_DEAD_OWNER}",
-                              (oldest_live,)).fetchone()[0]
-        orphaned = conn.execute(f"SELECT EXISTS (SELECT 1 FROM queues WHERE {_DEAD_OWNER})",
-                                (oldest_live,)).fetchone()[0]
-        stale = conn.execute("SELECT EXISTS (SELECT 1 FROM consumers WHERE beat < ?)",
-                             (oldest_live,)).fetchone()[0]
-        if not (leased or orphaned or stale):
-            return 0
-        dead_queues = f"SELECT name FROM queues WHERE {_DEAD_OWNER}"
-        self._transaction([
-            (f"UPDATE messages SET {_GIVE_BACK} WHERE {_DEAD_OWNER}", (oldest_live,)),
-            # A dead worker's pidbox queue would otherwise collect every
-            # broadcast forever.
-            (f"DELETE FROM messages WHERE queue IN ({dead_queues})", (oldest_live,)),
-            (f"DELETE FROM bindings WHERE queue IN ({dead_queues})", (oldest_live,)),
-            (f"DELETE FROM queues WHERE {_DEAD_OWNER}", (oldest_live,)),
-            ("DELETE FROM consumers WHERE beat < ?", (oldest_live,)),
-        ])
-        if leased:
-            logger.warning("sqlite broker: %d message(s) of a dead consumer are ready again", leased)
-        return leased
-
-    def compact(self, min_free_pages: int = 16) -> None:
-        """Give free pages back to the file system once enough piled up."""
-        conn = self.conn
-        if not release_free_pages(conn, min_free_pages):
-            return
-        # The truncation reaches the main file at a checkpoint, and TRUNCATE
-        # also cuts the -wal file to nothing; never wait long for it, though.
-        conn.execute("PRAGMA busy_timeout=50")
-        try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.OperationalError:
-            pass
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
-
-    # Wake-ups ----------------------------------------------------------------
-
-    def notify(self) -> None:
-        """Poke every waiting consumer: something changed."""
-        waiters = self.conn.execute("SELECT id, wake FROM consumers WHERE wake IS NOT NULL").fetchall()
-        if not waiters:
-            return
-        if self._sender is None or self._sender_pid != os.getpid():
-            self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sender.setblocking(False)
-            self._sender_pid = os.getpid()
-        for consumer, address in waiters:
-            try:
-                self._sender.sendto(b"!", _socket_address(address))
-            except BlockingIOError:
-                pass  # its buffer is full of wake-ups already
-            except (ConnectionRefusedError, FileNotFoundError):
-                # Nobody listens there any more: the process is gone.
-                self._write("UPDATE consumers SET wake = NULL WHERE id = ? AND wake = ?",
-                            (consumer, address))
-            except OSError:
-                logger.debug("could not wake %s", address, exc_info=True)
-
-    def close(self) -> None:
-        self._conns.close()
+def _reset_lease_lock() -> None:
+    global _lease_lock
+    _lease_lock = threading.Lock()
 
 
-def _socket_address(stored: str) -> str:
-    # Linux abstract socket names start with a NUL byte; the db keeps '@'.
-    return "\0" + stored[1:] if stored.startswith("@") else stored
-
-
-class _Waker:
-    """The socket a consumer sleeps on until a producer pokes it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        name = f"offload-{uuid.uuid4().hex[:16]}"
-        if sys.platform.startswith("linux"):
-            # An abstract address: no file to clean up, no path length limit.
-            self.address = "@" + name
-        else:
-            self.address = os.path.join(tempfile.gettempdir(), name)
-        self.sock.bind(_socket_address(self.address))
-        self.sock.setblocking(False)
-
-    def wait(self, timeout: float) -> None:
-        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
-        if readable:
-            try:
-                while self.sock.recv(64):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
-
-    def poke(self) -> None:
-        try:
-            self.sock.sendto(b"!", _socket_address(self.address))
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-        if not self.address.startswith("@"):
-            try:
-                os.unlink(self.address)
-            except OSError:
-                pass
-
-
-class QoS(virtual.QoS):
-    """Acks delete the leased row; rejects and shutdowns release it."""
-
-    channel: Channel
-
-    def ack(self, delivery_tag: Any) -> None:
-        self.channel._store().delete_message(int(delivery_tag))
-        super().ack(delivery_tag)
-        # The consuming thread may be asleep with its prefetch full.
-        self.channel._poke_self()
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        channel = self.channel
-        if requeue:
-            channel._store().release([int(delivery_tag)], channel._owner())
-            channel._store().notify()
-        else:
-            channel._store().delete_message(int(delivery_tag))
-        self._quick_ack(delivery_tag)
-        channel._poke_self()
-
-    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
-        self._flush()
-        tags = list(self._delivered)
-        self._delivered.clear()
-        if not tags or self.channel._pid != os.getpid():
-            return []  # a forked child must not give back its parent's leases
-        try:
-            self.channel._store().release([int(tag) for tag in tags], self.channel._owner())
-            self.channel._store().notify()
-        except Exception as exc:
-            # The heartbeat stops with this process, so they come back anyway.
-            logger.warning("could not give back %d message(s): %r", len(tags), exc)
-        return []
+os.register_at_fork(after_in_child=_reset_lease_lock)
 
 
 def _expiration(message: dict[str, Any]) -> float | None:
-    """A message's ``expiration`` property (AMQP: milliseconds) in seconds."""
+    """A message's time to live in seconds (AMQP's ``expiration``, in ms).
+
+    Celery also sends a task's ``expires`` as its message TTL; a broker
+    that drops the expired message leaves the task's future waiting forever.
+    So a Celery task message (its headers name the task and its ``expires``)
+    is kept and delivered: the worker sees it has expired, revokes it and
+    stores REVOKED, as on Redis. Any other message keeps TTL semantics.
+    """
+    headers = message.get("headers") or {}
+    if headers.get("task") and headers.get("expires"):
+        return None
     value = message.get("properties", {}).get("expiration")
     try:
         return None if value in (None, "") else float(value) / 1000
     except (TypeError, ValueError):
         return None
+
+
+class QoS(virtual.QoS):
+    """Acks delete the leased row; rejects delete it or give it back."""
+
+    channel: Channel
+
+    def ack(self, delivery_tag: Any) -> None:
+        self.channel.settle(int(delivery_tag))
+        super().ack(delivery_tag)
+        # The consuming loop may be asleep with its prefetch full.
+        self.channel.poke_self()
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if not requeue:
+            self.channel.settle(int(delivery_tag))
+        # With requeue, kombu calls Channel._restore_at_beginning (below).
+        super().reject(delivery_tag, requeue=requeue)
+        self.channel.poke_self()
 
 
 class Channel(virtual.Channel):
@@ -449,20 +124,52 @@ class Channel(virtual.Channel):
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
-        self._pid = os.getpid()
+        #: A forked child (a pool process) inherits this channel; it must
+        #: never give back the parent's messages when it exits.
+        self.pid = os.getpid()
         self._no_ack_queues: set[str] = set()
         self._auto_delete_queues: set[str] = set()
 
-    def _store(self) -> Store:
+    @property
+    def store(self) -> Store:
         return self.connection.store
 
-    def _owner(self) -> str:
-        return self.connection.consumer_id()
+    # Leases ---------------------------------------------------------------------
 
-    def _poke_self(self) -> None:
-        waker = self.connection._waker
-        if waker is not None:
-            waker.poke()
+    def settle(self, row_id: int) -> None:
+        """An ack or a reject: delete the row if this process still holds it.
+
+        An ack may be the first thing a paused process does when it resumes
+        (its pool finished the task meanwhile): renew first, so that a lapsed
+        lease reclaims this row before the ack, rather than the row staying
+        ready and being delivered a second time."""
+        lease = self.connection.lease
+        lease.ensure_fresh()
+        lease.let_go(row_id)
+        if not self.store.settle(row_id, lease.id):
+            logger.info("sqlite broker: message %d was settled by another consumer "
+                        "(this process's lease had lapsed)", row_id)
+
+    def poke_self(self) -> None:
+        self.connection.poke_self()
+
+    def _restore(self, message: Any) -> None:
+        # kombu gives back an unacked message (a reject with requeue, a
+        # closing channel): make its row ready again, marked redelivered.
+        if self.pid != os.getpid():
+            return
+        lease = self.connection.lease
+        row_id = int(message.delivery_tag)
+        lease.let_go(row_id)
+        try:
+            self.store.release([row_id], lease.id)
+            self.connection.notify()
+        except Exception as exc:
+            # The heartbeat stops with this process, so it comes back anyway.
+            logger.warning("could not give back message %d: %r", row_id, exc)
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        self._restore(message)
 
     # Messages ----------------------------------------------------------------
 
@@ -470,47 +177,50 @@ class Channel(virtual.Channel):
         return self._take(queue, no_ack=queue in self._no_ack_queues)
 
     def _take(self, queue: str, no_ack: bool) -> dict[str, Any]:
-        owner = None if no_ack else self.connection.register()
-        taken = self._store().take(queue, owner)
+        lease = self.connection.register()
+        lease.ensure_fresh()
+        taken = self.store.take(queue, None if no_ack else lease.id)
         if taken is None:
             raise Empty()
         row_id, text = taken
+        if not no_ack:
+            lease.hold(row_id)
         payload = loads(text)
         # The row id is the delivery tag: an ack knows which row to delete.
         payload["properties"]["delivery_tag"] = row_id
         return payload
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        store = self._store()
-        store.put(queue, self._get_message_priority(message), dumps(message), _expiration(message))
-        store.notify()
+        self.store.put(queue, self._get_message_priority(message), dumps(message), _expiration(message))
+        self.connection.notify()
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
-        store = self._store()
-        if store.put_fanout(exchange, self._get_message_priority(message), dumps(message),
-                            _expiration(message)):
-            store.notify()
+        if self.store.put_fanout(exchange, self._get_message_priority(message), dumps(message),
+                                 _expiration(message)):
+            self.connection.notify()
 
     def _purge(self, queue: str) -> int:
-        return self._store().purge(queue)
+        return self.store.purge(queue)
 
     def _size(self, queue: str) -> int:
-        return self._store().size(queue)
+        return self.store.size(queue)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
-        return super().basic_consume(queue, no_ack, *args, **kwargs)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        # An event loop delivers what is already waiting on its next turn.
+        self.connection.poke_self()
+        return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue in self._auto_delete_queues and queue not in self._active_queues:
-            self._auto_delete_queues.discard(queue)
-            self._store().delete_queue(queue)
+            self._delete(queue)
         return result
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
@@ -526,20 +236,24 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue: str, auto_delete: bool = False, **kwargs: Any) -> None:
         arguments = kwargs.get("arguments") or {}
+        raw_ttl = arguments.get("x-message-ttl")
+        ttl = None if raw_ttl is None else float(raw_ttl) / 1000
         owner = None
         if auto_delete or arguments.get("x-expires"):
             # Dropped when this connection goes away, or dies.
-            owner = self.connection.register()
+            lease = self.connection.register()
+            owner = lease.id
+            lease.own_queue(queue, ttl)
             self._auto_delete_queues.add(queue)
-        ttl = arguments.get("x-message-ttl")
-        self._store().declare_queue(queue, owner, None if ttl is None else float(ttl) / 1000)
+        self.store.declare_queue(queue, owner, ttl)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
-        return self._store().has_queue(queue)
+        return self.store.has_queue(queue)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         self._auto_delete_queues.discard(queue)
-        self._store().delete_queue(queue)
+        self.connection.lease.disown_queue(queue)
+        self.store.delete_queue(queue)
 
     def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
                      **kwargs: Any) -> None:
@@ -551,17 +265,17 @@ class Channel(virtual.Channel):
     def exchange_declare(self, exchange: str | None = None, type: str = "direct",
                          *args: Any, passive: bool = False, **kwargs: Any) -> None:
         if passive and exchange and exchange not in self.state.exchanges:
-            type_ = self._store().exchange_type(exchange)
+            type_ = self.store.exchange_type(exchange)
             if type_ is not None:
                 self.state.exchanges[exchange] = {
                     "type": type_, "durable": True, "auto_delete": False, "arguments": {}, "table": []}
         super().exchange_declare(exchange, type, *args, passive=passive, **kwargs)
         if exchange and not passive:
-            self._store().declare_exchange(exchange, type or "direct")
+            self.store.declare_exchange(exchange, type or "direct")
 
     def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
         self.state.exchanges.pop(exchange, None)
-        self._store().delete_exchange(exchange)
+        self.store.delete_exchange(exchange)
 
     def queue_bind(self, queue: str, exchange: str | None = None, routing_key: str = "",
                    arguments: Any = None, **kwargs: Any) -> None:
@@ -571,32 +285,34 @@ class Channel(virtual.Channel):
             queue, exchange, routing_key, arguments))
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        self._store().bind(exchange, routing_key or "", pattern or "", queue)
+        binding = (exchange, routing_key or "", pattern or "", queue)
+        lease = self.connection.lease
+        if lease.owns(queue):
+            lease.record_binding(binding)
+        self.store.bind(*binding)
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
                      arguments: Any = None, **kwargs: Any) -> None:
         exchange = exchange or "amq.direct"
         self.state.binding_delete(queue, exchange, routing_key)
         key, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
-        self._store().unbind(exchange, key or "", pattern or "", queue)
+        binding = (exchange, key or "", pattern or "", queue)
+        self.connection.lease.forget_binding(binding)
+        self.store.unbind(*binding)
 
     def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
-        return self._store().table(exchange)
+        return self.store.table(exchange)
 
     def list_bindings(self) -> Iterable[tuple[str, str, str]]:
-        conn = self._store().conn
-        return [tuple(row) for row in conn.execute("SELECT queue, exchange, routing_key FROM bindings")]
+        return self.store.bindings()
 
     def typeof(self, exchange: str, default: str = "direct") -> Any:
         info = self.state.exchanges.get(exchange)
         if info is not None:
             return self.exchange_types[info["type"]]
         # Declared by another process (a worker replying to a client).
-        type_ = self._store().exchange_type(exchange) if exchange else None
+        type_ = self.store.exchange_type(exchange) if exchange else None
         return self.exchange_types[type_ or default]
-
-    def close(self) -> None:
-        super().close()
 
 
 class Transport(virtual.Transport):
@@ -607,36 +323,51 @@ class Transport(virtual.Transport):
     driver_type = "sqlite"
     driver_name = "sqlite3"
     polling_interval = DEFAULT_POLLING_INTERVAL
-    #: At most this many messages are delivered per ``drain_events`` call.
+    #: At most this many messages are delivered per wake-up (or per
+    #: ``drain_events`` call), so that other file descriptors get their turn.
     batch_size = 100
-    connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError, SQLiteFileError)
+    #: kombu retries a publish on these (after reconnecting). Not on
+    #: DatabaseLocked: the store already waited ``lock_timeout`` for the lock.
+    recoverable_connection_errors = virtual.Transport.connection_errors + (
+        sqlite3.OperationalError, SQLiteFileError)
+    #: Celery's worker reconnects on any of these.
+    connection_errors = recoverable_connection_errors + (DatabaseLocked,)
     channel_errors = virtual.Transport.channel_errors
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
+        require_sqlite()
         super().__init__(client, **kwargs)
         options = {**url_options(client.hostname or ""), **(client.transport_options or {})}
         self.path = self._path_from(client, options)
-        self.visibility_timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
-        if self.visibility_timeout <= 0:
-            raise SQLiteFileError(f"visibility_timeout must be positive, got {self.visibility_timeout}")
+        self.visibility_timeout = self._positive(options, "visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
+        self.lock_timeout = self._positive(options, "lock_timeout", BUSY_TIMEOUT)
         if "polling_interval" in options:
-            self.polling_interval = float(options["polling_interval"])
+            self.polling_interval = self._positive(options, "polling_interval", DEFAULT_POLLING_INTERVAL)
         self.synchronous = str(options.get("synchronous", "NORMAL")).upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise SQLiteFileError(f"synchronous must be NORMAL or FULL, got {self.synchronous!r}")
         self._store: Store | None = None
-        self._store_pid = 0
-        self._consumer: str | None = None
-        self._consumer_pid = 0
-        self._register_lock = threading.Lock()
-        self._waker: _Waker | None = None
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+        self._lease: ConsumerLease | None = None
+        self._poker = Poker()
+        self._loop: Any = None
+        self._loop_fd: int | None = None
+        self._loop_timer: Any = None
+
+    @staticmethod
+    def _positive(options: dict[str, Any], name: str, default: float) -> float:
+        try:
+            value = float(options.get(name, default))
+        except (TypeError, ValueError):
+            value = -1.0
+        if not value > 0:
+            raise SQLiteFileError(f"the sqlite transport option {name} must be a positive number of "
+                                  f"seconds, got {options.get(name)!r}")
+        return value
 
     @staticmethod
     def _path_from(client: Any, options: dict[str, Any]) -> str:
@@ -652,58 +383,47 @@ class Transport(virtual.Transport):
 
     @property
     def store(self) -> Store:
-        if self._store is None or self._store_pid != os.getpid():
-            self._store = Store(self.path, self.synchronous)
-            self._store_pid = os.getpid()
-        return self._store
+        """This process's access to the broker file."""
+        store = self._store
+        if store is None or store.pid != os.getpid():
+            store = self._store = Store(self.path, self.synchronous, self.lock_timeout)
+        return store
+
+    @property
+    def lease(self) -> ConsumerLease:
+        """This process's lease (made here, started by :meth:`register`)."""
+        lease = self._lease
+        if lease is None or lease.pid != os.getpid():
+            with _lease_lock:
+                lease = self._lease
+                if lease is None or lease.pid != os.getpid():
+                    if lease is not None:
+                        lease.abandon()  # the parent's socket: never read it here
+                    lease = self._lease = ConsumerLease(self.store, self.visibility_timeout, self.notify)
+        return lease
+
+    def register(self) -> ConsumerLease:
+        """Start beating (once per process) before the first lease."""
+        lease = self.lease
+        lease.start()
+        return lease
+
+    def notify(self) -> None:
+        """Poke every waiting consumer: something changed."""
+        store = self.store
+        for consumer, address in self._poker.poke(store.waiters()):
+            store.forget_waiter(consumer, address)
+
+    def poke_self(self) -> None:
+        lease = self._lease
+        if lease is not None and lease.pid == os.getpid() and lease.waker is not None:
+            lease.waker.poke()
 
     def establish_connection(self) -> Any:
         self.store.conn  # opens the file now: a bad path fails at connect time
         return super().establish_connection()
 
-    # Consumers: the heartbeat that keeps our leases ----------------------------
-
-    def consumer_id(self) -> str:
-        if self._consumer is None or self._consumer_pid != os.getpid():
-            self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-            self._consumer_pid = os.getpid()
-        return self._consumer
-
-    def register(self) -> str:
-        """Start beating (once per process) before the first lease; our id."""
-        consumer = self.consumer_id()
-        if self._heartbeat is not None and self._heartbeat.is_alive():
-            return consumer
-        with self._register_lock:
-            if self._heartbeat is None or not self._heartbeat.is_alive():
-                if self._waker is None:
-                    try:
-                        self._waker = _Waker()
-                    except OSError:
-                        logger.info("no unix socket for wake-ups; polling instead", exc_info=True)
-                self.store.beat(consumer, self._waker.address if self._waker else None)
-                self._stop.clear()
-                self._heartbeat = threading.Thread(
-                    target=self._beat_forever, args=(consumer,),
-                    name="offload-sqlite-heartbeat", daemon=True)
-                self._heartbeat.start()
-        return consumer
-
-    def _beat_forever(self, consumer: str) -> None:
-        interval = max(0.1, self.visibility_timeout / 5)
-        wake = self._waker.address if self._waker else None
-        store = self.store
-        while not self._stop.wait(interval):
-            if consumer != self._consumer or os.getpid() != self._consumer_pid:
-                return
-            try:
-                store.beat(consumer, wake)
-                if store.sweep(self.visibility_timeout):
-                    store.notify()
-                store.compact()
-            except Exception:
-                logger.warning("sqlite broker heartbeat failed; retrying", exc_info=True)
-        store.close()
+    # Delivery ---------------------------------------------------------------------
 
     def _deliver_next(self) -> bool:
         """Deliver the next message of all consuming channels; False if none.
@@ -730,39 +450,87 @@ class Transport(virtual.Transport):
             return True
         return False
 
+    def _deliver_batch(self) -> int:
+        """Deliver what is ready now (within prefetch), up to ``batch_size``."""
+        delivered = 0
+        while delivered < self.batch_size and self._deliver_next():
+            delivered += 1
+        return delivered
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
-        self.register()
+        lease = self.register()
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 0.001
         while True:
-            if self._deliver_next():
-                # Hand over what else is ready now (within prefetch) in the
-                # same call, as a socket broker would in one read.
-                for _ in range(self.batch_size - 1):
-                    if not self._deliver_next():
-                        break
+            if self._deliver_batch():
                 return
-            wait = self.polling_interval if self._waker is not None else backoff
+            waker = lease.waker
+            wait = self.polling_interval if waker is not None else backoff
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise socket.timeout()
                 wait = min(wait, left)
-            if self._waker is not None:
-                self._waker.wait(wait)
+            if waker is not None:
+                waker.wait(wait)
             else:
                 time.sleep(wait)
                 backoff = min(backoff * 2, self.polling_interval)
 
-    def close_connection(self, connection: Any) -> None:
-        super().close_connection(connection)  # channels give back their leases
-        self._stop.set()
-        if self._consumer is not None and self._consumer_pid == os.getpid():
+    # kombu's event loop (the Hub) ----------------------------------------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Watch this process's wake-up socket on ``loop`` (Celery's worker Hub).
+
+        A poke (a producer's commit, an ack that freed prefetch room) makes
+        the socket readable and :meth:`on_readable` delivers what is ready;
+        a fallback poll every ``polling_interval`` covers a lost wake-up.
+        """
+        self._unregister_from_loop()
+        lease = self.register()
+        self._loop = loop
+        if lease.waker is not None:
+            self._loop_fd = lease.waker.fileno()
+            loop.add_reader(self._loop_fd, self.on_readable, self._loop_fd)
+        self._loop_timer = loop.call_repeatedly(self.polling_interval, self._on_poll)
+        self.poke_self()  # deliver what is already waiting on the loop's next turn
+
+    def on_readable(self, fileno: int) -> None:
+        """The wake-up socket is readable: deliver what is ready."""
+        lease = self.lease
+        if lease.waker is not None:
+            lease.waker.drain()
+        if self._deliver_batch() >= self.batch_size:
+            self.poke_self()  # more to come: after the loop's other work
+
+    def _on_poll(self) -> None:
+        if self._deliver_batch() >= self.batch_size:
+            self.poke_self()
+
+    def _unregister_from_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._loop_timer is not None:
             try:
-                self.store.unregister(self._consumer)
-                self.store.notify()
+                self._loop_timer.cancel()
+            except Exception:  # the loop may be closed already
+                pass
+            self._loop_timer = None
+        if self._loop_fd is not None:
+            try:
+                loop.remove_reader(self._loop_fd)
             except Exception:
-                logger.debug("could not unregister %s", self._consumer, exc_info=True)
-        if self._waker is not None:
-            self._waker.close()
-            self._waker = None
+                pass
+            self._loop_fd = None
+
+    def close_connection(self, connection: Any) -> None:
+        self._unregister_from_loop()
+        super().close_connection(connection)  # channels give back their leases
+        lease = self._lease
+        if lease is not None:
+            if lease.pid == os.getpid():
+                lease.stop()
+            else:
+                lease.abandon()
+            self._lease = None

@@ -8,6 +8,7 @@ environment so that the test process and its workers agree on them.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 from offload import Offload, current_task, progress
@@ -88,6 +89,12 @@ def crunch(n, pause=0.0):
         time.sleep(pause)
     current_task.update_state(state="PROGRESS", meta={"current": n, "total": n, "message": "done"})
     return bool(current_task)
+
+
+def spawn_sleeper(seconds):
+    """Start a program that outlives the task (in the worker's process group); its pid."""
+    return subprocess.Popen(["sleep", str(seconds)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
 
 
 def whoami():
