@@ -1,0 +1,125 @@
+"""Flask integration: settings from ``app.config``, tasks in the app context.
+
+>>> from flask import Flask
+>>> from offload import Offload
+>>> app = Flask("myapp")
+>>> app.config["CELERY_ALWAYS_EAGER"] = True
+>>> off = Offload()
+>>> off.init_app(app)            # or Offload(app)
+>>> offload_of(app) is off
+True
+
+Each Flask app keeps its state where Flask extensions keep theirs, in
+``app.extensions["offload"]`` (the Offload it was given to); nothing is kept
+in module globals. An Offload serves one Flask app at a time: a second
+``init_app`` (an app factory called again, in tests) re-reads the settings
+and moves the tasks' app context to the new app.
+
+Flask-SQLAlchemy works in tasks as in views: a task runs inside an app
+context, whose teardown removes the session (Flask-SQLAlchemy's own
+``teardown_appcontext``), and each pool process of a worker starts with
+fresh connections: the pool the worker's main process filled (a
+``db.create_all()`` in the factory) is dropped, not shared across a fork.
+
+Nothing here imports Flask: an app is recognised by its shape, so that
+``offload.core`` and the CLI can ask :func:`is_flask_app` without Flask
+installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
+
+#: Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``.
+EXTENSION_KEY = "offload"
+
+
+class _Configurable(Protocol):
+    """What the integration needs of an Offload."""
+
+    flask_app: Any
+
+    def configure(self, config: Mapping[str, Any] | None, *, default_data_dir: str | None = None) -> None: ...
+
+    def add_task_context(self, factory: Any) -> None: ...
+
+    def remove_task_context(self, factory: Any) -> None: ...
+
+
+def is_flask_app(obj: Any) -> bool:
+    """Whether ``obj`` is a Flask app (duck-typed: Flask need not be installed).
+
+    >>> is_flask_app(object())
+    False
+    """
+    return (not isinstance(obj, type) and hasattr(obj, "extensions") and hasattr(obj, "config")
+            and hasattr(obj, "app_context"))
+
+
+def offload_of(app: Any) -> Any | None:
+    """The Offload :func:`init_app` registered on the Flask ``app``, or None."""
+    extensions = getattr(app, "extensions", None)
+    return extensions.get(EXTENSION_KEY) if isinstance(extensions, Mapping) else None
+
+
+def init_app(off: _Configurable, app: Any) -> None:
+    """Configure ``off`` from ``app.config``; tasks then run in ``app``'s context.
+
+    The data folder defaults to the app's ``instance_path``.
+
+    Raises:
+        TypeError: when ``app`` is not a Flask app.
+        ConfigurationError: for a setting offload cannot use.
+    """
+    if not is_flask_app(app) or not isinstance(app.config, Mapping):
+        raise TypeError(f"init_app() takes a Flask app (with a .config mapping), got {app!r}")
+    off.configure(app.config, default_data_dir=getattr(app, "instance_path", None))
+    previous = off.flask_app
+    if previous is not None and previous is not app:
+        off.remove_task_context(previous.app_context)
+    app.extensions[EXTENSION_KEY] = off
+    off.flask_app = app
+    off.add_task_context(app.app_context)
+    _after_fork_in_pool(off)
+
+
+def _after_fork_in_pool(off: _Configurable) -> None:
+    """In each new pool process of a worker, drop the app's inherited DB connections."""
+    from celery.signals import worker_process_init
+
+    def drop_inherited_connections(**_: Any) -> None:
+        app = off.flask_app
+        if app is not None:
+            dispose_inherited_engines(app)
+
+    # One receiver per Offload however often init_app runs; it reads the
+    # Offload's app when the pool process starts.
+    worker_process_init.connect(drop_inherited_connections, weak=False,
+                                dispatch_uid=f"offload.flask.{id(off)}")
+
+
+def dispose_inherited_engines(app: Any) -> None:
+    """Forget the SQLAlchemy connections ``app`` holds, without closing them.
+
+    For a forked child: the parent's connections stay the parent's (closing
+    them here would close the parent's sockets); the child opens its own on
+    first use. SQLAlchemy's documented way: ``engine.dispose(close=False)``.
+    Does nothing when the app does not use Flask-SQLAlchemy.
+    """
+    extension = getattr(app, "extensions", {}).get("sqlalchemy")
+    if extension is None:
+        return
+    try:
+        with app.app_context():
+            engines = list(getattr(extension, "engines", {}).values())
+    except Exception:  # noqa: BLE001 (a worker must start even if this cannot be done)
+        logger.exception("offload: could not list the SQLAlchemy engines of %r", app)
+        return
+    for engine in engines:
+        engine.dispose(close=False)
