@@ -1,0 +1,440 @@
+"""The routes of the web task API, once, for every protocol.
+
+:class:`TaskAPI` holds the configuration and answers a :class:`RequestInfo`
+plus its body. A handler is a generator: it *yields* what it must wait for
+(:class:`Wait` on a task, :class:`Call` of something that blocks, such as
+sending to the broker) and *returns* the :class:`Response` or
+:class:`EventStream`. The WSGI adapter (:mod:`offload.web.wsgi`) runs those
+steps in its request thread; the ASGI adapter (:mod:`offload.web.asgi`) awaits
+waits on the event loop and runs calls in a worker thread. So the routes are
+written once and the ASGI side holds no thread while a request waits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Union
+from urllib.parse import quote
+
+from celery import states
+
+from ..exceptions import BrokerUnavailable, ConfigurationError
+from .names import ArgumentsError, ExposedTasks
+from .waiting import TaskSnapshot, lookup
+
+__all__ = ["Call", "EventStream", "RequestInfo", "Response", "TaskAPI", "Wait"]
+
+logger = logging.getLogger("offload.web")
+
+#: A task id as Celery makes them (a UUID) or as a user may choose them.
+TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
+
+Authorize = Callable[["RequestInfo", str], bool]
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the API knows of a request; ``authorize`` receives it.
+
+    ``headers`` has lowercase names. ``raw`` is the WSGI environ or the ASGI
+    scope, for an ``authorize`` that needs a framework's session or user.
+    """
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    client: str | None = None
+    raw: Any = None
+
+
+@dataclass
+class Response:
+    """A whole answer: status, headers, body."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`)."""
+
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Step: wait until ``task_id`` ends or ``timeout`` seconds pass; sends back a snapshot."""
+
+    task_id: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Call:
+    """Step: run ``fn(*args)``, which may block on the network; sends back its result.
+
+    An exception it raises is thrown back into the handler.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """What reading a result backend raises when it is down or busy."""
+    import sqlite3
+
+    from ..core import CONNECTION_ERRORS
+
+    return (*CONNECTION_ERRORS, sqlite3.OperationalError)
+
+
+_BACKEND_ERRORS = _backend_errors()
+
+Step = Union[Wait, Call]
+Answer = Union[Response, EventStream]
+Handler = Generator[Step, Any, Answer]
+
+
+class HTTPError(Exception):
+    """A request the API refuses; becomes ``{"error": {"type", "message"}}``."""
+
+    def __init__(self, status: int, kind: str, message: str,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+        self.headers = list(headers)
+
+
+def json_response(status: int, data: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    body = json.dumps(data, separators=(",", ":"), default=_json_default).encode()
+    return Response(status, body, [("Content-Type", "application/json"), *headers])
+
+
+def error_response(status: int, kind: str, message: str,
+                   headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return json_response(status, {"error": {"type": kind, "message": message}}, headers)
+
+
+def _json_default(obj: Any) -> Any:
+    # A result the worker sent as JSON comes back as JSON types; anything
+    # else (a datetime from a custom serializer) is shown as text.
+    return str(obj)
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON document in ``body``, or HTTPError 400."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPError(400, "MalformedJSON", f"the body is not valid JSON: {exc}") from None
+
+
+class TaskAPI:
+    """The HTTP API of one Offload's exposed tasks, as WSGI (``.wsgi``) and ASGI (``.asgi``).
+
+    Parameters:
+        off: the :class:`offload.Offload` whose ``expose=True`` tasks are served.
+        prefix: the public path the API lives under (also when mounted in
+            Flask or Pyramid: mount it at this same path).
+        cors_origins: origins allowed to call from a browser
+            (``"https://app.example"``); ``["*"]`` allows any, but never with
+            ``cors_credentials``.
+        cors_credentials: allow cookies and HTTP auth on cross-origin calls.
+        cors_max_age: how long a browser may cache a preflight answer (s).
+        authorize: ``authorize(request_info, task_name) -> bool``, asked before
+            a task is started (``task_name`` is its full Celery name) or
+            cancelled (``"task.cancel"``); False answers 403.
+        max_body: the largest request body accepted (bytes); larger is 413.
+        max_wait: the cap of ``?wait=`` and of JSON-RPC ``task.result`` (s).
+        max_stream: how long one event stream may stay open (s); the browser
+            reconnects after it. Under WSGI each open stream holds a thread.
+        keepalive: seconds between keep-alive comments of an event stream.
+
+    >>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])  # doctest: +SKIP
+    >>> api.wsgi, api.asgi                                                           # doctest: +SKIP
+    """
+
+    def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
+                 cors_credentials: bool = False, cors_max_age: int = 600,
+                 authorize: Authorize | None = None, max_body: int = 1 << 20,
+                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0) -> None:
+        from .cors import CorsConfig
+
+        if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/") or prefix.endswith("/"))):
+            raise ConfigurationError(
+                f"prefix must be a path like '/offload' (leading slash, none at the end) or '', got {prefix!r}")
+        for name, value in (("max_body", max_body), ("max_wait", max_wait),
+                            ("max_stream", max_stream), ("keepalive", keepalive)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+        if authorize is not None and not callable(authorize):
+            raise ConfigurationError(f"authorize must be callable(request_info, task_name), got {authorize!r}")
+        self.off = off
+        self.prefix = prefix
+        self.cors = CorsConfig(cors_origins, credentials=cors_credentials, max_age=cors_max_age)
+        self.authorize = authorize
+        self.max_body = int(max_body)
+        self.max_wait = float(max_wait)
+        self.max_stream = float(max_stream)
+        self.keepalive = float(keepalive)
+        self.tasks = ExposedTasks(off)
+        self._wsgi: Any = None
+        self._asgi: Any = None
+        self._openapi: tuple[frozenset[str], dict[str, Any]] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskAPI {self.prefix or '/'} of {self.off!r}>"
+
+    @property
+    def wsgi(self) -> Callable[..., Any]:
+        """The API as a WSGI application."""
+        if self._wsgi is None:
+            from .wsgi import WSGIApp
+
+            self._wsgi = WSGIApp(self)
+        return self._wsgi
+
+    @property
+    def asgi(self) -> Callable[..., Any]:
+        """The API as an ASGI application (needs the ``web`` extra: Starlette)."""
+        if self._asgi is None:
+            from .asgi import make_asgi
+
+            self._asgi = make_asgi(self)
+        return self._asgi
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of this API (made again only when the exposed tasks change)."""
+        from .openapi import openapi_document
+
+        version = self.tasks.version
+        if self._openapi is None or self._openapi[0] != version:
+            self._openapi = (version, openapi_document(self))
+        return self._openapi[1]
+
+    def includeme(self, config: Any) -> None:
+        """Pyramid: ``config.include(api.includeme, route_prefix=api.prefix)``."""
+        from pyramid.wsgi import wsgiapp2
+
+        config.add_route("offload.web", "/*subpath")
+        config.add_view(wsgiapp2(self.wsgi), route_name="offload.web")
+
+    # Routing ----------------------------------------------------------------
+
+    def route_path(self, full_path: str) -> str | None:
+        """The path inside the API (``/tasks/x``), or None when outside the prefix."""
+        if not self.prefix:
+            return full_path or "/"
+        if full_path == self.prefix:
+            return "/"
+        if full_path.startswith(self.prefix + "/"):
+            return full_path[len(self.prefix):]
+        return None
+
+    def handle(self, request: RequestInfo, body: bytes) -> Handler:
+        """Answer one request (a generator of steps; see the module docstring)."""
+        try:
+            answer = yield from self._route(request, body)
+            return answer
+        except HTTPError as exc:
+            return error_response(exc.status, exc.kind, exc.message, exc.headers)
+        except BrokerUnavailable as exc:
+            logger.warning("task API: %s", exc)
+            return error_response(503, "BrokerUnavailable",
+                                  "the task broker is unreachable; try again shortly",
+                                  [("Retry-After", "5")])
+        except _BACKEND_ERRORS as exc:
+            # Reading a state, or revoking: the result backend (or the
+            # broker, for a revoke) did not answer. Bad luck, not a bug.
+            logger.warning("task API: result backend error: %r", exc)
+            return error_response(503, "BackendUnavailable",
+                                  "the result store is unreachable or busy; try again shortly",
+                                  [("Retry-After", "2")])
+
+    def _route(self, request: RequestInfo, body: bytes) -> Handler:
+        path = self.route_path(request.path)
+        if path is None:
+            raise HTTPError(404, "NotFound", f"{request.path} is outside the API at {self.prefix}")
+        method = request.method
+        parts = path.strip("/").split("/")
+        if parts == ["tasks", parts[-1]] and len(parts) == 2 and method == "POST":
+            return (yield from self._submit(request, parts[1], body))
+        if len(parts) == 2 and parts[0] == "tasks":
+            self._allow(method, ("GET", "DELETE"), ("POST",))
+            task_id = self.parse_task_id(parts[1])
+            if method == "DELETE":
+                return (yield from self._cancel(request, task_id))
+            return (yield from self._status(request, task_id))
+        if len(parts) == 3 and parts[0] == "tasks" and parts[2] == "events":
+            self._allow(method, ("GET",))
+            return EventStream(self.parse_task_id(parts[1]))
+        if parts == ["rpc"]:
+            self._allow(method, ("POST",))
+            from .jsonrpc import handle_rpc
+
+            return (yield from handle_rpc(self, request, body))
+        if parts == ["openapi.json"]:
+            self._allow(method, ("GET",))
+            return json_response(200, self.openapi())
+        if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
+            self._allow(method, ("GET",))
+            return Response(200, offload_js(), [
+                ("Content-Type", "text/javascript; charset=utf-8"), ("Cache-Control", "public, max-age=300")])
+        raise HTTPError(404, "NotFound", f"no route {method} {request.path}; see {self.prefix}/openapi.json")
+
+    @staticmethod
+    def _allow(method: str, allowed: Sequence[str], also: Sequence[str] = ()) -> None:
+        if method == "HEAD" and "GET" in allowed:
+            return
+        if method not in allowed:
+            allow = ", ".join([*allowed, *also, "OPTIONS"])
+            raise HTTPError(405, "MethodNotAllowed", f"{method} is not allowed here; use {allow}",
+                            [("Allow", allow)])
+
+    @staticmethod
+    def parse_task_id(raw: str) -> str:
+        if not TASK_ID.fullmatch(raw):
+            raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
+        return raw
+
+    def location(self, task_id: str) -> str:
+        return f"{self.prefix}/tasks/{quote(task_id)}"
+
+    # Tasks ----------------------------------------------------------------
+
+    def find_task(self, request: RequestInfo, name: str) -> Generator[Step, Any, Any]:
+        """The exposed task ``name`` the request may start, or HTTPError 404/403."""
+        task = self.tasks.find(name) if TASK_NAME.fullmatch(name) else None
+        if task is None:
+            raise HTTPError(404, "UnknownTask",
+                            f"no exposed task named {name!r}; see {self.prefix}/openapi.json")
+        yield from self.check_authorized(request, task.name)
+        return task
+
+    def check_authorized(self, request: RequestInfo, name: str) -> Generator[Step, Any, None]:
+        # A Call: the hook may read a session store, so under ASGI it runs
+        # in a worker thread, not on the event loop.
+        if self.authorize is not None and not (yield Call(self.authorize, (request, name))):
+            raise HTTPError(403, "Forbidden", f"not allowed to call {name!r}")
+
+    def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Handler:
+        """Check the arguments, then send the task; its id (steps: one Call)."""
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise HTTPError(400, "BadArguments", 'the body is {"args": [...], "kwargs": {...}}')
+        try:
+            self.tasks.check_arguments(task, args, kwargs)
+        except ArgumentsError as exc:
+            raise HTTPError(422, "BadArguments", str(exc)) from None
+        try:
+            future = yield Call(_submit, (self.off, task, args, kwargs))
+        except TypeError as exc:  # not JSON-serializable
+            raise HTTPError(422, "BadArguments", str(exc)) from None
+        return future.id
+
+    def _submit(self, request: RequestInfo, name: str, body: bytes) -> Handler:
+        task = yield from self.find_task(request, name)
+        data = parse_json(body) if body.strip() else {}
+        if not isinstance(data, dict) or set(data) - {"args", "kwargs"}:
+            raise HTTPError(400, "BadArguments",
+                            'the body is a JSON object {"args": [...], "kwargs": {...}} (both optional)')
+        task_id = yield from self.start(task, data.get("args", []), data.get("kwargs", {}))
+        location = self.location(task_id)
+        return json_response(202, {"id": task_id, "state": states.PENDING, "location": location},
+                             [("Location", location)])
+
+    def wait_seconds(self, raw: str | None) -> float:
+        if raw is None or raw == "":
+            return 0.0
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            raise HTTPError(400, "BadWait", f"wait is a number of seconds >= 0, got {raw!r}")
+        return min(seconds, self.max_wait)
+
+    def snapshot(self, task_id: str, wait: float) -> Handler:
+        """The task's snapshot, waiting up to ``wait`` seconds for its end."""
+        if wait > 0:
+            snap = yield Wait(task_id, wait)
+        else:
+            snap = yield Call(lookup, (self.off, task_id))
+        return snap
+
+    def _status(self, request: RequestInfo, task_id: str) -> Handler:
+        wait = self.wait_seconds(request.query.get("wait"))
+        snap: TaskSnapshot = yield from self.snapshot(task_id, wait)
+        return json_response(200, snap.to_json(), [("Cache-Control", "no-store")])
+
+    def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
+        yield from self.check_authorized(request, "task.cancel")
+        cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
+        return {**snap.to_json(), "cancelled": cancelled}
+
+    def _cancel(self, request: RequestInfo, task_id: str) -> Handler:
+        raw = request.query.get("terminate", "false")
+        if raw not in ("true", "false"):
+            raise HTTPError(400, "BadTerminate", f"terminate is true or false, got {raw!r}")
+        terminate = raw == "true"
+        data = yield from self.cancel(request, task_id, terminate)
+        return json_response(200, data)
+
+
+def _submit(off: Any, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    return off.submit(task, *args, **kwargs)
+
+
+def _cancel(off: Any, task_id: str, terminate: bool) -> tuple[bool, TaskSnapshot]:
+    """Revoke as ``Future.cancel`` does; ``terminate`` also stops running work."""
+    if terminate:
+        off.celery.control.revoke(task_id, terminate=True)
+        cancelled = True
+    else:
+        cancelled = bool(off.get(task_id).cancel())
+    snap = lookup(off, task_id)
+    if cancelled and not snap.final:
+        snap = TaskSnapshot(task_id, states.REVOKED, error=("TaskRevokedError", "the task was revoked"))
+    return cancelled, snap
+
+
+_OFFLOAD_JS: bytes | None = None
+
+
+def offload_js() -> bytes:
+    """The browser client, read once from the package."""
+    global _OFFLOAD_JS
+    if _OFFLOAD_JS is None:
+        _OFFLOAD_JS = resources.files("offload.web").joinpath("static/offload.js").read_bytes()
+    return _OFFLOAD_JS
+
+
+def drive_sync(api: TaskAPI, handler: Handler) -> Answer:
+    """Run a handler's steps in the calling thread (WSGI); each wait is bounded by its timeout."""
+    from .waiting import wait_final_sync
+
+    value: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = handler.throw(error) if error is not None else handler.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            if isinstance(step, Wait):
+                value = wait_final_sync(api.off, step.task_id, step.timeout)
+            else:
+                value = step.fn(*step.args)
+        except Exception as exc:  # handed back to the handler, which decides
+            error = exc

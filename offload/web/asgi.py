@@ -1,0 +1,187 @@
+"""The task API as an ASGI application: Starlette's request, responses and CORS.
+
+Waits (long-poll, event streams, ``task.result``) run on the event loop and
+hold no thread: :mod:`offload.web.waiting` wakes them from the result
+watcher. Steps that block on the network (sending a task, reading a state
+once, an ``authorize`` hook) run in Starlette's thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response as StarletteResponse
+from starlette.types import Receive, Scope, Send
+
+from .app import Answer, EventStream, Handler, RequestInfo, Response, TaskAPI, Wait, error_response
+from .sse import HEADERS as SSE_HEADERS
+from .sse import async_events
+from .waiting import wait_final
+
+__all__ = ["ASGIApp", "make_asgi"]
+
+logger = logging.getLogger("offload.web")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def drive_async(api: TaskAPI, handler: Handler) -> Answer:
+    """Run a handler's steps: waits on the loop, blocking calls in a thread."""
+    value: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = handler.throw(error) if error is not None else handler.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            if isinstance(step, Wait):
+                value = await wait_final(api.off, step.task_id, step.timeout)
+            else:
+                value = await run_in_threadpool(step.fn, *step.args)
+        except Exception as exc:  # handed back to the handler, which decides
+            error = exc
+
+
+class ASGIApp:
+    """The routes of a :class:`TaskAPI` over ASGI (without CORS; see :func:`make_asgi`)."""
+
+    def __init__(self, api: TaskAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        method = request.method
+        try:
+            body = await self._read_body(request)
+        except _TooLarge:
+            response = _starlette(error_response(413, "TooLarge", f"the body is over {self.api.max_body} bytes"))
+        except ValueError:
+            response = _starlette(error_response(400, "BadContentLength", "Content-Length is not a number"))
+        except ClientDisconnect:
+            return
+        else:
+            if method == "OPTIONS":  # not a preflight (CORSMiddleware answers those)
+                response = StarletteResponse(status_code=204, headers={"Allow": "GET, POST, DELETE, OPTIONS"})
+            else:
+                response = await self._answer(scope, request, body)
+        await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, request: Request, body: bytes) -> Any:
+        root = scope.get("root_path", "")
+        path = scope["path"] if scope["path"].startswith(root) else root + scope["path"]
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = request.client.host if request.client else None
+        info = RequestInfo(request.method, path, query, headers, client, scope)
+        try:
+            answer = await drive_async(self.api, self.api.handle(info, body))
+        except Exception:  # a bug or a hook's error: logged here, never shown
+            logger.exception("task API: error answering %s %s", request.method, path)
+            answer = error_response(500, "InternalError", "the server could not answer; see its log")
+        if isinstance(answer, EventStream):
+            return _EventStreamResponse(self.api, answer.task_id)
+        return _starlette(answer)
+
+    async def _read_body(self, request: Request) -> bytes:
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return b""
+        limit = self.api.max_body
+        raw = request.headers.get("content-length")
+        if raw is not None:
+            if not raw.strip().isdigit():
+                raise ValueError(raw)
+            if int(raw) > limit:
+                raise _TooLarge
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked, or a Content-Length that lied
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class _EventStreamResponse:
+    """Sends a task's server-sent events; stops following when the client leaves.
+
+    Not Starlette's ``StreamingResponse``: that one runs an anyio task group
+    per response, which at thousands of open streams costs more than the
+    events themselves. Here one plain task waits for ``http.disconnect``
+    beside the stream.
+    """
+
+    def __init__(self, api: TaskAPI, task_id: str) -> None:
+        self.api, self.task_id = api, task_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = asyncio.current_task()
+
+        async def hang_up() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if stream is not None:
+                stream.cancel()
+
+        watcher = asyncio.ensure_future(hang_up())
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async for chunk in async_events(self.api, self.task_id):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if watcher.done():  # the client left: nothing more to send
+                return
+            raise
+        except OSError:  # the connection broke while sending
+            return
+        finally:
+            watcher.cancel()
+
+
+class _PlainResponse:
+    """A whole answer sent as two ASGI messages.
+
+    Starlette's ``Response`` would rebuild and re-check headers that
+    :mod:`offload.web.app` already made; at thousands of long-polls ending
+    together, that per-answer work is what the clients wait on.
+    """
+
+    def __init__(self, response: Response) -> None:
+        self.status = response.status
+        self.body = response.body
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        self.headers.append((b"content-length", str(len(self.body)).encode()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
+
+
+def _starlette(response: Response) -> _PlainResponse:
+    return _PlainResponse(response)
+
+
+def make_asgi(api: TaskAPI) -> Any:
+    """``api.asgi``: the routes behind Starlette's ``CORSMiddleware``."""
+    return CORSMiddleware(ASGIApp(api), **api.cors.starlette_options())

@@ -1,0 +1,100 @@
+"""Cross-origin rules of the task API, one configuration for WSGI and ASGI.
+
+The ASGI side is Starlette's ``CORSMiddleware``, built from
+:meth:`CorsConfig.starlette_options`. The WSGI side is :class:`CorsConfig`'s
+own two methods below: Starlette's middleware speaks only ASGI, and the
+WSGI CORS packages are either tied to one framework (flask-cors) or no
+longer kept, so the few rules are written here, following the same policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..exceptions import ConfigurationError
+
+__all__ = ["CorsConfig"]
+
+#: What the API's routes answer to.
+METHODS = ("GET", "POST", "DELETE", "OPTIONS")
+#: Response headers a page may read besides the safelisted ones.
+EXPOSE = ("Location", "Retry-After")
+_PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+
+
+class CorsConfig:
+    """Which origins may call the API from a browser, and how.
+
+    Raises:
+        ConfigurationError: ``"*"`` together with credentials (a browser
+            refuses it, and it would hand every site the user's cookies), or
+            an origin that is not ``scheme://host[:port]``.
+    """
+
+    def __init__(self, origins: Sequence[str], *, credentials: bool = False, max_age: int = 600) -> None:
+        if isinstance(origins, str):
+            raise ConfigurationError(f"cors_origins is a list of origins, got the string {origins!r}")
+        origins = tuple(origins)
+        for origin in origins:
+            if origin != "*" and (not isinstance(origin, str) or "://" not in origin or origin.endswith("/")):
+                raise ConfigurationError(
+                    f"a CORS origin is 'scheme://host[:port]' with no path or trailing slash, got {origin!r}")
+        self.allow_all = "*" in origins
+        if self.allow_all and credentials:
+            raise ConfigurationError(
+                "cors_origins=['*'] with cors_credentials=True would let any site act with the user's "
+                "cookies; list the origins instead.")
+        if not isinstance(max_age, int) or max_age < 0:
+            raise ConfigurationError(f"cors_max_age is a number of seconds >= 0, got {max_age!r}")
+        self.origins = frozenset(o for o in origins if o != "*")
+        self.credentials = bool(credentials)
+        self.max_age = max_age
+
+    def is_allowed(self, origin: str) -> bool:
+        return self.allow_all or origin in self.origins
+
+    def starlette_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``starlette.middleware.cors.CORSMiddleware``."""
+        return {
+            "allow_origins": ["*"] if self.allow_all else sorted(self.origins),
+            "allow_methods": METHODS,
+            # The preflight mirrors the headers the page asks for (such as
+            # Content-Type: application/json, which is what makes a JSON-RPC
+            # call preflighted at all): the origin is what is trusted.
+            "allow_headers": ["*"],
+            "allow_credentials": self.credentials,
+            "expose_headers": EXPOSE,
+            "max_age": self.max_age,
+        }
+
+    # WSGI -------------------------------------------------------------------
+
+    def preflight(self, origin: str, headers: Mapping[str, str]) -> tuple[int, list[tuple[str, str]]]:
+        """Status and headers answering an ``OPTIONS`` preflight."""
+        out = [("Vary", _PREFLIGHT_VARY), ("Access-Control-Allow-Methods", ", ".join(METHODS)),
+               ("Access-Control-Max-Age", str(self.max_age))]
+        requested = headers.get("access-control-request-headers")
+        if requested:
+            out.append(("Access-Control-Allow-Headers", requested))
+        if self.credentials:
+            out.append(("Access-Control-Allow-Credentials", "true"))
+        method_ok = headers.get("access-control-request-method", "") in METHODS
+        if not self.is_allowed(origin) or not method_ok:
+            # No Access-Control-Allow-Origin: the browser refuses the call.
+            return 400, out
+        out.append(("Access-Control-Allow-Origin", "*" if self.allow_all and not self.credentials else origin))
+        return 200, out
+
+    def simple(self, origin: str | None) -> list[tuple[str, str]]:
+        """Headers added to an actual answer (never an allow for a disallowed origin)."""
+        if origin is None:
+            return []
+        out = [("Vary", "Origin")]
+        if self.is_allowed(origin):
+            out.append(("Access-Control-Allow-Origin",
+                        "*" if self.allow_all and not self.credentials else origin))
+            out.append(("Access-Control-Expose-Headers", ", ".join(EXPOSE)))
+            if self.credentials:
+                out.append(("Access-Control-Allow-Credentials", "true"))
+        return out

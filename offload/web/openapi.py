@@ -1,0 +1,217 @@
+"""``GET {prefix}/openapi.json``: an OpenAPI 3.1 document of the API.
+
+The fixed routes are described once; each exposed task adds
+``POST {prefix}/tasks/{short name}`` whose body schema comes from the
+function's signature and type hints (``int``, ``float``, ``str``, ``bool``,
+lists, dicts, optionals; anything else is left open).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from typing import Any
+
+from .names import signature_of
+
+__all__ = ["matches", "openapi_document", "schema_of"]
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["type", "message"], "properties": {
+        "type": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+_SNAPSHOT = {
+    "type": "object",
+    "required": ["id", "state"],
+    "properties": {
+        "id": {"type": "string"},
+        "state": {"type": "string", "examples": ["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE"]},
+        "progress": {},
+        "result": {},
+        "error": {"type": "object", "required": ["type", "message"],
+                  "properties": {"type": {"type": "string"}, "message": {"type": "string"}}},
+    },
+}
+
+_SCALARS: dict[Any, dict[str, Any]] = {
+    int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+    bool: {"type": "boolean"}, type(None): {"type": "null"}, list: {"type": "array"},
+    dict: {"type": "object"}, tuple: {"type": "array"},
+}
+
+
+def schema_of(hint: Any) -> dict[str, Any]:
+    """The JSON schema of a type hint, as far as JSON can carry it."""
+    if hint is inspect.Parameter.empty or hint is Any:
+        return {}
+    if hint in _SCALARS:
+        return dict(_SCALARS[hint])
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
+        return {"anyOf": [schema_of(a) for a in args]}
+    if origin in (list, tuple, set, frozenset) or origin is typing.Sequence:
+        items = schema_of(args[0]) if args and args[-1] is not Ellipsis and len(args) == 1 else {}
+        return {"type": "array", "items": items} if items else {"type": "array"}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": schema_of(args[1])} if len(args) == 2 else {"type": "object"}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    return {}
+
+
+_JSON_TYPES: dict[str, Any] = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def matches(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether ``value`` fits a schema made by :func:`schema_of` (that subset only)."""
+    if "anyOf" in schema:
+        return any(matches(value, s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema.get("type")
+    if kind is not None and not _JSON_TYPES[kind](value):
+        return False
+    if "items" in schema:
+        return all(matches(v, schema["items"]) for v in value)
+    if "additionalProperties" in schema and isinstance(schema["additionalProperties"], dict):
+        return all(matches(v, schema["additionalProperties"]) for v in value.values())
+    return True
+
+
+def _task_body(task: Any) -> dict[str, Any]:
+    sig = signature_of(task)
+    if sig is None:
+        return {"type": "object", "properties": {"args": {"type": "array"}, "kwargs": {"type": "object"}},
+                "additionalProperties": False}
+    try:
+        hints = typing.get_type_hints(getattr(task.run, "__func__", task.run))
+    except Exception:  # a hint naming something not importable here
+        hints = {}
+    positional, named, required, prefix = [], {}, [], []
+    var_args = var_kwargs = False
+    for param in sig.parameters.values():
+        schema = schema_of(hints.get(param.name, param.annotation))
+        if param.default is not inspect.Parameter.empty and _jsonable(param.default):
+            schema = {**schema, "default": param.default}
+        if param.kind is param.VAR_POSITIONAL:
+            var_args = True
+        elif param.kind is param.VAR_KEYWORD:
+            var_kwargs = True
+        else:
+            if param.kind is not param.KEYWORD_ONLY:
+                positional.append(param.name)
+                prefix.append(schema)
+            if param.kind is not param.POSITIONAL_ONLY:
+                named[param.name] = schema
+            if param.default is inspect.Parameter.empty:
+                required.append(param.name)
+    args_schema: dict[str, Any] = {"type": "array", "prefixItems": prefix}
+    if not var_args:
+        args_schema["maxItems"] = len(prefix)
+    kwargs_schema: dict[str, Any] = {"type": "object", "properties": named}
+    if not var_kwargs:
+        kwargs_schema["additionalProperties"] = False
+    return {
+        "type": "object",
+        "properties": {"args": args_schema, "kwargs": kwargs_schema},
+        "additionalProperties": False,
+        "description": f"Arguments of {sig}: positional in args, by name in kwargs. Required: "
+                       + (", ".join(required) or "none") + ".",
+    }
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Malformed request", 403: "Refused by authorize", 404: "No such task or route",
+            405: "Method not allowed", 413: "Body too large", 422: "Arguments do not fit the signature",
+            503: "Broker or result store unreachable"}
+    return {str(code): _json(_ERROR, text[code]) for code in codes}
+
+
+def openapi_document(api: Any) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``api`` (a :class:`offload.web.TaskAPI`)."""
+    p = api.prefix
+    task_id = {"name": "id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"}}
+    paths: dict[str, Any] = {}
+    for short, task in api.tasks:
+        doc = inspect.getdoc(task.run) or ""
+        paths[f"{p}/tasks/{short}"] = {"post": {
+            "operationId": f"start_{short}".replace(".", "_"),
+            "summary": doc.splitlines()[0] if doc else f"Start {task.name}",
+            "description": doc,
+            "tags": ["tasks"],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _task_body(task)}}},
+            "responses": {
+                "202": {**_json({"type": "object", "required": ["id"], "properties": {
+                    "id": {"type": "string"}, "state": {"type": "string"}, "location": {"type": "string"}}},
+                    "Started"), "headers": {"Location": {"schema": {"type": "string"}}}},
+                **_errors(400, 403, 404, 413, 422, 503),
+            },
+        }}
+    paths[f"{p}/tasks/{{id}}"] = {
+        "get": {
+            "operationId": "task_status", "summary": "A task's state, progress and result or error",
+            "parameters": [task_id, {"name": "wait", "in": "query", "required": False,
+                                     "description": f"wait up to this many seconds (at most {api.max_wait:g}) "
+                                                    "for the task to end",
+                                     "schema": {"type": "number", "minimum": 0}}],
+            "responses": {"200": _json(_SNAPSHOT, "The task's snapshot"), **_errors(400, 503)},
+        },
+        "delete": {
+            "operationId": "task_cancel", "summary": "Revoke a task (running work only with terminate=true)",
+            "parameters": [task_id, {"name": "terminate", "in": "query", "required": False,
+                                     "schema": {"type": "boolean"}}],
+            "responses": {"200": _json({**_SNAPSHOT, "properties": {
+                **_SNAPSHOT["properties"], "cancelled": {"type": "boolean"}}}, "Revoked, or too late"),
+                **_errors(400, 403, 503)},
+        },
+    }
+    paths[f"{p}/tasks/{{id}}/events"] = {"get": {
+        "operationId": "task_events", "summary": "Server-sent events: each state change, then the end",
+        "parameters": [task_id],
+        "responses": {"200": {"description": "An event stream: each event's data is a task snapshot",
+                              "content": {"text/event-stream": {"schema": {
+                                  "type": "object", "required": ["data"], "properties": {
+                                      "data": {"type": "string", "contentMediaType": "application/json",
+                                               "contentSchema": _SNAPSHOT},
+                                      "event": {"type": "string"}, "id": {"type": "string"},
+                                      "retry": {"type": "integer"}}}}}},
+                      **_errors(400)},
+    }}
+    paths[f"{p}/rpc"] = {"post": {
+        "operationId": "jsonrpc", "summary": "JSON-RPC 2.0: the exposed tasks, task.status, task.result, task.cancel",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+        "responses": {"200": _json({"type": ["object", "array"]}, "JSON-RPC answer(s)"),
+                      "204": {"description": "Only notifications"}, **_errors(413)},
+    }}
+    paths[f"{p}/openapi.json"] = {"get": {
+        "operationId": "openapi", "summary": "This document",
+        "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+    }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "offload task API", "version": "1",
+                 "description": "Start exposed tasks and follow them (offload.web)."},
+        "paths": paths,
+    }

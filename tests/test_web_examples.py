@@ -1,0 +1,121 @@
+"""The two examples of offload.web, run as a user runs them: seed 003
+(examples/pyjamas_jsonrpc, in a real browser) and seed 004 (examples/async_wait
+under uvicorn), each with its own local worker on the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import wait_until
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Running:
+    """An example's server process, its output in a file, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], cwd: Path, data_dir: Path) -> None:
+        self.log = data_dir / "server.log"
+        env = dict(os.environ, OFFLOAD_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+        env.pop("OFFLOAD_APP", None)
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._out.close()
+
+
+def answers(server: Running, port: int, path: str) -> bool:
+    """Whether the server answers yet; an exited server fails the test at once."""
+    if server.proc.poll() is not None:
+        raise AssertionError(f"the server exited with {server.proc.returncode}:\n{server.output()}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+        httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+        return True
+    except (OSError, httpx.HTTPError):
+        return False
+
+
+def test_async_wait_example(tmp_path):
+    port = free_port()
+    server = Running([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
+                     EXAMPLES / "async_wait", tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: answers(server, port, "/offload/openapi.json"), timeout=90), server.output()
+        with httpx.Client(base_url=base, timeout=60) as c:
+            ok = c.get("/divide", params={"x": 1, "y": 4})
+            assert ok.status_code == 200 and ok.json() == {"result": 0.25}
+            assert int(ok.headers["x-elapsed-ms"]) >= 0  # the middleware kept working
+            failed = c.get("/divide", params={"x": 1, "y": 0})
+            assert failed.status_code == 500
+            assert "ZeroDivisionError: float division by zero" in failed.text
+            assert "Traceback" not in failed.text and "x-elapsed-ms" in failed.headers
+            late = c.get("/slow", params={"seconds": 3, "timeout": 0.3})
+            assert late.status_code == 504 and "x-elapsed-ms" in late.headers
+            assert c.get("/divide", params={"x": "a", "y": 1}).status_code == 400
+            assert "/offload/tasks/divide" in c.get("/offload/openapi.json").json()["paths"]
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
+
+
+def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        if os.environ.get("CI"):
+            pytest.fail(f"{chromium} is missing (.ci/run installs it)")
+        pytest.skip(f"{chromium} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    from test_browser import CHROMIUM_ARGS
+
+    page_port, api_port = free_port(), free_port()
+    server = Running([sys.executable, "serve.py", "--page-port", str(page_port), "--api-port", str(api_port)],
+                     EXAMPLES / "pyjamas_jsonrpc", tmp_path)
+    try:
+        assert wait_until(lambda: "page on" in server.output(), timeout=90), server.output()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{page_port}/")
+            page.fill("#text", "hello, other origin")
+            page.fill("#delay", "2")
+            page.click("#send")
+            page.wait_for_function("document.getElementById('result').textContent !== ''", timeout=90_000)
+            page.screenshot(path=str(tmp_path / "pyjamas_jsonrpc.png"))
+            assert page.inner_text("#result") == "echo: hello, other origin"
+            assert int(page.inner_text("#polls")) >= 2  # polled on a timer while it ran
+            browser.close()
+        assert "OPTIONS /offload/rpc" in server.output()  # the preflight, as in the seed
+    finally:
+        server.stop()

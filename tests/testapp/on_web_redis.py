@@ -1,0 +1,4 @@
+from testapp.webtasks import make
+
+off = make("redis")
+celery = off.celery
