@@ -1,0 +1,37 @@
+"""Error reporting through offload's workers: WSGI/ASGI middleware, sinks, spool.
+
+>>> from offload.errors import ErrorReporter, FogBugz, Webhook, Log   # doctest: +SKIP
+>>> app = ErrorReporter(wsgi_app, off, sinks=[FogBugz(                # doctest: +SKIP
+...     "https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
+...     project="Inbox", area="Undecided")])
+
+A failing request answers an empty 500; its report (scrubbed) is grouped with
+copies of itself, published as the ``offload.errors.send`` task from a
+background thread, spooled under ``OFFLOAD_DATA_DIR`` while the broker is away,
+and delivered by a worker to each sink. Task failures on the workers go to the
+same sinks. :func:`setup` does the wiring without a middleware (a worker
+module, a Flask or Pyramid hook) and gives ``submit_error``.
+"""
+
+from .middleware import ASGIErrorReporter, ErrorReporter
+from .report import Scrubber
+from .reporting import SEND_TASK, SUBMIT_TASK, ErrorReporting, setup
+from .sinks import FogBugz, Log, Sink, SinkRefused, SinkUnavailable, Webhook
+from .spool import Spool
+
+__all__ = [
+    "ASGIErrorReporter",
+    "ErrorReporter",
+    "ErrorReporting",
+    "FogBugz",
+    "Log",
+    "SEND_TASK",
+    "SUBMIT_TASK",
+    "Scrubber",
+    "Sink",
+    "SinkRefused",
+    "SinkUnavailable",
+    "Spool",
+    "Webhook",
+    "setup",
+]
