@@ -21,6 +21,11 @@ back while submitting): the enqueue rate with a worker running also pays for
 offload's watcher completing futures as results arrive, work raw Celery leaves
 unread in its socket until ``join()``.
 
+On RabbitMQ: ``OFFLOAD_BENCH_SUBMIT_BROKER=amqp://guest:guest@127.0.0.1:5672//``
+(results by ``rpc://``; ``raw`` gets offload's RabbitMQ defaults: publisher
+confirms, ``AMQP_TRANSPORT_DEFAULTS``). ``OFFLOAD_BENCH_SUBMIT_CONFIRM=0``
+turns confirms off for ``offload`` and ``raw``, to measure what they cost.
+
 Run from the repository root: ``python bench/submit.py [--tasks 2000] [--rounds 3]``.
 This file is also the workers' app module (``celery -A submit:<app> worker``).
 """
@@ -45,10 +50,17 @@ from celery.result import AsyncResult, ResultSet
 
 from _workers import stop_worker
 from offload import Offload
+from offload.config import AMQP_PUBLISH_RETRY_POLICY, AMQP_TRANSPORT_DEFAULTS
 from offload.core import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REDIS_URL = os.environ.get("OFFLOAD_BENCH_SUBMIT_REDIS", "redis://127.0.0.1:6379/13")
+BROKER_URL = os.environ.get("OFFLOAD_BENCH_SUBMIT_BROKER", REDIS_URL)
+ON_AMQP = BROKER_URL.startswith(("amqp", "pyamqp"))
+BACKEND_URL = "rpc://" if ON_AMQP else BROKER_URL
+CONFIRM = os.environ.get("OFFLOAD_BENCH_SUBMIT_CONFIRM", "1") != "0"
+TRANSPORT_OPTIONS = (dict(AMQP_TRANSPORT_DEFAULTS, confirm_publish=CONFIRM) if ON_AMQP
+                     else dict(REDIS_TRANSPORT_DEFAULTS))
 # One queue per contender and per run: leftovers of an interrupted run never
 # meet this one. The workers get the same names through the environment.
 RUN_ID = os.environ.setdefault("OFFLOAD_BENCH_SUBMIT_RUN", uuid.uuid4().hex[:8])
@@ -61,22 +73,24 @@ def noop() -> None:
 
 
 off = Offload({
-    "CELERY_BROKER_URL": REDIS_URL,
+    "CELERY_BROKER_URL": BROKER_URL,
     "CELERY_TASK_DEFAULT_QUEUE": QUEUES["offload"],
     "OFFLOAD_ALLOW": ["submit"],
+    **({} if CONFIRM else {"CELERY_BROKER_TRANSPORT_OPTIONS": {"confirm_publish": False}}),
 }, name="bench-offload")
 offload_celery = off.celery
 
 
 def _raw_app(name: str, queue: str, *, offload_settings: bool) -> Celery:
-    app = Celery(name, broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    app = Celery(name, broker=BROKER_URL, backend=BACKEND_URL, set_as_current=False)
     conf: dict[str, Any] = {
         "task_serializer": "json", "result_serializer": "json", "accept_content": ["json"],
         "task_default_queue": queue,
     }
     if offload_settings:
-        conf = {**RELIABILITY_DEFAULTS, **conf,
-                "broker_transport_options": dict(REDIS_TRANSPORT_DEFAULTS)}
+        conf = {**RELIABILITY_DEFAULTS, **conf, "broker_transport_options": TRANSPORT_OPTIONS}
+        if ON_AMQP:
+            conf["task_publish_retry_policy"] = dict(AMQP_PUBLISH_RETRY_POLICY)
     app.conf.update(conf)
     return app
 
@@ -140,6 +154,8 @@ CONTENDERS: dict[str, Callable[[int], tuple[float, float]]] = {
 
 def _purge() -> None:
     """Drop what an interrupted run left in this run's queues."""
+    if ON_AMQP:
+        return  # RabbitMQ: this run's queues do not exist yet (purging one would fail)
     for app, queue in ((offload_celery, QUEUES["offload"]), (raw, QUEUES["raw"]),
                        (raw_defaults, QUEUES["raw-defaults"])):
         with app.connection_for_write() as conn:
@@ -203,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in workers.values():
                 stop_worker(proc)
+            if ON_AMQP:  # RabbitMQ keeps durable queues: remove this run's
+                with offload_celery.connection_for_write() as conn:
+                    for queue in QUEUES.values():
+                        conn.default_channel.queue_delete(queue)
 
     med = {kind: (statistics.median(enqueue[kind]), statistics.median(e2e[kind])) for kind in CONTENDERS}
-    print(f"\n{args.tasks} no-op tasks on Redis, one worker (-c 2) each, median of {args.rounds} rounds")
+    broker = "RabbitMQ" + (" (confirms)" if CONFIRM else " (no confirms)") if ON_AMQP else "Redis"
+    print(f"\n{args.tasks} no-op tasks on {broker}, one worker (-c 2) each, median of {args.rounds} rounds")
     print(f"{'':>14} {'enqueue/s':>10} {'end-to-end/s':>13}")
     for kind, (enq, end) in med.items():
         print(f"{kind:>14} {enq:10.0f} {end:13.0f}")

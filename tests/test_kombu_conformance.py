@@ -1,6 +1,6 @@
 """The behaviours kombu's own generic integration suite checks of a transport
 (t/integration/common.py: BasicFunctionality, BaseExchangeTypes,
-BasePriority, BaseMessage, BaseTimeToLive), written here against
+BasePriority, BaseMessage, BaseTimeToLive, BaseEventLoop), written here against
 ``sqlite://`` and, as a reference, against Redis: a check that passes on
 Redis and fails on sqlite is a conformance bug in offload's transport.
 
@@ -11,6 +11,7 @@ of the same behaviours, not a copy of kombu's code.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from contextlib import closing
@@ -204,3 +205,49 @@ def test_expired_messages_are_not_delivered(sqlite_connection, name):
         message.ack()
         with pytest.raises(queue.Empty):
             queue.get(timeout=0.3)
+
+
+# BaseEventLoop ---------------------------------------------------------------------
+
+
+def test_consume_on_kombus_event_loop_with_acks_from_another_thread(connection, name):
+    """What Celery's worker does: the connection on kombu's Hub, messages
+    delivered when the transport's file descriptor is readable, each ack
+    handed back to the loop from another thread; prefetch 1, so the second
+    message comes only once the first is acked."""
+    from kombu.asynchronous import Hub
+
+    queue = Queue(name, routing_key=name)
+    hub = Hub()
+    acked: list = []
+    acked_event = threading.Event()
+
+    def ack(message):
+        message.ack()
+        acked.append(message.payload)
+        if len(acked) == 3:
+            acked_event.set()
+
+    def callback(body, message):
+        threading.Timer(0.05, hub.call_soon, (ack, message)).start()
+
+    with connection as conn:
+        producer = conn.Producer()
+        for body in range(3):
+            producer.publish(body, exchange=queue.exchange, routing_key=name, declare=[queue])
+        consumer = Consumer(conn, [queue], callbacks=[callback], prefetch_count=1)
+        with consumer:
+            try:
+                conn.register_with_event_loop(hub)
+                deadline = time.monotonic() + 10
+                while not acked_event.is_set() and time.monotonic() < deadline:
+                    hub.run_once()
+                assert acked == [0, 1, 2]
+            finally:
+                hub.close()
+                queue(consumer.channel).delete()
+
+
+def test_sqlite_is_asynchronous_for_celery(sqlite_connection):
+    # What makes Celery choose its event loop (and AsynPool) for a worker.
+    assert sqlite_connection.transport.implements.asynchronous is True

@@ -6,9 +6,8 @@ never imports offload, so this plugin does what an offload app would:
 
 * imports :mod:`offload`, which registers the ``sqlite`` kombu transport alias
   (the ``sqlite`` result backend comes from offload's entry point);
-* adds ``CONFORMANCE_CELERY_CONFIG`` (JSON) to the suite's ``celery_config``:
-  the settings an offload app gives its broker (``.ci/conformance`` passes
-  ``worker_pool_putlocks: false`` for sqlite, offload's default there);
+* adds ``CONFORMANCE_CELERY_CONFIG`` (JSON) to the suite's ``celery_config``
+  (``.ci/conformance`` passes none: both brokers run on Celery's defaults);
 * points the suite's own Redis helper (``t.integration.tasks.
   get_redis_connection``, which canvas tests use as a side channel on the Redis
   backend) at DB 13 instead of DB 0, so that the Redis reference run touches

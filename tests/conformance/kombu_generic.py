@@ -11,7 +11,9 @@ here); this module only wires their fixtures the way kombu's own
 fresh ``sqlite:////<tmp>/broker.db`` per test. ``CONFORMANCE_BROKER=redis`` is
 the reference: kombu's own Redis classes (the same generic tests, with the
 overrides kombu ships for Redis, e.g. its reversed priority order) on
-``redis://127.0.0.1:6379/12``.
+``redis://127.0.0.1:6379/12``. ``CONFORMANCE_BROKER=offload-redis`` runs the
+same Redis classes on offload's own Redis transport
+(``offload-redis://127.0.0.1:6379/10``, :mod:`offload.transport.redis`).
 """
 
 from __future__ import annotations
@@ -61,12 +63,7 @@ if BROKER == "sqlite":
     class test_SqliteTimeToLive(BaseTimeToLive):
         pass  # Redis has no per-message TTL; py-amqp and sqlite do
 
-    @pytest.mark.skip(reason=(
-        "offload's sqlite transport is synchronous (implements.asynchronous=False, like "
-        "kombu's other virtual transports): Celery drives it with synloop, never with "
-        "kombu's Hub, which is what BaseEventLoop tests. Passes on Redis; supporting it "
-        "means making the transport asynchronous (its waker socket on the Hub), which "
-        "changes the loop every sqlite worker runs: not a targeted fix."))
+    # The transport is asynchronous: its wake-up socket on kombu's Hub.
     class test_SqliteEventLoop(BaseEventLoop):
         pass
 
@@ -87,5 +84,24 @@ elif BROKER == "redis":
     def invalid_connection():
         return kombu.Connection("redis://127.0.0.1:12345")
 
+elif BROKER == "offload-redis":
+    # offload's Redis transport (atomic take): kombu's own Redis classes, on
+    # the Redis DB that OFFLOAD_CONFORMANCE_REDIS_DB names (10 by default).
+    import offload  # noqa: F401,E402  (registers the offload-redis:// transport alias)
+    from t.integration.test_redis import (test_RedisBaseExchangeTypes,  # noqa: E402,F401
+                                          test_RedisBasicFunctionality, test_RedisEventLoop,
+                                          test_RedisMessage, test_RedisPriority)
+
+    _DB = os.environ.get("OFFLOAD_CONFORMANCE_REDIS_DB", "10")
+
+    @pytest.fixture(params=[None, {"global_keyprefix": "_prefixed_"}])
+    def connection(request):
+        return kombu.Connection(f"offload-redis://127.0.0.1:6379/{_DB}",
+                                transport_options=request.param)
+
+    @pytest.fixture()
+    def invalid_connection():
+        return kombu.Connection("offload-redis://127.0.0.1:12345")
+
 else:
-    raise pytest.UsageError(f"CONFORMANCE_BROKER={BROKER!r}: sqlite or redis")
+    raise pytest.UsageError(f"CONFORMANCE_BROKER={BROKER!r}: sqlite, redis or offload-redis")
