@@ -732,3 +732,42 @@ def test_a_loop_inbox_of_a_closed_loop_refuses_calls():
     inbox = loop_inbox(loop)
     loop.close()
     assert inbox.call(print, "never") is False
+
+
+# The Redis hub's reading of result messages ----------------------------------------
+
+
+def test_the_redis_hub_decodes_every_result_as_celery_does(redis_off):
+    import datetime
+    import decimal
+
+    from celery.backends.base import compress_payload
+    from offload.hub import _RedisPush
+
+    backend = redis_off.celery.backend
+    push = _RedisPush(backend)
+    metas = [
+        {"status": "SUCCESS", "result": {"a": [1, 2.5, None, "é"]}, "task_id": "t1"},
+        {"status": "SUCCESS", "result": {"when": datetime.datetime(2026, 11, 24, 1, 2, 3),
+                                         "amount": decimal.Decimal("1.10")}, "task_id": "t2"},
+        {"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["bad"],
+                                         "exc_module": "builtins"}, "task_id": "t3"},
+        {"status": "STARTED", "result": {"pid": 1, "hostname": "h"}, "task_id": "t4"},
+    ]
+    for meta in metas:
+        payload = backend.encode(meta)
+        payload = payload.encode() if isinstance(payload, str) else payload
+        for data in (payload, compress_payload(payload, "zlib")):
+            mine, celerys = push._decode(data), backend.decode_result(data)
+            assert type(mine["result"]) is type(celerys["result"])
+            assert repr(mine) == repr(celerys)
+
+
+def test_an_unreadable_result_message_is_skipped_and_the_stream_goes_on(redis_off):
+    import redis
+
+    future = redis_off.submit(sleep_then, 0.5, "after")
+    channel = bytes(redis_off.celery.backend.get_key_for_task(future.id))
+    client = redis.Redis.from_url(redis_off.celery.conf.broker_url)
+    assert wait_until(lambda: client.publish(channel, b"\xff not json {") >= 1, 10)
+    assert future.result(timeout=30) == "after"
