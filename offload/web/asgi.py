@@ -1,9 +1,15 @@
-"""The task API as an ASGI application: Starlette's request, responses and CORS.
+"""The task API as an ASGI application, on Starlette's request.
 
 Waits (long-poll, event streams, ``task.result``) run on the event loop and
 hold no thread: :mod:`offload.web.waiting` wakes them from the result
 watcher. Steps that block on the network (sending a task, reading a state
 once, an ``authorize`` hook) run in Starlette's thread pool.
+
+Cross-origin rules are :class:`offload.web.cors.CorsConfig`'s, the ones the
+WSGI side applies, rather than Starlette's ``CORSMiddleware``: one policy for
+both protocols, and no middleware re-wrapping ``send`` and re-parsing headers
+for every answer (at thousands of long-polls ending together that wrapper
+cost a fifth of the event loop's time).
 """
 
 from __future__ import annotations
@@ -14,9 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response as StarletteResponse
 from starlette.types import Receive, Scope, Send
 
 from .app import Answer, EventStream, Handler, RequestInfo, Response, TaskAPI, Wait, error_response
@@ -53,7 +57,7 @@ async def drive_async(api: TaskAPI, handler: Handler) -> Answer:
 
 
 class ASGIApp:
-    """The routes of a :class:`TaskAPI` over ASGI (without CORS; see :func:`make_asgi`)."""
+    """``api.asgi``: the routes of a :class:`TaskAPI` over ASGI, CORS included."""
 
     def __init__(self, api: TaskAPI) -> None:
         self.api = api
@@ -71,22 +75,34 @@ class ASGIApp:
             return
         request = Request(scope, receive)
         method = request.method
+        origin = request.headers.get("origin")
+        cors = self.api.cors
+        if method == "OPTIONS":
+            if origin is not None and "access-control-request-method" in request.headers:
+                status, out = cors.preflight(origin, request.headers)
+                response: Any = _PlainResponse(Response(status, b"", out))
+            else:
+                response = _PlainResponse(Response(204, b"", [("Allow", "GET, POST, DELETE, OPTIONS")]),
+                                          cors.simple(origin))
+            await response(scope, receive, send)
+            return
         try:
             body = await self._read_body(request)
         except _TooLarge:
-            response = _starlette(error_response(413, "TooLarge", f"the body is over {self.api.max_body} bytes"))
+            response = error_response(413, "TooLarge", f"the body is over {self.api.max_body} bytes")
         except ValueError:
-            response = _starlette(error_response(400, "BadContentLength", "Content-Length is not a number"))
+            response = error_response(400, "BadContentLength", "Content-Length is not a number")
         except ClientDisconnect:
             return
         else:
-            if method == "OPTIONS":  # not a preflight (CORSMiddleware answers those)
-                response = StarletteResponse(status_code=204, headers={"Allow": "GET, POST, DELETE, OPTIONS"})
-            else:
-                response = await self._answer(scope, request, body)
+            response = await self._answer(scope, request, body)
+        if isinstance(response, EventStream):
+            response = _EventStreamResponse(self.api, response.task_id, cors.simple(origin))
+        else:
+            response = _PlainResponse(response, cors.simple(origin))
         await response(scope, receive, send)
 
-    async def _answer(self, scope: Scope, request: Request, body: bytes) -> Any:
+    async def _answer(self, scope: Scope, request: Request, body: bytes) -> Answer:
         root = scope.get("root_path", "")
         path = scope["path"] if scope["path"].startswith(root) else root + scope["path"]
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
@@ -98,9 +114,7 @@ class ASGIApp:
         except Exception:  # a bug or a hook's error: logged here, never shown
             logger.exception("task API: error answering %s %s", request.method, path)
             answer = error_response(500, "InternalError", "the server could not answer; see its log")
-        if isinstance(answer, EventStream):
-            return _EventStreamResponse(self.api, answer.task_id)
-        return _starlette(answer)
+        return answer
 
     async def _read_body(self, request: Request) -> bytes:
         if request.method not in ("POST", "PUT", "PATCH"):
@@ -130,8 +144,8 @@ class _EventStreamResponse:
     beside the stream.
     """
 
-    def __init__(self, api: TaskAPI, task_id: str) -> None:
-        self.api, self.task_id = api, task_id
+    def __init__(self, api: TaskAPI, task_id: str, extra: list[tuple[str, str]]) -> None:
+        self.api, self.task_id, self.extra = api, task_id, extra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.current_task()
@@ -143,7 +157,7 @@ class _EventStreamResponse:
                 stream.cancel()
 
         watcher = asyncio.ensure_future(hang_up())
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS]
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async for chunk in async_events(self.api, self.task_id):
@@ -167,10 +181,11 @@ class _PlainResponse:
     together, that per-answer work is what the clients wait on.
     """
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, extra: list[tuple[str, str]] = ()) -> None:
         self.status = response.status
         self.body = response.body
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                        for k, v in (*response.headers, *extra)]
         self.headers.append((b"content-length", str(len(self.body)).encode()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,10 +193,6 @@ class _PlainResponse:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
 
 
-def _starlette(response: Response) -> _PlainResponse:
-    return _PlainResponse(response)
-
-
-def make_asgi(api: TaskAPI) -> Any:
-    """``api.asgi``: the routes behind Starlette's ``CORSMiddleware``."""
-    return CORSMiddleware(ASGIApp(api), **api.cors.starlette_options())
+def make_asgi(api: TaskAPI) -> ASGIApp:
+    """``api.asgi``."""
+    return ASGIApp(api)

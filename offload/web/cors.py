@@ -1,16 +1,15 @@
-"""Cross-origin rules of the task API, one configuration for WSGI and ASGI.
+"""Cross-origin rules of the task API: one policy, applied by the WSGI and ASGI adapters.
 
-The ASGI side is Starlette's ``CORSMiddleware``, built from
-:meth:`CorsConfig.starlette_options`. The WSGI side is :class:`CorsConfig`'s
-own two methods below: Starlette's middleware speaks only ASGI, and the
+Written here rather than taken from a library: Starlette's ``CORSMiddleware``
+speaks only ASGI (and wraps ``send`` for every answer, which at thousands of
+long-polls ending together cost a fifth of the event loop's time), and the
 WSGI CORS packages are either tied to one framework (flask-cors) or no
-longer kept, so the few rules are written here, following the same policy.
+longer kept. The rules are few: a preflight, and the headers of an answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ..exceptions import ConfigurationError
 
@@ -53,22 +52,6 @@ class CorsConfig:
 
     def is_allowed(self, origin: str) -> bool:
         return self.allow_all or origin in self.origins
-
-    def starlette_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``starlette.middleware.cors.CORSMiddleware``."""
-        return {
-            "allow_origins": ["*"] if self.allow_all else sorted(self.origins),
-            "allow_methods": METHODS,
-            # The preflight mirrors the headers the page asks for (such as
-            # Content-Type: application/json, which is what makes a JSON-RPC
-            # call preflighted at all): the origin is what is trusted.
-            "allow_headers": ["*"],
-            "allow_credentials": self.credentials,
-            "expose_headers": EXPOSE,
-            "max_age": self.max_age,
-        }
-
-    # WSGI -------------------------------------------------------------------
 
     def preflight(self, origin: str, headers: Mapping[str, str]) -> tuple[int, list[tuple[str, str]]]:
         """Status and headers answering an ``OPTIONS`` preflight."""
