@@ -485,3 +485,23 @@ def test_submit_to_an_unreachable_redis_raises_broker_unavailable():
     off = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"})
     with pytest.raises(BrokerUnavailable):
         off.submit(noop)
+
+
+def test_a_channel_keeps_one_client_per_pool_and_publishes_through_a_new_pool(raw, names):
+    """Publishing reuses one redis-py client (kombu builds one per call); a
+    channel whose pool was replaced (after a reconnect) gets a client of the
+    new pool, and what it publishes arrives."""
+    q = queue(names)
+    with kombu.Connection(url()) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+        given = object()
+        with channel.conn_or_acquire(client=given) as client:
+            assert client is given
+        publish(connection, q, ["before"])
+        channel._pool = None  # what kombu does when it drops its pools
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+        publish(connection, q, ["after"])
+        assert [q(connection).get(no_ack=True).payload for _ in range(2)] == ["before", "after"]

@@ -61,6 +61,8 @@ through Celery's ``broker_transport`` setting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import monotonic, time
 from typing import Any
 
@@ -350,6 +352,25 @@ class Channel(kombu_redis.Channel):
                 self._take_plans.clear()  # queues came and went (reply queues)
             plan = self._take_plans[cache_key] = (taken, keys, flags)
         return plan
+
+    _sync_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, keeping one client per pool instead of building one per call.
+
+        A redis-py client is a thin handle on the pool (each command borrows a
+        connection from it) that costs tens of µs to build (its table of
+        reply callbacks), and kombu builds one for every publish.
+        """
+        if client:
+            yield client
+            return
+        pool = self.pool
+        cached = self._sync_client
+        if cached is None or cached.connection_pool is not pool:  # a new pool after a reconnect
+            cached = self._sync_client = self._create_client()
+        yield cached
 
     @kombu_redis.cached_property
     def _put_script(self) -> Any:
