@@ -723,9 +723,16 @@ class _Submitter:
         sent = 0
         try:
             with off.celery.producer_or_acquire() as producer:
-                for chunk in chunks:
-                    off._chunk_dispatcher.apply_async((ref, chunk), producer=producer, **options)
-                    sent += len(chunk)
+                # The first chunk at once (workers start on it); the rest in
+                # one round trip where the transport can (offload-redis).
+                dispatch = off._chunk_dispatcher.apply_async
+                dispatch((ref, chunks[0]), producer=producer, **options)
+                sent = len(chunks[0])
+                pipelined = getattr(producer.channel, "pipelined_puts", None)
+                with pipelined() if pipelined is not None else contextlib.nullcontext():
+                    for chunk in chunks[1:]:
+                        dispatch((ref, chunk), producer=producer, **options)
+                sent = len(calls)
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()

@@ -505,3 +505,25 @@ def test_a_channel_keeps_one_client_per_pool_and_publishes_through_a_new_pool(ra
             assert third is not first and third.connection_pool is channel.pool
         publish(connection, q, ["after"])
         assert [q(connection).get(no_ack=True).payload for _ in range(2)] == ["before", "after"]
+
+
+def test_pipelined_puts_send_in_order_when_the_block_ends_and_nothing_if_it_raises(raw, names):
+    q = queue(names)
+    with kombu.Connection(url()) as connection:
+        channel = connection.default_channel
+        publish(connection, q, ["declared"])  # declares the queue and its binding
+        assert q(connection).get(no_ack=True).payload == "declared"
+        with channel.pipelined_puts():
+            publish(connection, q, range(5))
+            with channel.pipelined_puts():  # nested: sent with the outer block
+                publish(connection, q, [5])
+            assert q(connection).get(no_ack=True) is None  # nothing sent yet
+        assert [q(connection).get(no_ack=True).payload for _ in range(6)] == list(range(6))
+        assert raw.llen(channel.wake_key(names)) == 0  # the takes emptied the queue and its token
+        with pytest.raises(RuntimeError, match="abandoned"):
+            with channel.pipelined_puts():
+                publish(connection, q, ["never"])
+                raise RuntimeError("abandoned")
+        assert q(connection).get(no_ack=True) is None
+        publish(connection, q, ["after"])  # publishing outside a block is unchanged
+        assert q(connection).get(no_ack=True).payload == "after"

@@ -554,6 +554,54 @@ class Channel(kombu_redis.Channel):
 
     # Producers ----------------------------------------------------------
 
+    _put_pipeline: Any = None
+
+    @contextmanager
+    def pipelined_puts(self) -> Iterator[None]:
+        """Publish what is published inside in one round trip, when the block ends.
+
+        What ``map`` sends its chunks through: a publish inside only queues
+        its script call on a pipeline, sent (one ``EVALSHA`` each, in order)
+        when the block ends without an error. If the block raises, nothing
+        queued is sent; if sending raises, the messages may or may not have
+        reached Redis, as when a single publish fails. Nested blocks send
+        with the outermost.
+        """
+        if self._put_pipeline is not None or not self.ack_emulation:
+            yield
+            return
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+        self._put_pipeline = pipe
+        self._tables = {}
+        try:
+            yield
+            self._put_pipeline = None
+            if len(pipe):
+                try:
+                    pipe.execute()
+                except kombu_redis.exceptions.TimeoutError:
+                    self.connection.mark_silent()
+                    raise
+        finally:
+            self._put_pipeline = None
+            self._tables = None
+            pipe.reset()
+
+    _tables: dict[str, Any] | None = None
+
+    def get_table(self, exchange: str) -> Any:
+        # kombu reads an exchange's bindings from Redis at every publish; in
+        # a pipelined block, once per exchange (or each publish would still
+        # cost a round trip).
+        tables = self._tables
+        if tables is None:
+            return super().get_table(exchange)
+        table = tables.get(exchange)
+        if table is None:
+            table = tables[exchange] = super().get_table(exchange)
+        return table
+
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if not self.ack_emulation:
             return super()._put(queue, message, **kwargs)
@@ -562,6 +610,14 @@ class Channel(kombu_redis.Channel):
         wake = self.wake_key(queue)
         body = kombu_redis.dumps(message)
         expires = self._expires.get(queue) if self._expires else None
+        pipe = self._put_pipeline
+        if pipe is not None:  # queued: pipelined_puts() sends it
+            self._put_script(keys=self._script_keys([key, wake]), args=[body], client=pipe)
+            if expires:
+                for p in self.priority_steps:
+                    pipe.pexpire(self._q_for_pri(queue, p), expires)
+                pipe.pexpire(wake, expires)
+            return
         with self.conn_or_acquire() as client:
             try:
                 self._put_script(keys=self._script_keys([key, wake]), args=[body], client=client)
