@@ -20,7 +20,7 @@ from offload.exceptions import ResultBackendLimit, TaskLost
 from offload.futures import TaskEvents, wait_event
 from offload.hub import LOST, TaskEvent, state_rank
 from conftest import wait_until
-from testapp import add, crunch, div, noop, sleep_then
+from testapp import add, calls, crunch, div, noop, sleep_then
 
 
 def listeners(off, task_id: str) -> int:
@@ -297,14 +297,21 @@ def test_hub_states_never_move_backwards(redis_off):
 # Waiting never cancels; cancel() is persisted -------------------------------------
 
 
-def _occupy_both_pool_processes(off, seconds=2.0):
-    busy = [off.submit(sleep_then, seconds) for _ in range(2)]
+def _occupy_both_pool_processes(off, gate):
+    """Two calls that hold the worker's two processes until ``gate`` opens."""
+    busy = [off.submit(calls.gated, gate) for _ in range(2)]
     assert wait_until(lambda: all(f.running() for f in busy), 30)
     return busy
 
 
-def test_an_await_that_times_out_does_not_revoke(off):
-    busy = _occupy_both_pool_processes(off)
+def _release(gate, busy):
+    open(gate, "w").close()
+    for f in busy:
+        f.result(timeout=30)
+
+
+def test_an_await_that_times_out_does_not_revoke(off, gate):
+    busy = _occupy_both_pool_processes(off, gate)
     queued = off.submit(add, 40, 2)
 
     async def give_up():
@@ -319,9 +326,8 @@ def test_an_await_that_times_out_does_not_revoke(off):
 
     asyncio.run(give_up())
     assert not queued.cancelled()
+    _release(gate, busy)
     assert queued.result(timeout=30) == 42
-    for f in busy:
-        f.result(timeout=30)
 
 
 async def _await(future):
@@ -376,8 +382,8 @@ def test_cancel_on_rpc_says_it_cannot_be_kept(rpc_off):
     assert _queue_length(rpc_off, queue) == 1  # still there, not revoked
 
 
-def test_a_cancelled_future_counts_as_done_for_wait(off):
-    busy = _occupy_both_pool_processes(off)
+def test_a_cancelled_future_counts_as_done_for_wait(off, gate):
+    busy = _occupy_both_pool_processes(off, gate)
     queued = off.submit(add, 1, 1)
     assert queued.cancel() is True
     done, not_done = concurrent.futures.wait([queued], timeout=5)
@@ -389,8 +395,7 @@ def test_a_cancelled_future_counts_as_done_for_wait(off):
             await queued
 
     asyncio.run(awaited())
-    for f in busy:
-        f.result(timeout=30)
+    _release(gate, busy)
 
 
 # asyncio adapter: long-poll and event streams --------------------------------------
