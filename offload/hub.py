@@ -691,6 +691,9 @@ class _RedisPush:
     TICK = 0.005
     #: Results decoded and delivered between two yields of the GIL.
     SLICE = 64
+    #: This many results within one tick make a stream: from then on they are
+    #: taken once per tick (two are one task's STARTED and SUCCESS).
+    STREAM = 5
     #: Unsubscribe the channels of foreign ids no longer followed this often.
     SWEEP = 1.0
 
@@ -837,7 +840,8 @@ class _RedisPush:
             self.pubsub.subscribe(self.batch_channel)
         self.pubsub.psubscribe(self.pattern_prefix + b"*")
         last_safety = time.monotonic()
-        last_delivery = next_tick = 0.0
+        window_start = next_tick = 0.0
+        window_count = 0
         while True:
             now = time.monotonic()
             if now >= next_tick:
@@ -869,15 +873,16 @@ class _RedisPush:
                 if metas:
                     hub._count_read()
                     now = time.monotonic()
-                    streaming = now - last_delivery < self.TICK
-                    last_delivery = now
-                    if len(metas) > 1 or streaming:
-                        # A burst, or results coming one after another: let
-                        # the next ones pile up until the tick and take them
-                        # in one go, rather than waking (and taking the GIL
-                        # from the threads that submit) once per message. A
-                        # lone result is still delivered as soon as it
-                        # arrives.
+                    if now - window_start > self.TICK:
+                        window_start, window_count = now, 0
+                    window_count += len(metas)
+                    if window_count >= self.STREAM:
+                        # Results keep coming (many tasks at once): let the
+                        # next ones pile up until the tick and take them in
+                        # one go, rather than waking (and taking the GIL from
+                        # the threads that submit) once per message. A task
+                        # or two at a time (a round trip, its STARTED and its
+                        # SUCCESS) is still delivered as soon as it arrives.
                         time.sleep(max(next_tick - now, 0.0))
             if time.monotonic() - last_safety > ResultHub._SAFETY_POLL:
                 last_safety = time.monotonic()
