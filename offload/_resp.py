@@ -129,6 +129,7 @@ class Subscriber:
         self._reader = reader if reader is not None else make_reader()
         sock = self.connection._sock
         if sock is None:
+            self.pool.release(self.connection)
             raise ConnectionError("the Redis connection did not open")
         self._sock = sock
         self._poll = select.poll()  # not select(): a web server's fds pass 1024

@@ -800,7 +800,7 @@ class _RedisPush:
         for reply in replies:
             kind = reply[0] if isinstance(reply, list) and reply else None
             if kind == b"pmessage" and len(reply) == 4:
-                metas.append((reply[2][id_from:].decode(), decode(reply[3])))
+                metas.append((reply[2][id_from:].decode("utf-8", "replace"), decode(reply[3])))
             elif kind == b"message" and len(reply) == 3:
                 if reply[1] == self.batch_channel:
                     self._unpack_batch(reply[2], metas)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -181,7 +182,7 @@ class _PlainResponse:
     together, that per-answer work is what the clients wait on.
     """
 
-    def __init__(self, response: Response, extra: list[tuple[str, str]] = ()) -> None:
+    def __init__(self, response: Response, extra: Sequence[tuple[str, str]] = ()) -> None:
         self.status = response.status
         self.body = response.body
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
