@@ -15,20 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import closed_port, wait_until
 
 
 class Demo:
     """``python -m offload.demo`` on a free port with its own data folder."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
+        self.port = closed_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "demo.log"
         self._log = open(self.log_path, "ab")

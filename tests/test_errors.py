@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import WorkerProcess, purge, require_service, wait_ready, wait_until
+from conftest import WorkerProcess, closed_port, purge, require_service, wait_ready, wait_until
 from errors_fakes import Receiver, WebServer, request
 from offload.errors import ErrorReporter
 from testapp import errors_app, test_id
@@ -252,12 +252,6 @@ def test_a_sink_that_stays_down_is_given_up_after_the_configured_time(stack, fog
         fogbugz.rule = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _failing_requests_answer_fast(url: str, paths: tuple[str, ...]) -> list[str]:
     markers = []
     for path in paths:
@@ -294,7 +288,7 @@ def test_broker_down_requests_stay_fast_and_reports_arrive_once_it_is_back(
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = closed_port()
     broker = f"redis://127.0.0.1:{port}/0"
     monkeypatch.setenv("ERRORS_TEST_DATA_DIR", str(tmp_path / "data"))
     _off, errors = errors_app.make(broker, fogbugz.url, webhook.url, window=0.2)
@@ -421,7 +415,7 @@ def test_asgi_app_behind_a_real_server_reports(stack, fogbugz):
             return
         raise ArithmeticError("async " + scope["path"])
 
-    port = _free_port()
+    port = closed_port()
     config = uvicorn.Config(ASGIErrorReporter(app, errors), host="127.0.0.1", port=port,
                             log_level="error", lifespan="off")
     server = uvicorn.Server(config)

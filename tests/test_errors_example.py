@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import closed_port, wait_until
 from errors_fakes import Receiver, request
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bugzscout_wsgi"
 pytestmark = pytest.mark.xdist_group("errors")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -38,7 +31,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_the_bugzscout_example_end_to_end(tmp_path):
     fogbugz = Receiver()
-    port = _free_port()
+    port = closed_port()
     env = dict(os.environ, OFFLOAD_DATA_DIR=str(tmp_path / "data"), BUGZSCOUT_URL=fogbugz.url,
                PYTHONPATH=str(EXAMPLE))
     celery = Path(sys.executable).parent / "celery"

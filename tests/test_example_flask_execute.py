@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -19,23 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_until
+from conftest import closed_port, reachable, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_execute"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class Client:
@@ -69,7 +54,7 @@ class Client:
 @pytest.fixture
 def example(tmp_path):
     """The example served by `flask run`, its data (broker, workers, SQLite) in tmp_path."""
-    port = free_port()
+    port = closed_port()
     env = dict(os.environ, FLASK_OFFLOAD_DATA_DIR=str(tmp_path / "data"),
                FLASK_SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'notes.sqlite3'}")
     env.pop("OFFLOAD_APP", None)
@@ -80,7 +65,7 @@ def example(tmp_path):
                             cwd=EXAMPLE, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        assert wait_until(lambda: answers(port) or proc.poll() is not None, 60, interval=0.1)
+        assert wait_until(lambda: reachable("127.0.0.1", port) or proc.poll() is not None, 60, interval=0.1)
         assert proc.poll() is None, (tmp_path / "flask.log").read_text()
         yield proc, Client(port), tmp_path
     finally:

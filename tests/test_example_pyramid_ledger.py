@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_service, wait_until
+from conftest import closed_port, reachable, require_service, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pyramid_ledger"
 # The example's queue is Celery's default ("celery") and its ledger the key
@@ -26,12 +25,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pyramid_ledger"
 REDIS_URLS = {"python -m": "redis://127.0.0.1:6379/4", "pserve": "redis://127.0.0.1:6379/7"}
 
 pytestmark = pytest.mark.redis
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Process:
@@ -62,14 +55,6 @@ def get(url: str) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(params=list(REDIS_URLS))
@@ -109,12 +94,12 @@ def start_worker(how: str, tmp_path: Path) -> Process:
 
 
 def test_the_seeds_using_session(clean_redis, tmp_path, how):
-    port = free_port()
+    port = closed_port()
     web = start_web(how, port, tmp_path)
     worker = start_worker(how, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: answers(port) or web.proc.poll() is not None, timeout=60)
+        assert wait_until(lambda: reachable("127.0.0.1", port) or web.proc.poll() is not None, timeout=60)
         assert web.proc.poll() is None, (tmp_path / "web.log").read_text()
 
         assert get(f"{base}/append?value=10") == (200, "Done.\n")

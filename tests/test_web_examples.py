@@ -14,17 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import wait_until
+from conftest import closed_port, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Running:
@@ -66,7 +60,7 @@ def answers(server: Running, port: int, path: str) -> bool:
 
 
 def test_async_wait_example(tmp_path):
-    port = free_port()
+    port = closed_port()
     server = Running([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
                      EXAMPLES / "async_wait", tmp_path)
     base = f"http://127.0.0.1:{port}"
@@ -99,7 +93,7 @@ def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
 
     from test_browser import CHROMIUM_ARGS
 
-    page_port, api_port = free_port(), free_port()
+    page_port, api_port = closed_port(), closed_port()
     server = Running([sys.executable, "serve.py", "--page-port", str(page_port), "--api-port", str(api_port)],
                      EXAMPLES / "pyjamas_jsonrpc", tmp_path)
     try:
