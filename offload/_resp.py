@@ -23,8 +23,10 @@ from typing import Any
 
 __all__ = ["ProtocolError", "RespReader", "Subscriber", "make_reader"]
 
-#: What one ``recv`` takes at most: a burst of results in one system call.
-READ_SIZE = 1 << 18
+#: What one ``recv`` takes at most: a burst of results in a few system calls.
+#: Not more: hiredis moves what is left of its buffer after each reply, so a
+#: reply costs 0.25 us out of 64 KB fed at once and 2 us out of 1 MB.
+READ_SIZE = 1 << 16
 
 
 class ProtocolError(ConnectionError):

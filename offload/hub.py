@@ -179,6 +179,20 @@ def _event_from_meta(task_id: str, meta: dict[str, Any]) -> TaskEvent:
     return TaskEvent(task_id, state, result)
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _json_document(data: bytes) -> Any:
+    """``json.loads(data)`` for UTF-8 JSON, without its encoding detection and
+    whitespace scans when nothing surrounds the value (a tenth of a result's
+    decoding and delivery in the hub)."""
+    text = data.decode("utf-8")
+    value, end = _raw_decode(text)
+    if end != len(text):
+        return json.loads(text)  # whitespace after it, or an error as json.loads raises it
+    return value
+
+
 def _advances(old: TaskEvent, new: TaskEvent) -> bool:
     old_rank, new_rank = state_rank(old.state), state_rank(new.state)
     if new_rank != old_rank:
@@ -694,12 +708,16 @@ class _RedisPush:
     #: This many results within one tick make a stream: from then on they are
     #: taken once per tick (two are one task's STARTED and SUCCESS).
     STREAM = 5
-    #: Unsubscribe the channels of foreign ids no longer followed this often.
+    #: Unsubscribe the channels of foreign ids no longer followed this often,
+    #: once results have stopped streaming in for a few ticks (thousands of
+    #: unsubscriptions and their confirmations in the middle of a burst
+    #: delay it), and at the latest after SWEEP_LIMIT.
     SWEEP = 1.0
+    SWEEP_LIMIT = 10.0
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        self._last_sweep = 0.0
+        self._last_sweep = self._last_result = 0.0
         # Celery's decode_result, without kombu's per-object hook when the
         # payload holds no tagged value (see _decode).
         self._plain_json = getattr(backend, "content_type", None) == "application/json"
@@ -745,7 +763,8 @@ class _RedisPush:
                 # Anything stored before their subscription took effect.
                 self._read_stored(hub, list(foreign.values()))
         now = time.monotonic()
-        if self.channels and now - self._last_sweep >= self.SWEEP:
+        if self.channels and now - self._last_sweep >= self.SWEEP and (
+                now - self._last_result >= 4 * self.TICK or now - self._last_sweep >= self.SWEEP_LIMIT):
             # A scan of every foreign id, so not at each tick: thousands of
             # them cost milliseconds. Until then a finished id's channel
             # stays subscribed, and what it still hears is ignored.
@@ -820,7 +839,7 @@ class _RedisPush:
                 # {"__type__", "__value__"} objects into datetimes and the
                 # like (none here), and a compressed payload starts with its
                 # marker, not "{". A third of the hub's time, saved.
-                return self.backend.meta_from_decoded(json.loads(data))
+                return self.backend.meta_from_decoded(_json_document(data))
             return self.backend.decode_result(data)
         except Exception:  # not Celery's: skipped, the stream goes on
             logger.warning("result hub: an unreadable result message (%d bytes) skipped", len(data))
@@ -872,7 +891,7 @@ class _RedisPush:
                         metas += part
                 if metas:
                     hub._count_read()
-                    now = time.monotonic()
+                    now = self._last_result = time.monotonic()
                     if now - window_start > self.TICK:
                         window_start, window_count = now, 0
                     window_count += len(metas)

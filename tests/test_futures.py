@@ -766,6 +766,11 @@ def test_the_redis_hub_decodes_every_result_as_celery_does(redis_off):
             mine, celerys = push._decode(data), backend.decode_result(data)
             assert type(mine["result"]) is type(celerys["result"])
             assert repr(mine) == repr(celerys)
+        # Whitespace around the document, as another client might write it.
+        padded = (payload.decode() + " \n").encode()
+        assert repr(push._decode(padded)) == repr(backend.decode_result(padded))
+    for broken in (b'{"status": "SUCCESS"} trailing', b'{"status": "SUCC', b'{"status": "\xff"}'):
+        assert push._decode(broken) is None  # skipped with a warning, as json.loads would refuse it
 
 
 def test_an_unreadable_result_message_is_skipped_and_the_stream_goes_on(redis_off):
