@@ -90,6 +90,43 @@ def test_follow_sync_is_bounded_and_sends_heartbeats(off, tmp_path):
     assert waiting.wait_final_sync(off, fut.id, 30).result == "released"
 
 
+def subscribers(off, task_id) -> int:
+    with off.hub._lock:
+        entry = off.hub._entries.get(task_id)
+        return len(entry.subscriptions) if entry else 0
+
+
+def test_follow_is_bounded_sends_heartbeats_and_lets_go_when_cancelled(off, tmp_path):
+    release = tmp_path / "release"
+    fut = off.submit(webtasks.wait_for_file, str(release))
+
+    async def bounded():
+        return [snap async for snap in waiting.follow(off, fut.id, timeout=0.5, heartbeat=0.1)]
+
+    seen = asyncio.run(bounded())
+    assert seen.count(None) >= 2 and not any(s.final for s in seen if s is not None)
+
+    async def cancelled():
+        before = subscribers(off, fut.id)
+
+        async def read():
+            async for _ in waiting.follow(off, fut.id, heartbeat=30):
+                pass
+
+        reader = asyncio.ensure_future(read())
+        while subscribers(off, fut.id) == before:
+            await asyncio.sleep(0.01)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        return before, subscribers(off, fut.id)
+
+    before, after = asyncio.run(cancelled())
+    assert after == before  # the follower's subscription went with it; the task runs on
+    release.touch()
+    assert waiting.wait_final_sync(off, fut.id, 30).result == "released"
+
+
 def test_failure_snapshot_has_type_and_message(off):
     fut = off.submit(webtasks.fail, "nope")
     snap = waiting.wait_final_sync(off, fut.id, 30)

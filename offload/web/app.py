@@ -26,7 +26,7 @@ from celery import states
 
 from ..exceptions import BrokerUnavailable, ConfigurationError
 from .names import ArgumentsError, ExposedTasks
-from .waiting import TaskSnapshot, lookup
+from .waiting import TaskSnapshot, compact_json, lookup
 
 __all__ = ["Call", "EventStream", "RequestInfo", "Response", "TaskAPI", "Wait"]
 
@@ -117,8 +117,7 @@ class HTTPError(Exception):
 
 
 def json_response(status: int, data: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
-    body = json.dumps(data, separators=(",", ":"), default=_json_default).encode()
-    return Response(status, body, [("Content-Type", "application/json"), *headers])
+    return Response(status, compact_json(data).encode(), [("Content-Type", "application/json"), *headers])
 
 
 def error_response(status: int, kind: str, message: str,
@@ -126,10 +125,6 @@ def error_response(status: int, kind: str, message: str,
     return json_response(status, {"error": {"type": kind, "message": message}}, headers)
 
 
-def _json_default(obj: Any) -> Any:
-    # A result the worker sent as JSON comes back as JSON types; anything
-    # else (a datetime from a custom serializer) is shown as text.
-    return str(obj)
 
 
 def parse_json(body: bytes) -> Any:

@@ -9,11 +9,10 @@ anyway and the browser's ``EventSource`` reconnects.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from .waiting import TaskSnapshot, follow, follow_sync
+from .waiting import TaskSnapshot, compact_json, follow, follow_sync
 
 __all__ = ["HEADERS", "async_events", "encode", "sync_events"]
 
@@ -31,7 +30,7 @@ KEEPALIVE = b": keep-alive\n\n"
 
 
 def encode(snap: TaskSnapshot, event_id: int) -> bytes:
-    data = json.dumps(snap.to_json(), separators=(",", ":"), default=str)
+    data = compact_json(snap.to_json())
     return f"id: {event_id}\ndata: {data}\n\n".encode()
 
 

@@ -22,6 +22,8 @@ never revoked by it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +37,7 @@ from ..hub import LOST, READY_STATES, TaskEvent
 
 __all__ = [
     "TaskSnapshot",
+    "compact_json",
     "follow",
     "follow_sync",
     "lookup",
@@ -42,6 +45,12 @@ __all__ = [
     "wait_final",
     "wait_final_sync",
 ]
+
+
+#: The JSON text of an answer: compact, a value JSON has no type for (a
+#: datetime from a custom serializer) shown as text. One encoder for every
+#: answer: json.dumps with options makes a new one per call.
+compact_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class HubLike(Protocol):
@@ -124,18 +133,44 @@ class _Latest:
 
 
 class _AsyncFollower(_Latest):
-    """Every snapshot, to a coroutine on its own event loop."""
+    """Every snapshot, to a coroutine on its own event loop.
+
+    A plain loop future and a timer per wait, as :class:`_AsyncOnce`: an
+    ``asyncio.wait_for`` on a queue would make a task for every wait.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.inbox = loop_inbox(loop)
-        self.queue: asyncio.Queue[TaskSnapshot] = asyncio.Queue()
+        self.arrived: collections.deque[TaskSnapshot] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
 
     def tell(self, snap: TaskSnapshot) -> None:
         self.inbox.call(self.deliver, snap)
 
-    def deliver(self, snap: TaskSnapshot | None) -> None:
-        if snap is not None:
-            self.queue.put_nowait(snap)
+    def deliver(self, snap: TaskSnapshot) -> None:
+        self.arrived.append(snap)
+        _wake(self.waiter)
+
+    async def next(self, timeout: float | None) -> TaskSnapshot | None:
+        """The next snapshot, or None when ``timeout`` seconds pass without one."""
+        if not self.arrived:
+            waiter = self.waiter = self.loop.create_future()
+            timer = None if timeout is None else self.loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self.arrived:
+                return None
+        return self.arrived.popleft()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class _AsyncOnce(_Latest):
@@ -245,13 +280,13 @@ async def follow(off: OffloadLike, task_id: str, *, timeout: float | None = None
             if remaining is not None and remaining <= 0:
                 return
             wait = remaining if heartbeat is None else min(heartbeat, remaining or heartbeat)
-            try:
-                snap = await asyncio.wait_for(listener.queue.get(), wait)
-            except asyncio.TimeoutError:
+            arrived = await listener.next(wait)
+            if arrived is None:
                 if wait != remaining:
                     yield None
                     continue
                 return
+            snap = arrived
     finally:
         subscription.close()
 
