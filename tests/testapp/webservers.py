@@ -41,14 +41,15 @@ def serve_wsgi(app: Any, port: int = 0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_asgi(app: Any, port: int = 0) -> Iterator[str]:
+def serve_asgi(app: Any, port: int = 0, http: str = "auto") -> Iterator[str]:
+    """uvicorn serving ``app``; ``http`` is its HTTP implementation (a name or "module:Class")."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", interface="asgi3",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
