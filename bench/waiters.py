@@ -7,14 +7,15 @@ For each scenario a server process serves ``TaskAPI(off)`` on loopback, with
 * ``asgi``: uvicorn (one process, one event loop), N clients
   ``GET /tasks/{id}?wait=100`` (long-poll) or ``GET /tasks/{id}/events``
   (SSE); with uvicorn's pure-Python HTTP stack (``asgi/h11``, asyncio's
-  loop) and with the one ``uvicorn[standard]`` installs (``asgi/httptools``,
-  uvloop);
+  loop), with the one ``uvicorn[standard]`` installs (``asgi/httptools``,
+  uvloop), and with offload's subclass of the latter that sends each answer
+  in one system call (``asgi/httptools+onesend``, offload.web.server);
 * ``wsgi-longpoll``: the standard library's threaded WSGI server, a thread
   per request, N clients long-polling.
 
 The clients run in a process of their own, one bare asyncio protocol per
-connection (no HTTP library: thousands of them must cost the measuring side
-little, or the figure would be the clients'). Once the server holds every
+connection on uvloop when it is installed (no HTTP library: thousands of them
+must cost the measuring side little, or the figure would be the clients'). Once the server holds every
 request (and, for event streams, has sent each its first PENDING event), the
 N results are written to Redis in one pipeline (SET and PUBLISH, as Celery's
 Redis backend does when a task ends): the tasks "finish together" with no
@@ -66,8 +67,15 @@ def make_offload():
 # The server ------------------------------------------------------------------------
 
 
-#: uvicorn as ``pip install uvicorn`` runs it, and as ``uvicorn[standard]`` does.
-UVICORN = {"h11": {"loop": "asyncio", "http": "h11"}, "httptools": {"loop": "uvloop", "http": "httptools"}}
+#: uvicorn as ``pip install uvicorn`` runs it, as ``uvicorn[standard]`` does,
+#: and each with offload's protocol that sends an answer in one system call
+#: (offload.web.server).
+UVICORN = {
+    "h11": {"loop": "asyncio", "http": "h11"},
+    "httptools": {"loop": "uvloop", "http": "httptools"},
+    "h11+onesend": {"loop": "asyncio", "http": "offload.web.server:H11Protocol"},
+    "httptools+onesend": {"loop": "uvloop", "http": "offload.web.server:HttpToolsProtocol"},
+}
 
 
 def serve(kind: str, port: int) -> None:
@@ -78,8 +86,10 @@ def serve(kind: str, port: int) -> None:
     if kind.startswith("asgi/"):
         import uvicorn
 
-        uvicorn.run(api.asgi, host="127.0.0.1", port=port, log_level="error", backlog=4096,
-                    lifespan="off", timeout_keep_alive=120, **UVICORN[kind.split("/")[1]])
+        # No access log: at log level "error" uvicorn prints none, but would
+        # still format each line's parts.
+        uvicorn.run(api.asgi, host="127.0.0.1", port=port, log_level="error", access_log=False,
+                    backlog=4096, lifespan="off", timeout_keep_alive=120, **UVICORN[kind.split("/")[1]])
     else:
         from socketserver import ThreadingMixIn
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -197,7 +207,12 @@ def clients_main(mode: str, port: int, ids: list[str]) -> None:
         for transport in transports:
             transport.close()
 
-    asyncio.run(main())
+    if _installed("uvloop"):  # the cheaper loop: the clients share the two cores with the server
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 # The measuring side -----------------------------------------------------------------
@@ -354,12 +369,6 @@ def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(module) is not None for module in modules)
 
 
-def _installed(*modules: str) -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(module) is not None for module in modules)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000")
@@ -367,8 +376,9 @@ def main() -> None:
     parser.add_argument("--wsgi-size", type=int, default=1000)
     parser.add_argument("--profile", metavar="PREFIX",
                         help="sample the server with py-spy through each fan-out; raw stacks in PREFIX-*.txt")
-    parser.add_argument("--uvicorn", default="h11,httptools",
-                        help="uvicorn's HTTP stacks to run: h11 (asyncio), httptools (uvloop; uvicorn[standard])")
+    parser.add_argument("--uvicorn", default="h11,httptools,httptools+onesend",
+                        help="uvicorn's HTTP stacks to run: h11 (asyncio), httptools (uvloop; uvicorn[standard]), "
+                             "each also +onesend (offload.web.server's protocol)")
     parser.add_argument("--serve", choices=["wsgi", *(f"asgi/{name}" for name in UVICORN)], help=argparse.SUPPRESS)
     parser.add_argument("--clients", choices=["longpoll", "sse"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -382,18 +392,21 @@ def main() -> None:
     raise_fd_limit()
     modes = options.modes.split(",")
     stacks = [name for name in options.uvicorn.split(",") if name]
-    if "httptools" in stacks and not _installed("uvloop", "httptools"):
+    unknown = [name for name in stacks if name not in UVICORN]
+    if unknown:
+        parser.error(f"unknown --uvicorn stack(s) {', '.join(unknown)}; choose from {', '.join(UVICORN)}")
+    if not _installed("uvloop", "httptools") and any(name.startswith("httptools") for name in stacks):
         print("uvloop or httptools is not installed (pip install 'uvicorn[standard]'): h11 only")
-        stacks.remove("httptools")
+        stacks = [name for name in stacks if not name.startswith("httptools")]
     scenarios = [(f"asgi/{stack}", mode, int(n))
                  for n in options.sizes.split(",") if n for stack in stacks for mode in modes]
     if options.wsgi_size:
         scenarios.append(("wsgi", "longpoll", options.wsgi_size))
-    print(f"{'server':14} {'clients':9} {'N':>5} {'ok':>5} {'RSS MB':>13} {'threads':>9} "
+    print(f"{'server':22} {'clients':9} {'N':>5} {'ok':>5} {'RSS MB':>13} {'threads':>9} "
           f"{'CPU ms main+others':>18} {'store ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for kind, mode, n in scenarios:
         r = run(kind, mode, n, options.profile)
-        print(f"{r['server']:14} {r['clients']:9} {r['n']:>5} {r['answered_success']:>5} "
+        print(f"{r['server']:22} {r['clients']:9} {r['n']:>5} {r['answered_success']:>5} "
               f"{r['base_rss_mb']:>6}->{r['peak_rss_mb']:<6} {r['base_threads']:>3}->{r['peak_threads']:<5} "
               f"{r['cpu_main_ms']:>9}+{r['cpu_other_ms']:<8} {r['store_ms']:>8} "
               f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8}", flush=True)
