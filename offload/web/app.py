@@ -125,8 +125,6 @@ def error_response(status: int, kind: str, message: str,
     return json_response(status, {"error": {"type": kind, "message": message}}, headers)
 
 
-
-
 def parse_json(body: bytes) -> Any:
     """The JSON document in ``body``, or HTTPError 400."""
     try:

@@ -2,9 +2,9 @@
 
 uvicorn writes an answer's head and its body with two ``transport.write``
 calls, and the event loop sends each at once: two ``send`` system calls.
-On loopback one costs about 20 us, more than all the Python that serves a
-long-poll answer; with thousands of waiters answered together it is the
-largest part of the fan-out (bench/waiters.py). The protocols here are
+On loopback one costs about 17 us (bench/README.md), as much as the Python
+that serves a long-poll answer: with thousands of waiters answered
+together, the second call is a fifth of the event loop's work. The protocols here are
 uvicorn's own, given a transport that gathers what one turn of the event
 loop writes to a connection and sends it in one call at the end of the
 turn, so nothing is held back for longer than the turn: an event stream's
