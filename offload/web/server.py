@@ -4,11 +4,11 @@ uvicorn writes an answer's head and its body with two ``transport.write``
 calls, and the event loop sends each at once: two ``send`` system calls.
 On loopback one costs about 17 us (bench/README.md), as much as the Python
 that serves a long-poll answer: with thousands of waiters answered
-together, the second call is a fifth of the event loop's work. The protocols here are
-uvicorn's own, given a transport that gathers what one turn of the event
-loop writes to a connection and sends it in one call at the end of the
-turn, so nothing is held back for longer than the turn: an event stream's
-events leave as soon as they are written.
+together, sending once cuts the event loop's CPU by about a third. The
+protocols here are uvicorn's own, given a transport that gathers what one
+turn of the event loop writes to a connection and sends it in one call at
+the end of the turn, so nothing is held back for longer than the turn: an
+event stream's events leave as soon as they are written.
 
 Give one to uvicorn as its HTTP implementation::
 
