@@ -96,6 +96,33 @@ class WorkerProcess:
         self._log.close()
 
 
+class Spawned:
+    """A command in a process group of its own, its output in ``log``.
+
+    ``stop()`` sends SIGTERM to the whole group (the command and whatever it
+    started) and SIGKILL if it has not exited in ``timeout`` seconds.
+    """
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
 def closed_port() -> int:
     """A loopback port that nothing listens on (bound, then closed)."""
     closed = socket.socket()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import psutil
 import pytest
 from celery.schedules import crontab
 
-from conftest import require_service, wait_until, worker_env
+from conftest import Spawned, require_service, wait_until, worker_env
 from offload import Offload
 from offload.beat import SCHEDULER, has_schedule, state_file, task_entries
 
@@ -77,26 +76,6 @@ def test_offload_beat_with_nothing_scheduled_says_what_to_do(tmp_path, data_root
 
 # Running on a schedule -----------------------------------------------------------------
 
-class Proc:
-    def __init__(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> None:
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=cwd)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 def lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -122,11 +101,11 @@ def scheduled(request, data_root):
 
 def test_a_task_runs_every_second_and_two_schedulers_never_send_twice(scheduled):
     kind, env, data_dir = scheduled
-    worker = Proc([OFFLOAD, "--app", "testapp.scheduled:off", "worker", "-c", "1", "-n", f"beat-{kind}@%h"],
+    worker = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "worker", "-c", "1", "-n", f"beat-{kind}@%h"],
                   data_dir / "worker.log", env)
     # Two processes both start a scheduler for the same app on this host.
-    first = Proc([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-1.log", env)
-    second = Proc([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-2.log", env)
+    first = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-1.log", env)
+    second = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-2.log", env)
     schedulers = [first, second]
     try:
         ticks, tocks = data_dir / "tick.runs", data_dir / "tock.runs"
@@ -164,7 +143,7 @@ def state_file_exists(data_dir: Path) -> bool:
 
 def test_offload_cluster_runs_the_scheduler_beside_the_workers(scheduled):
     kind, env, data_dir = scheduled
-    cluster = Proc([OFFLOAD, "--app", "testapp.scheduled:off", "cluster", "--no-flower", "--json"],
+    cluster = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "cluster", "--no-flower", "--json"],
                    data_dir / "cluster.log", env)
     ticks = data_dir / "tick.runs"
     beat_log = data_dir / "workers" / "beat.log"
@@ -173,7 +152,7 @@ def test_offload_cluster_runs_the_scheduler_beside_the_workers(scheduled):
         assert lines(ticks) >= 2, cluster.text()[-3000:] + (beat_log.read_text()[-2000:] if beat_log.exists() else "")
         assert '"event": "beat"' in cluster.text()
         # A scheduler started by hand for the same app waits: the cluster's sends.
-        extra = Proc([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-extra.log", env)
+        extra = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-extra.log", env)
         try:
             assert wait_until(lambda: "waits" in extra.text(), timeout=60, interval=0.2), extra.text()
             before = lines(ticks)
@@ -207,12 +186,12 @@ def test_local_workers_bring_the_scheduler_and_two_processes_never_send_twice(da
     """Two web processes with CELERY_START_LOCAL_WORKERS: the one that runs the
     workers runs the scheduler too, once; it stops with them."""
     env = worker_env({"OFFLOAD_LOCAL_DATA_DIR": str(tmp_path)})
-    first = Proc([sys.executable, "-c", STARTER], tmp_path / "first.log", env)
+    first = Spawned([sys.executable, "-c", STARTER], tmp_path / "first.log", env)
     second = None
     ticks, beat_log = tmp_path / "tick.runs", tmp_path / "workers" / "beat.log"
     try:
         assert wait_until(lambda: "ready" in first.text() or first.proc.poll() is not None, 120, 0.2), first.text()
-        second = Proc([sys.executable, "-c", STARTER], tmp_path / "second.log", env)
+        second = Spawned([sys.executable, "-c", STARTER], tmp_path / "second.log", env)
         assert wait_until(lambda: "ready" in second.text() or second.proc.poll() is not None, 120, 0.2), \
             second.text()
         assert wait_until(lambda: lines(ticks) >= 3, 120, 0.2), beat_log.read_text()[-3000:]

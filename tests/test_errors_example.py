@@ -5,28 +5,16 @@ playing FogBugz."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import closed_port, wait_until
+from conftest import Spawned, closed_port, wait_until
 from errors_fakes import Receiver, request
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bugzscout_wsgi"
 pytestmark = pytest.mark.xdist_group("errors")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def test_the_bugzscout_example_end_to_end(tmp_path):
@@ -35,13 +23,9 @@ def test_the_bugzscout_example_end_to_end(tmp_path):
     env = dict(os.environ, OFFLOAD_DATA_DIR=str(tmp_path / "data"), BUGZSCOUT_URL=fogbugz.url,
                PYTHONPATH=str(EXAMPLE))
     celery = Path(sys.executable).parent / "celery"
-    web_log = open(tmp_path / "web.log", "wb")
-    worker_log = open(tmp_path / "worker.log", "wb")
-    web = subprocess.Popen([sys.executable, "myapp.py", str(port)], cwd=EXAMPLE, env=env,
-                           stdout=web_log, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = subprocess.Popen([str(celery), "--app=myapp", "worker", "--loglevel=INFO", "-c", "1"],
-                              cwd=EXAMPLE, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    web = Spawned([sys.executable, "myapp.py", str(port)], tmp_path / "web.log", env, cwd=EXAMPLE)
+    worker = Spawned([str(celery), "--app=myapp", "worker", "--loglevel=INFO", "-c", "1"],
+                     tmp_path / "worker.log", env, cwd=EXAMPLE)
     url = f"http://127.0.0.1:{port}/"
     try:
         assert wait_until(lambda: b"serving on" in (tmp_path / "web.log").read_bytes(), timeout=30), \
@@ -61,8 +45,6 @@ def test_the_bugzscout_example_end_to_end(tmp_path):
             assert (form["ScoutUserName"], form["ScoutProject"], form["ScoutArea"]) == (
                 "Bug Reporter", "Inbox", "Undecided")
     finally:
-        _stop(web)
-        _stop(worker)
-        web_log.close()
-        worker_log.close()
+        web.stop(timeout=15)
+        worker.stop(timeout=15)
         fogbugz.close()

@@ -6,8 +6,6 @@ worker), on the local Redis."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import closed_port, reachable, require_service, wait_until
+from conftest import Spawned, closed_port, reachable, require_service, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pyramid_ledger"
 # The example's queue is Celery's default ("celery") and its ledger the key
@@ -27,26 +25,12 @@ REDIS_URLS = {"python -m": "redis://127.0.0.1:6379/4", "pserve": "redis://127.0.
 pytestmark = pytest.mark.redis
 
 
-class Process:
-    """A command of the example's, run from its folder, with its log."""
-
-    def __init__(self, args: list[str], log: Path, redis_url: str) -> None:
-        env = dict(os.environ, REDIS_URL=redis_url)
-        env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(args, cwd=EXAMPLE, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+def process(args: list[str], log: Path, redis_url: str) -> Spawned:
+    """A command of the example's, run from its folder on ``redis_url``, with its log."""
+    env = dict(os.environ, REDIS_URL=redis_url)
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return Spawned(args, log, env, cwd=EXAMPLE)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -74,22 +58,22 @@ def clean_redis(how):
     client.close()
 
 
-def start_web(how: str, port: int, tmp_path: Path) -> Process:
+def start_web(how: str, port: int, tmp_path: Path) -> Spawned:
     if how == "python -m":
-        return Process([sys.executable, "-m", "pyramid_ledger", "--port", str(port)], tmp_path / "web.log",
+        return process([sys.executable, "-m", "pyramid_ledger", "--port", str(port)], tmp_path / "web.log",
                        REDIS_URLS[how])
     # pserve development.ini, on a free port instead of 8000.
     ini = tmp_path / "development.ini"
     ini.write_text((EXAMPLE / "development.ini").read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
-    return Process([str(Path(sys.executable).parent / "pserve"), str(ini)], tmp_path / "web.log", REDIS_URLS[how])
+    return process([str(Path(sys.executable).parent / "pserve"), str(ini)], tmp_path / "web.log", REDIS_URLS[how])
 
 
-def start_worker(how: str, tmp_path: Path) -> Process:
+def start_worker(how: str, tmp_path: Path) -> Spawned:
     if how == "python -m":
         args = ["celery", "-A", "pyramid_ledger", "worker", "-l", "INFO"]
     else:
         args = ["celery", "-A", "offload.pyramid", "worker", "--ini", "development.ini", "-l", "INFO"]
-    return Process([str(Path(sys.executable).parent / args[0]), *args[1:]], tmp_path / "worker.log",
+    return process([str(Path(sys.executable).parent / args[0]), *args[1:]], tmp_path / "worker.log",
                    REDIS_URLS[how])
 
 

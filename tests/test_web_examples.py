@@ -5,51 +5,31 @@ under uvicorn), each with its own local worker on the embedded broker."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import closed_port, wait_until
+from conftest import Spawned, closed_port, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = pytest.mark.timeout(240)
 
 
-class Running:
-    """An example's server process, its output in a file, stopped with SIGTERM."""
-
-    def __init__(self, args: list[str], cwd: Path, data_dir: Path) -> None:
-        self.log = data_dir / "server.log"
-        env = dict(os.environ, OFFLOAD_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-        env.pop("OFFLOAD_APP", None)
-        self._out = open(self.log, "wb")
-        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._out.close()
+def running(args: list[str], cwd: Path, data_dir: Path) -> Spawned:
+    """An example's server process, its output in ``data_dir``, stopped with SIGTERM."""
+    env = dict(os.environ, OFFLOAD_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    env.pop("OFFLOAD_APP", None)
+    return Spawned(args, data_dir / "server.log", env, cwd=cwd)
 
 
-def answers(server: Running, port: int, path: str) -> bool:
+def answers(server: Spawned, port: int, path: str) -> bool:
     """Whether the server answers yet; an exited server fails the test at once."""
     if server.proc.poll() is not None:
-        raise AssertionError(f"the server exited with {server.proc.returncode}:\n{server.output()}")
+        raise AssertionError(f"the server exited with {server.proc.returncode}:\n{server.text()}")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             pass
@@ -61,11 +41,11 @@ def answers(server: Running, port: int, path: str) -> bool:
 
 def test_async_wait_example(tmp_path):
     port = closed_port()
-    server = Running([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
+    server = running([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
                      EXAMPLES / "async_wait", tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: answers(server, port, "/offload/openapi.json"), timeout=90), server.output()
+        assert wait_until(lambda: answers(server, port, "/offload/openapi.json"), timeout=90), server.text()
         with httpx.Client(base_url=base, timeout=60) as c:
             ok = c.get("/divide", params={"x": 1, "y": 4})
             assert ok.status_code == 200 and ok.json() == {"result": 0.25}
@@ -79,7 +59,7 @@ def test_async_wait_example(tmp_path):
             assert c.get("/divide", params={"x": "a", "y": 1}).status_code == 400
             assert "/offload/tasks/divide" in c.get("/offload/openapi.json").json()["paths"]
     finally:
-        server.stop()
+        server.stop(timeout=30)
     assert server.proc.returncode is not None
 
 
@@ -94,10 +74,10 @@ def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
     from test_browser import CHROMIUM_ARGS
 
     page_port, api_port = closed_port(), closed_port()
-    server = Running([sys.executable, "serve.py", "--page-port", str(page_port), "--api-port", str(api_port)],
+    server = running([sys.executable, "serve.py", "--page-port", str(page_port), "--api-port", str(api_port)],
                      EXAMPLES / "pyjamas_jsonrpc", tmp_path)
     try:
-        assert wait_until(lambda: "page on" in server.output(), timeout=90), server.output()
+        assert wait_until(lambda: "page on" in server.text(), timeout=90), server.text()
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page()
@@ -110,6 +90,6 @@ def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
             assert page.inner_text("#result") == "echo: hello, other origin"
             assert int(page.inner_text("#polls")) >= 2  # polled on a timer while it ran
             browser.close()
-        assert "OPTIONS /offload/rpc" in server.output()  # the preflight, as in the seed
+        assert "OPTIONS /offload/rpc" in server.text()  # the preflight, as in the seed
     finally:
-        server.stop()
+        server.stop(timeout=30)
