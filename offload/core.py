@@ -24,7 +24,7 @@ from .config import default_data_dir as _default_data_dir
 from .config import translate
 from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
                        reference)
-from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit
+from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
@@ -530,10 +530,7 @@ class Offload:
             ) from None
         except CONNECTION_ERRORS as exc:
             future.unfollow()
-            raise BrokerUnavailable(
-                f"could not send the task: the broker at {self.broker_url!r} "
-                f"is unreachable ({exc}). Is it running?"
-            ) from exc
+            raise broker_unreachable(self.celery, exc, "send the task") from exc
         except BaseException:
             future.unfollow()
             raise
@@ -737,10 +734,7 @@ class _Submitter:
             for future in futures[sent:]:
                 future.unfollow()
             if isinstance(exc, CONNECTION_ERRORS):
-                raise BrokerUnavailable(
-                    f"could not send the task: the broker at {off.broker_url!r} "
-                    f"is unreachable ({exc}). Is it running?"
-                ) from exc
+                raise broker_unreachable(off.celery, exc, "send the tasks") from exc
             raise
         return futures
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
 
 class OffloadError(Exception):
     """Base class of every error offload raises itself."""
@@ -22,6 +26,17 @@ class NotAllowedError(OffloadError):
 
 class BrokerUnavailable(OffloadError, ConnectionError):
     """The broker could not be reached in time to send a task."""
+
+
+def broker_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:
+    """The error for a broker that did not answer while offload tried ``doing``.
+
+    Names the broker by its URL with the password masked, and the
+    connection error as the broker's client gave it.
+    """
+    return BrokerUnavailable(
+        f"cannot {doing}: the broker at {maybe_sanitize_url(str(app.conf.broker_url))!r} is "
+        f"unreachable ({exc}). Is it running?")
 
 
 class TaskLost(OffloadError, TimeoutError):

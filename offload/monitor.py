@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
-from .exceptions import BrokerUnavailable
+from .exceptions import broker_unreachable
 
-__all__ = ["INSPECT_TARGETS", "broker_unreachable", "inspect", "jsonable", "status"]
+__all__ = ["INSPECT_TARGETS", "inspect", "jsonable", "status"]
 
 #: What :func:`inspect` can ask the workers.
 INSPECT_TARGETS = ("active", "scheduled", "reserved", "revoked", "registered", "stats",
@@ -40,13 +39,6 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def broker_unreachable(app: Any, exc: Exception, doing: str = "reach the workers") -> BrokerUnavailable:
-    """The error for a broker that did not answer, its URL without a password."""
-    return BrokerUnavailable(
-        f"cannot {doing}: the broker at {maybe_sanitize_url(str(app.conf.broker_url))!r} is "
-        f"unreachable ({exc}). Is it running?")
-
-
 def status(app: Any, timeout: float = 1.0) -> dict[str, Any]:
     """Ping every worker: ``{"ping": bool, "workers": {"foo@host": "OK"}}``.
 
@@ -55,7 +47,7 @@ def status(app: Any, timeout: float = 1.0) -> dict[str, Any]:
     try:
         replies = app.control.ping(timeout=timeout)
     except OperationalError as exc:
-        raise broker_unreachable(app, exc) from exc
+        raise broker_unreachable(app, exc, "reach the workers") from exc
     workers: dict[str, str] = {}
     for reply in replies or ():
         for node, answer in reply.items():
@@ -75,5 +67,5 @@ def inspect(app: Any, what: str, timeout: float = 1.0) -> dict[str, Any]:
     try:
         replies = getattr(app.control.inspect(timeout=timeout), what)()
     except OperationalError as exc:
-        raise broker_unreachable(app, exc) from exc
+        raise broker_unreachable(app, exc, "reach the workers") from exc
     return jsonable(dict(sorted((replies or {}).items())))

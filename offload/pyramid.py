@@ -40,7 +40,7 @@ from typing import Any
 from kombu.exceptions import EncodeError
 
 from .core import CONNECTION_ERRORS, Offload
-from .exceptions import BrokerUnavailable, ConfigurationError, OffloadError
+from .exceptions import ConfigurationError, OffloadError, broker_unreachable
 from .futures import Future
 
 __all__ = ["InvalidTaskId", "TaskNotRegistered", "includeme"]
@@ -287,9 +287,7 @@ def delay_task(request: Any, fn: Callable[..., Any] | str, /, *args: Any, **kwar
     except EncodeError as exc:
         raise TypeError(f"the arguments of task {task.name!r} must be JSON-serializable: {exc}") from None
     except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(
-            f"could not send task {task.name!r}: the broker at {off.broker_url!r} "
-            f"is unreachable ({exc}). Is it running?") from exc
+        raise broker_unreachable(off.celery, exc, f"send task {task.name!r}") from exc
 
 
 def get_task_result(request: Any, task_id: str) -> Any:

@@ -59,8 +59,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from .exceptions import ConfigurationError, OffloadError
-from .monitor import INSPECT_TARGETS, broker_unreachable, inspect, status
+from .exceptions import ConfigurationError, OffloadError, broker_unreachable
+from .monitor import INSPECT_TARGETS, inspect, status
 from .specs import WorkerSpec, worker_specs
 from .supervise import (Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
                         describe_exit, start_process)
