@@ -102,7 +102,7 @@ def scheduled(request, data_root):
 def test_a_task_runs_every_second_and_two_schedulers_never_send_twice(scheduled):
     kind, env, data_dir = scheduled
     worker = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "worker", "-c", "1", "-n", f"beat-{kind}@%h"],
-                  data_dir / "worker.log", env)
+                     data_dir / "worker.log", env)
     # Two processes both start a scheduler for the same app on this host.
     first = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-1.log", env)
     second = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "beat"], data_dir / "beat-2.log", env)
@@ -144,7 +144,7 @@ def state_file_exists(data_dir: Path) -> bool:
 def test_offload_cluster_runs_the_scheduler_beside_the_workers(scheduled):
     kind, env, data_dir = scheduled
     cluster = Spawned([OFFLOAD, "--app", "testapp.scheduled:off", "cluster", "--no-flower", "--json"],
-                   data_dir / "cluster.log", env)
+                      data_dir / "cluster.log", env)
     ticks = data_dir / "tick.runs"
     beat_log = data_dir / "workers" / "beat.log"
     try:
