@@ -15,9 +15,9 @@ For each scenario a server process serves ``TaskAPI(off)`` on loopback, with
 
 The clients run in a process of their own, one bare asyncio protocol per
 connection on uvloop when it is installed (no HTTP library: thousands of them
-must cost the measuring side little, or the figure would be the clients'). Once the server holds every
-request (and, for event streams, has sent each its first PENDING event), the
-N results are written to Redis in one pipeline (SET and PUBLISH, as Celery's
+must cost the measuring side little, or the figure would be the clients').
+Once the server holds every request (and, for event streams, has sent each
+its first PENDING event), the N results are written to Redis in one pipeline (SET and PUBLISH, as Celery's
 Redis backend does when a task ends): the tasks "finish together" with no
 worker in the way. Measured: the server's peak RSS and thread count, the
 CPU time its threads spent from the pipeline's start to the last answer (the
