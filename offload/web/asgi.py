@@ -98,7 +98,7 @@ class ASGIApp:
         else:
             response = await self._answer(scope, request, body)
         if isinstance(response, EventStream):
-            response = _EventStreamResponse(self.api, response.task_id, cors.simple(origin))
+            response = _EventStreamResponse(self.api, response, cors.simple(origin))
         else:
             response = _PlainResponse(response, cors.simple(origin))
         await response(scope, receive, send)
@@ -145,8 +145,8 @@ class _EventStreamResponse:
     beside the stream.
     """
 
-    def __init__(self, api: TaskAPI, task_id: str, extra: list[tuple[str, str]]) -> None:
-        self.api, self.task_id, self.extra = api, task_id, extra
+    def __init__(self, api: TaskAPI, stream: EventStream, extra: list[tuple[str, str]]) -> None:
+        self.api, self.stream, self.extra = api, stream, extra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.current_task()
@@ -161,7 +161,9 @@ class _EventStreamResponse:
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async for chunk in async_events(self.api, self.task_id):
+            source = self.stream.source
+            chunks = source.async_() if source is not None else async_events(self.api, self.stream.task_id)
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

@@ -23,8 +23,8 @@ logger = logging.getLogger("offload.web")
 
 StartResponse = Callable[..., Any]
 
-_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 303: "See Other", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
             422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -78,7 +78,7 @@ class WSGIApp:
                 answer = error_response(500, "InternalError", "the server could not answer; see its log")
         if isinstance(answer, EventStream):
             start_response("200 OK", [*SSE_HEADERS, *cors.simple(origin)])
-            return sync_events(self.api, answer.task_id)
+            return answer.source.sync() if answer.source is not None else sync_events(self.api, answer.task_id)
         if method == "HEAD":
             answer.body = b""
         return self._send(start_response, answer, cors.simple(origin))
