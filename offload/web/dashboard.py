@@ -364,10 +364,11 @@ def _retry(off: Any, record: TaskRecord) -> str:
     options: dict[str, Any] = {}
     if record.queue:
         options["queue"] = record.queue
-    if record.name in off.celery.tasks and record.name not in (DISPATCH_TASK, CHUNK_TASK):
+    if len(args) == 3 and isinstance(args[0], str) and args[0].replace(":", ".") == record.name:
+        # A submitted function: the dispatcher's message, under the function's name.
+        name, options["shadow"] = DISPATCH_TASK, record.name
+    elif record.name in off.celery.tasks and record.name not in (DISPATCH_TASK, CHUNK_TASK):
         name = record.name
-    elif len(args) == 3 and isinstance(args[0], str) and args[0].replace(":", ".") == record.name:
-        name, options["shadow"] = DISPATCH_TASK, record.name  # a submitted function
     else:
         raise HTTPError(409, "UnknownTask", f"{record.name!r} is not a task of this app")
     return str(off.celery.send_task(name, args=args, kwargs=kwargs, **options).id)

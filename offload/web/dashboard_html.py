@@ -130,7 +130,7 @@ def short_id(task_id: str) -> str:
 
 def _task_link(ctx: Context, task_id: str) -> str:
     return (f'<a class="id" href="{_e(ctx.task_url(task_id))}" title="{_e(task_id)}">'
-            f'{_e(short_id(task_id))}</a>'
+            f'{_e(short_id(task_id))}</a>')
 
 
 # Sections ------------------------------------------------------------------

@@ -25,6 +25,7 @@ def make(kind: str, expose: tuple[str, ...] | None = None) -> Offload:
         shown = expose is None or short in expose
         off.task(name="echo" if short == "echo" else None, expose=shown)(fn)
     off.task(private_mul)  # registered, never exposed
+    off.task(mask_args=True)(sign)  # its arguments never shown on the dashboard
     return off
 
 
@@ -71,3 +72,8 @@ def wait_for_file(path: str, timeout: float = 60.0) -> str:
 
 def private_mul(x, y):
     return x * y
+
+
+def sign(secret: str, text: str) -> str:
+    """A task whose arguments are secret (``mask_args=True``)."""
+    return f"signed {len(text)} characters"
