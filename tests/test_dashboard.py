@@ -311,3 +311,35 @@ def test_metrics_are_prometheus_text(web_off):
     queue = web_off.celery.conf.task_default_queue
     assert any(s.labels == {"queue": queue} for s in families["offload_queue_length"].samples)
     assert any(s.value == 1 for s in families["offload_worker_up"].samples)
+
+
+# offload dashboard --------------------------------------------------------------------
+
+
+def test_the_dashboard_command_serves_it_standalone(web_off, tmp_path):
+    import os
+    import sys
+
+    from conftest import Spawned, closed_port, worker_env
+
+    port = closed_port()
+    command = [os.path.join(os.path.dirname(sys.executable), "offload"), "--app", "testapp.on_web_embedded:off",
+               "dashboard", "--port", str(port)]
+    server = Spawned(command, tmp_path / "dashboard.log", env=worker_env())
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert server.proc.poll() is None, server.text()
+        try:
+            return urllib.request.urlopen(base + "/", timeout=5).status == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(answers, timeout=60), server.text()
+        page = urllib.request.urlopen(base + "/", timeout=20).read().decode()  # redirected
+        assert "data-worker=" in page and 'data-status="online"' in page
+        assert urllib.request.urlopen(base + "/offload/metrics", timeout=20).status == 200
+        assert f"{base}/offload/dashboard" in server.text()
+    finally:
+        server.stop()

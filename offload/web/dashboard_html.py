@@ -85,7 +85,7 @@ def _duration(seconds: Any) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {rest} s"
 
 
-def progress_bar(record: TaskRecord) -> str:
+def progress_bar(record: TaskRecord, with_message: bool = False) -> str:
     meta = record.progress if isinstance(record.progress, dict) else None
     if record.state == states.SUCCESS:
         return '<progress value="1" max="1" aria-label="done">done</progress>'
@@ -96,7 +96,8 @@ def progress_bar(record: TaskRecord) -> str:
     current = meta.get("current") or 0
     total = meta["total"]
     label = f"{current} of {total}"
-    note = f' <span class="muted">{_e(_short(str(meta.get("message") or ""), 40))}</span>' if meta.get("message") else ""
+    note = (f' <span class="muted">{_e(_short(str(meta.get("message")), 80))}</span>'
+            if with_message and meta.get("message") else "")
     return (f'<progress value="{_e(current)}" max="{_e(total)}" aria-label="{_e(label)}">{_e(label)}</progress>'
             f'<span class="progress-text">{_e(label)}</span>{note}')
 
@@ -310,7 +311,7 @@ def task_detail(ctx: Context, record: TaskRecord | None, task_id: str) -> str | 
     if record.retried_as:
         rows.append(("Retried as", _task_link(ctx, record.retried_as)))
     facts = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows if v)
-    progress = progress_bar(record)
+    progress = progress_bar(record, with_message=True)
     history = [f'<tr>{_td("State", state_badge(s))}{_td("At", _when(t))}</tr>' for s, t in record.history]
     html = [f'<div class="task-head" data-task-id="{_e(record.id)}" data-state="{_e(record.state)}">'
             f"<dl class=\"facts\">{facts}</dl>"
