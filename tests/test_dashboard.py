@@ -135,6 +135,44 @@ def test_many_browsers_cost_one_round_per_interval_over_http(web_off):
     assert poller.rounds - before <= elapsed / 1.0 + 1
 
 
+def test_queue_lengths_on_every_broker(off):
+    from kombu import Queue
+
+    from offload.monitor import queue_lengths
+
+    name = f"{off.celery.conf.task_default_queue}-lengths"
+    with off.celery.connection_for_write() as connection:
+        queue = connection.SimpleQueue(Queue(name, routing_key=name))
+        try:
+            for i in range(3):
+                queue.put({"n": i})
+            lengths = queue_lengths(off.celery, [name, f"{name}-missing"])
+            assert lengths[name] == 3
+            # RabbitMQ knows a queue is missing; Redis keeps no empty queue.
+            assert lengths[f"{name}-missing"] == (None if off.broker_url.startswith("amqp") else 0)
+        finally:
+            queue.clear()
+            try:
+                queue.queue.delete()
+            except Exception:
+                pass
+            queue.close()
+
+
+def test_values_are_escaped_in_the_page(web_off):
+    api = TaskAPI(web_off, dashboard=True)
+    with serve("wsgi", api) as base:
+        urllib.request.urlopen(base + "/offload/dashboard", timeout=20).read()
+        assert wait_until(lambda: web_off.monitor.listener.connected, timeout=20)
+        echoed = web_off.submit(webtasks.echo_text, "<script>alert(1)</script>")
+        assert echoed.result(timeout=30)
+        log = web_off.monitor.log
+        assert wait_until(lambda: log.get(echoed.id) and log.get(echoed.id).final, timeout=20)
+        for path in ("/offload/dashboard", f"/offload/dashboard/tasks/{echoed.id}"):
+            page = urllib.request.urlopen(base + path, timeout=20).read().decode()
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+
+
 # Who may look ---------------------------------------------------------------------
 
 

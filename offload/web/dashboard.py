@@ -86,6 +86,7 @@ class Dashboard:
         if poll_interval is not None:
             self.monitor.poller.interval = float(poll_interval)
         self.base = f"{api.prefix}/dashboard"
+        self._rendered: dict[tuple[Any, ...], dict[str, str]] = {}
 
     # Routing ---------------------------------------------------------------
 
@@ -187,12 +188,25 @@ class Dashboard:
         return bool(getattr(task, "mask_args", False))
 
     def fragments(self, query: Any) -> dict[str, str]:
-        """The dashboard's sections, rendered (first paint, polling and the live stream)."""
+        """The dashboard's sections, rendered (first paint, polling and the live stream).
+
+        Rendered once per change of the data and filter, however many
+        browsers ask: the last few renderings are kept.
+        """
         log = self.monitor.log
         snap = self.monitor.poller.snapshot()
         name, exc = query.get("name") or None, query.get("exc") or None
-        return page.sections(self.context(query), snap, log.recent(50), log.failed(name, exc),
-                             log.failed_facets(), (name, exc), self.monitor.listener.connected)
+        key = (log.changes.version, self.monitor.poller.changes.version, self.monitor.listener.connected,
+               name, exc)
+        cached = self._rendered.get(key)
+        if cached is not None:
+            return cached
+        parts = page.sections(self.context(query), snap, log.recent(50), log.failed(name, exc),
+                              log.failed_facets(), (name, exc), self.monitor.listener.connected)
+        if len(self._rendered) >= 16:
+            self._rendered.clear()
+        self._rendered[key] = parts
+        return parts
 
     def task_fragments(self, record: TaskRecord | None, task_id: str) -> dict[str, Any]:
         return {"detail": page.task_detail(self.context({}), record, task_id),
