@@ -131,3 +131,24 @@ def test_an_authorize_that_refuses_gets_403_everywhere(browser, _workers):  # no
             response = page.request.post(f"{base}/offload/dashboard/tasks/{done.id}/{action}", form={"csrf": "x"})
             assert response.status == 403
         page.close()
+
+
+def test_without_event_streams_the_page_polls(browser, _workers, tmp_path):  # noqa: F811
+    from testapp import webtasks
+
+    off = _workers("web_embedded")[0]
+    api = TaskAPI(off, prefix="/offload", dashboard=True)
+    with serve("wsgi", api) as base:
+        context = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.add_init_script("delete window.EventSource")
+        page.goto(f"{base}/offload/dashboard")
+        page.wait_for_function("document.getElementById('live').dataset.live === 'poll'", timeout=30_000)
+        assert wait_until(lambda: off.monitor.listener.connected, timeout=30)
+        future = off.submit(webtasks.add, 40, 2)
+        assert future.result(timeout=30) == 42
+        page.wait_for_function(
+            "(id) => { const row = document.querySelector(`#recent [data-task-id='${id}']`);"
+            " return row && row.dataset.state === 'SUCCESS'; }", arg=future.id, timeout=30_000)
+        page.screenshot(path=str(tmp_path / "dashboard-dark-polling.png"))
+        context.close()

@@ -98,8 +98,8 @@ def progress_bar(record: TaskRecord, with_message: bool = False) -> str:
     label = f"{current} of {total}"
     note = (f' <span class="muted">{_e(_short(str(meta.get("message")), 80))}</span>'
             if with_message and meta.get("message") else "")
-    return (f'<progress value="{_e(current)}" max="{_e(total)}" aria-label="{_e(label)}">{_e(label)}</progress>'
-            f'<span class="progress-text">{_e(label)}</span>{note}')
+    return (f'<span class="progress"><progress value="{_e(current)}" max="{_e(total)}" aria-label="{_e(label)}">'
+            f'{_e(label)}</progress><span class="progress-text">{_e(label)}</span>{note}</span>')
 
 
 def _outcome(record: TaskRecord) -> str:
