@@ -305,6 +305,50 @@ def test_retry_sends_the_same_arguments_again_and_links_both_ways(web_off):
         assert failed.id not in [r.id for r in log.failed()]
 
 
+def test_terminate_stops_a_running_task(web_off, gate):
+    api = TaskAPI(web_off, dashboard=True)
+    with serve("wsgi", api) as base:
+        browser = Browser(base)
+        browser.get("/offload/dashboard")
+        assert wait_until(lambda: web_off.monitor.listener.connected, timeout=20)
+        running = web_off.submit(webtasks.wait_for_file, gate, 120)
+        assert wait_until(running.running, timeout=30)
+        page = browser.get(f"/offload/dashboard/tasks/{running.id}")
+        assert 'data-action="revoke"' in page and 'data-action="terminate"' in page
+        # Revoke alone leaves a running task running (as Future.cancel does) ...
+        assert browser.post(f"/offload/dashboard/tasks/{running.id}/revoke", {"csrf": token_of(page)})[0] == 303
+        assert not running.done()
+        # ... terminate stops it.
+        status, _, _ = browser.post(f"/offload/dashboard/tasks/{running.id}/revoke",
+                                    {"csrf": token_of(page), "terminate": "1"})
+        assert status == 303
+        log = web_off.monitor.log
+        assert wait_until(lambda: log.get(running.id).state == states.REVOKED, timeout=30)
+        assert 'data-action="revoke"' not in browser.get(f"/offload/dashboard/tasks/{running.id}")
+
+
+def test_one_record_and_one_receiver_per_process_however_many_mounts(web_off):
+    first = TaskAPI(web_off, dashboard=True)
+    second = TaskAPI(web_off, prefix="/other", dashboard=True)
+    assert first.dashboard.monitor is second.dashboard.monitor is web_off.monitor
+    web_off.monitor.ensure_started()
+    web_off.monitor.ensure_started()
+    receivers = [t for t in threading.enumerate() if t.name == "offload-events"]
+    assert len(receivers) == 1
+
+
+def test_failed_tasks_filter_by_task_name_and_exception_type():
+    log = TaskLog()
+    for i, (name, exc) in enumerate([("app.a", "KeyError('x')"), ("app.b", "KeyError('y')"),
+                                     ("app.a", "ValueError('z')")]):
+        log.on_event(event("received", f"f{i}", name=name))
+        log.on_event(event("failed", f"f{i}", exception=exc, traceback="Traceback ..."))
+    assert [r.id for r in log.failed(name="app.a")] == ["f2", "f0"]
+    assert [r.id for r in log.failed(exception_type="KeyError")] == ["f1", "f0"]
+    assert [r.id for r in log.failed(name="app.a", exception_type="KeyError")] == ["f0"]
+    assert log.failed_facets() == (["app.a", "app.b"], ["KeyError", "ValueError"])
+
+
 def test_a_task_with_mask_args_never_shows_its_arguments(web_off):
     api = TaskAPI(web_off, dashboard=True)
     with serve("wsgi", api) as base:
