@@ -68,6 +68,23 @@ def _when(stamp: float | None) -> str:
     return f'<time datetime="{moment.isoformat()}">{moment.strftime("%H:%M:%S")}</time>'
 
 
+def _eta(raw: str | None) -> str:
+    """An ETA as the workers report it (ISO 8601) as a time and how far off it is."""
+    if not raw:
+        return ""
+    try:
+        moment = datetime.datetime.fromisoformat(str(raw))
+    except ValueError:
+        return _e(raw)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    left = (moment - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    when = "due" if left <= 0 else f"in {_duration(left)}"
+    utc = moment.astimezone(datetime.timezone.utc)
+    return (f'<time datetime="{_e(utc.isoformat())}">{utc.strftime("%H:%M:%S")} UTC</time>'
+            f' <span class="muted">({when})</span>')
+
+
 def _duration(seconds: Any) -> str:
     try:
         value = float(seconds)
@@ -108,7 +125,7 @@ def _outcome(record: TaskRecord) -> str:
     if record.result is not None:
         return f'<code>{_e(_short(record.result))}</code>'
     if record.eta and record.state in (states.RECEIVED, states.PENDING):
-        return f'<span class="muted">scheduled for {_e(record.eta)}</span>'
+        return f'<span class="muted">scheduled:</span> {_eta(record.eta)}'
     return ""
 
 
@@ -216,7 +233,7 @@ def _on_workers(ctx: Context, tasks: dict[str, Any], revoked: int) -> str:
                             + _td("Task", _task_link(ctx, request["id"]))
                             + _td("Name", f"<code>{_e(name)}</code>", "wrap")
                             + _td("Where", f'{_e(what)} on {_e(worker)}', "wrap")
-                            + _td("ETA", _e(eta or ""), "wrap") + "</tr>")
+                            + _td("ETA", _eta(eta), "wrap") + "</tr>")
     html = "<h2>On the workers</h2>" + _table(
         "onworkers", ["Task", "Name", "Where", "ETA"], rows, "Nothing running, reserved or scheduled.")
     return html + f'<p class="muted">Revoked ids the workers remember: {revoked}</p>'
@@ -300,7 +317,7 @@ def task_detail(ctx: Context, record: TaskRecord | None, task_id: str) -> str | 
     args, kwargs = ctx.display_args(record)
     rows = [("Name", f"<code>{_e(record.name or '?')}</code>"), ("State", state_badge(record.state)),
             ("Worker", _e(record.worker or "")), ("Queue", _e(record.queue or "")),
-            ("Runtime", _e(_duration(record.runtime))), ("ETA", _e(record.eta or "")),
+            ("Runtime", _e(_duration(record.runtime))), ("ETA", _eta(record.eta)),
             ("Retries", _e(record.retries or ""))]
     if masked:
         rows.append(("Arguments", '<span class="muted" data-masked>hidden (mask_args=True)</span>'))
