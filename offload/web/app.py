@@ -305,7 +305,7 @@ class TaskAPI:
             from .dashboard import static_file
 
             self._allow(method, ("GET",))
-            return static_file(parts[1])
+            return static_file(parts[1]) or error_response(404, "NotFound", f"no file {parts[1]}")
         if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
             self._allow(method, ("GET",))
             return Response(200, offload_js(), [
