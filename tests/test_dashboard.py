@@ -509,16 +509,22 @@ def test_the_dashboard_command_serves_it_standalone(web_off, tmp_path):
     server = Spawned(command, tmp_path / "dashboard.log", env=worker_env())
     base = f"http://127.0.0.1:{port}"
 
-    def answers() -> bool:
+    def started() -> bool:
         assert server.proc.poll() is None, server.text()
-        try:
-            return urllib.request.urlopen(base + "/", timeout=5).status == 200
-        except OSError:
-            return False
+        return "offload dashboard on" in server.text()
 
     try:
-        assert wait_until(answers, timeout=60), server.text()
-        page = urllib.request.urlopen(base + "/", timeout=20).read().decode()  # redirected
+        assert wait_until(started, timeout=60), server.text()
+        # Sent before anyone looked: the command receives events from its start.
+        early = web_off.submit(webtasks.add, 3, 4)
+        assert early.result(timeout=30) == 7
+
+        def shown() -> bool:
+            page = urllib.request.urlopen(base + "/", timeout=20).read().decode()  # redirected
+            return f'data-task-id="{early.id}" data-state="SUCCESS"' in page
+
+        assert wait_until(shown, timeout=30, interval=0.5)
+        page = urllib.request.urlopen(base + "/", timeout=20).read().decode()
         assert "data-worker=" in page and 'data-status="online"' in page
         assert urllib.request.urlopen(base + "/offload/metrics", timeout=20).status == 200
         assert f"{base}/offload/dashboard" in server.text()
