@@ -121,6 +121,53 @@ def test_failing_request_answers_an_empty_500_and_fogbugz_gets_the_report(stack,
         assert SECRET not in str(record), "a secret reached a sink"
 
 
+def test_secrets_in_url_headers_query_and_path_never_reach_the_sinks(stack, fogbugz, webhook):
+    """Every place of a request an attacker's review found a secret in (issue 25, item 9)."""
+    build, worker = stack
+    _off, _errors, url = build()
+    marker = uuid.uuid4().hex
+    token = "a8Fq3kZ0pL2mN7xW9vB4" + SECRET.replace("-", "")
+    query = f"case={marker};api_key={SECRET};page=2&pass={SECRET}&code={SECRET}&state=ok"
+    status, body = request(f"{url}/zero/reset/{token}?{query}", headers={
+        "Referer": f"https://shop.example/checkout?token={SECRET}&step=2",
+        "X-Original-URL": f"/zero/reset/{token}?{query}",
+        "X-Forwarded-Uri": f"/callback?code={SECRET}",
+        "X-Forwarded-Host": "shop.example",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Url": f"https://user:{SECRET}@shop.example/cb;jsessionid={SECRET}",
+        "X-Pin": SECRET})
+    assert (status, body) == (500, b"")
+    assert wait_until(lambda: reports_with(fogbugz, marker) and reports_with(webhook, marker, "request"),
+                      timeout=15), worker.log_tail()
+    [form] = reports_with(fogbugz, marker)
+    [hook] = reports_with(webhook, marker, "request")
+    for record in (form, hook):
+        assert SECRET not in str(record) and token not in str(record), "a secret reached a sink"
+    request_info = hook["request"]
+    assert request_info["path"] == "/zero/reset/%5BFiltered%5D"
+    assert request_info["query"] == (f"case={marker};api_key=%5BFiltered%5D;page=2&pass=%5BFiltered%5D"
+                                     "&code=%5BFiltered%5D&state=ok")
+    headers = request_info["headers"]
+    assert headers["Referer"] == "https://shop.example/checkout?token=%5BFiltered%5D&step=2"
+    assert headers["X-Forwarded-Uri"] == "/callback?code=%5BFiltered%5D"
+    assert headers["X-Forwarded-Host"] == "shop.example" and headers["X-Pin"] == "[Filtered]"
+    assert "X-Original-Url" in headers and "X-Forwarded-Url" in headers
+
+
+def test_two_different_errors_of_one_function_are_two_reports(stack, fogbugz):
+    build, worker = stack
+    _off, _errors, url = build(window=2.0)
+    marker = uuid.uuid4().hex
+    assert request(f"{url}/parse?case={marker}")[0] == 500
+    assert request(f"{url}/parse?case={marker}&currency=XYZ")[0] == 500
+    assert request(f"{url}/parse?case={marker}")[0] == 500
+    assert wait_until(lambda: len(reports_with(fogbugz, marker)) >= 2, timeout=20), worker.log_tail()
+    descriptions = sorted(form["Description"].split(" at ")[0] for form in reports_with(fogbugz, marker))
+    assert descriptions == ["ValueError: missing field 'amount'", "ValueError: unknown currency"]
+    [missing] = [f for f in reports_with(fogbugz, marker) if "missing" in f["Description"]]
+    assert "Occurrences: 2" in missing["Extra"]
+
+
 def test_a_body_that_fails_while_streaming_is_a_500_and_reported(stack, fogbugz):
     build, worker = stack
     _off, _errors, url = build()
@@ -185,6 +232,31 @@ def test_failed_tasks_are_reported_with_name_id_and_scrubbed_args(stack, webhook
     assert reg["task"]["name"] == "errors_app.registered_fails"
     assert reg["task"]["kwargs"] == {"password": "[Filtered]"}
     assert SECRET not in str(reg)
+
+
+def test_secrets_in_positional_and_nested_task_arguments_are_scrubbed(stack, webhook):
+    build, worker = stack
+    off, _errors, _url = build()
+    options = {"remember": True, "grant": {"refresh_token": SECRET, "scope": "read"},
+               "callback": f"https://app.example/cb?code={SECRET}&next=/home"}
+    future = off.submit(errors_app.login, "bob", SECRET, options)
+    registered = off.celery.tasks["errors_app.registered_fails"]
+    failed = registered.submit("item-9", SECRET)  # password given by position
+    for fut, exc in ((future, PermissionError), (failed, KeyError)):
+        with pytest.raises(exc):
+            fut.result(timeout=30)
+    ids = {future.id, failed.id}
+    assert wait_until(lambda: len([r for r in webhook.received if (r.get("task") or {}).get("id") in ids]) == 2,
+                      timeout=15), worker.log_tail()
+    reports = {r["task"]["id"]: r for r in webhook.received if (r.get("task") or {}).get("id") in ids}
+    submitted, reg = reports[future.id], reports[failed.id]
+    assert submitted["task"]["args"][:2] == ["'bob'", "[Filtered]"]
+    assert "'scope': 'read'" in submitted["task"]["args"][2]
+    assert "'refresh_token': '[Filtered]'" in submitted["task"]["args"][2]
+    assert "next=/home" in submitted["task"]["args"][2]
+    assert reg["task"]["args"] == ["'item-9'", "[Filtered]"]
+    for report in (submitted, reg):
+        assert SECRET not in str(report)
 
 
 def test_a_failed_call_of_a_chunked_map_is_reported_by_its_own_id(stack, webhook):

@@ -290,7 +290,7 @@ def _fail_here(message="boom"):
 def test_the_report_holds_the_error_and_the_request_with_secrets_scrubbed():
     environ = {
         "REQUEST_METHOD": "PUT", "SCRIPT_NAME": "/app", "PATH_INFO": "/items/3",
-        "QUERY_STRING": "q=shoes&api_key=K1&sessionid=S1&access_token=T1&page=2",
+        "QUERY_STRING": "q=shoes&api_key=K1&sessionid=S1&access_token=TK1&page=2",
         "wsgi.url_scheme": "https", "HTTP_HOST": "shop.example", "REMOTE_ADDR": "192.0.2.1",
         "HTTP_USER_AGENT": "curl/8", "HTTP_AUTHORIZATION": "Basic QQ==", "HTTP_COOKIE": "sid=C1",
         "HTTP_X_CSRF_TOKEN": "X1", "HTTP_X_MY_PASSWORD": "P1", "HTTP_ACCEPT": "*/*",
@@ -306,7 +306,7 @@ def test_the_report_holds_the_error_and_the_request_with_secrets_scrubbed():
     for name in ("Authorization", "Cookie", "X-Csrf-Token", "X-My-Password"):
         assert request["headers"][name] == "[Filtered]"
     text = str(report) + render_extra(report)
-    for secret in ("QQ==", "C1", "X1", "P1", "K1", "S1", "T1"):
+    for secret in ("QQ==", "C1", "X1", "P1", "K1", "S1", "TK1"):
         assert secret not in text
     assert report["description"].startswith("RuntimeError: boom at test_errors_units.py:")
     assert report["description"].endswith("in _fail_here")
@@ -366,12 +366,16 @@ def test_fogbugz_posts_the_bugzscout_form_and_reads_its_answer():
         sink.send(report)  # nothing listens any more
 
 
-def test_fogbugz_answers_that_are_not_bugzscout_xml_are_retried():
+def test_fogbugz_answers_of_another_shape_are_delivered_with_a_warning_never_retried(caplog):
     assert parse_answer("<Success>ok</Success>") == "ok"
-    with pytest.raises(SinkUnavailable, match="not BugzScout XML"):
-        parse_answer("<html><body>proxy error")
-    with pytest.raises(SinkUnavailable, match="unexpected <html>"):
-        parse_answer("<html>hi</html>")
+    with caplog.at_level(logging.WARNING, "offload.errors"):
+        assert parse_answer("<html><body>proxy error") == ""
+        assert parse_answer("<html>hi</html>") == "hi"
+        assert parse_answer("<Response><Case>7</Case></Response>") == ""
+    assert "not BugzScout XML (not posted again)" in caplog.text
+    assert "unexpected <html> document (not posted again)" in caplog.text
+    with pytest.raises(SinkRefused, match="no such area"):
+        parse_answer("<Response><Error>no such area</Error></Response>")
 
 
 def test_log_sink_writes_the_report(caplog):
