@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -558,3 +559,41 @@ def test_huge_requests_make_reports_of_bounded_size():
     report = build_report(_exc_info(lambda: _fail_here("m" * 100_000)), app={"name": "a"}, environ=environ)
     assert len(json.dumps(report)) < 60_000
     assert "t" * 100 not in report["request"]["query"]
+
+
+def test_the_grouping_window_stays_fixed_while_the_broker_is_down(tmp_path):
+    """A publish to a broker that is not there takes seconds: windows must not stretch with it."""
+    import datetime
+
+    from conftest import closed_port
+
+    off = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0",
+                   "OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=0.2)
+    deadline = time.monotonic() + 2.5
+    sent = 0
+    while time.monotonic() < deadline:
+        errors.capture(_exc_info(lambda: _fail_here("same")))
+        sent += 1
+        time.sleep(0.05)  # the pace of the errors under test, not a wait for a result
+    errors.pipeline.spool_pending()
+    assert wait_until(lambda: sum(r["count"] for r in _spooled(errors.spool)) == sent, timeout=15)
+    reports = _spooled(errors.spool)
+    spans = [_seconds(r["last_seen"]) - _seconds(r["first_seen"]) for r in reports]
+    assert len(reports) >= 6, f"{sent} errors in 2.5 s made {len(reports)} reports"
+    assert max(spans) < 0.2 + 0.1, f"a window stretched to {max(spans):.2f}s"
+
+
+def _spooled(spool):
+    reports = []
+    for name in os.listdir(spool.folder):
+        if name.endswith(".json"):
+            with open(os.path.join(spool.folder, name)) as fh:
+                reports.append(json.load(fh))
+    return reports
+
+
+def _seconds(iso):
+    import datetime
+
+    return datetime.datetime.fromisoformat(iso).timestamp()
