@@ -4,6 +4,7 @@ FogBugz and a webhook that record what they receive."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -152,6 +153,48 @@ def test_secrets_in_url_headers_query_and_path_never_reach_the_sinks(stack, fogb
     assert headers["X-Forwarded-Uri"] == "/callback?code=%5BFiltered%5D"
     assert headers["X-Forwarded-Host"] == "shop.example" and headers["X-Pin"] == "[Filtered]"
     assert "X-Original-Url" in headers and "X-Forwarded-Url" in headers
+
+
+def _raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send bytes as they are (invalid UTF-8 included); the answer's status line."""
+    host, port = url.rpartition("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                     + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.partition(b"\r\n")[0]
+
+
+def test_hostile_requests_are_an_empty_500_and_a_bounded_report(stack, webhook):
+    """Deep JSON, huge headers, a 5,000-digit number, invalid UTF-8: reporting never breaks."""
+    build, worker = stack
+    _off, _errors, url = build(window=0.2)
+    marker = uuid.uuid4().hex
+    deep = b"[" * 100_000 + b"]" * 100_000
+    big_headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(90))
+    sent = [
+        _raw_request(url, b"POST /json?case=%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     % marker.encode(), deep),
+        _raw_request(url, b"GET /key?case=%s HTTP/1.1\r\nHost: x\r\n%sX-Big: %s\r\n"
+                     % (marker.encode(), big_headers, b"b" * 32_000)),
+        _raw_request(url, b"POST /json?case=%s&n=%s HTTP/1.1\r\nHost: x\r\n" % (marker.encode(), b"9" * 5000),
+                     b"9" * 5000),
+        _raw_request(url, b"GET /bigint?case=%s HTTP/1.1\r\nHost: x\r\n" % marker.encode()),
+        _raw_request(url, b"GET /zero/%%ff%%fe\xff?case=%s&q=%%ff\xfe HTTP/1.1\r\nHost: x\r\nX-Bin: \xff\xfe\x80\r\n"
+                     % marker.encode()),
+    ]
+    assert all(status.startswith(b"HTTP/1.") and b" 500 " in status for status in sent), sent
+    assert wait_until(lambda: len(reports_with(webhook, marker, "request")) >= 5, timeout=30), worker.log_tail()
+    reports = reports_with(webhook, marker, "request")
+    types = sorted(r["exception"]["type"] for r in reports)
+    assert types == ["KeyError", "RecursionError", "ValueError", "ValueError", "ZeroDivisionError"], types
+    for report in reports:
+        assert len(json.dumps(report)) < 100_000
+        assert len(report["request"]["headers"]) <= 64 + 3
+    [bigint] = [r for r in reports if r["request"]["path"] == "/bigint"]
+    assert bigint["exception"]["message"] == "<unprintable ValueError>"
 
 
 def test_two_different_errors_of_one_function_are_two_reports(stack, fogbugz):

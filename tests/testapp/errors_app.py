@@ -9,6 +9,7 @@ The test process builds it with :func:`make`; a worker process started with
 
 from __future__ import annotations
 
+import json
 import os
 
 import offload.errors
@@ -61,6 +62,12 @@ def boom(environ, start_response):
         raise ValueError("missing field 'amount'")
     if path == "/key":
         return [{}["missing"]]
+    if path == "/json":
+        # An app that parses its body: nested 100,000 deep, json raises RecursionError.
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        return [json.dumps(json.loads(environ["wsgi.input"].read(size))).encode()]
+    if path == "/bigint":
+        raise ValueError(10 ** 5000)  # str() of it raises: Python refuses 5,000 digits
     if path == "/value":
         raise ValueError("bad value")
     if path == "/stream":
