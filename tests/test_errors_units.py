@@ -597,3 +597,62 @@ def _seconds(iso):
     import datetime
 
     return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def test_one_scrubbing_policy_covers_urls_paths_and_values():
+    scrubber = Scrubber(also=["iban"])
+    # Query parameters, both separators, and names that are secret whole.
+    assert scrubber.query("a=1;pass=p&code=c&state=s&IBAN=x") == (
+        "a=1;pass=%5BFiltered%5D&code=%5BFiltered%5D&state=s&IBAN=%5BFiltered%5D")
+    # URLs: user:password@, query, fragment, token-like path segments, a segment after a secret name.
+    assert scrubber.url("https://u:pw@h.example/reset/eyJhbGciOi.eyJzdWIi.sig?next=/a#access_token=t") == (
+        "https://%5BFiltered%5D@h.example/reset/%5BFiltered%5D?next=/a#access_token=%5BFiltered%5D")
+    assert scrubber.path("/api/token/abc/orders/12345/a8Fq3kZ0pL2mN7xW9vB4") == (
+        "/api/token/%5BFiltered%5D/orders/12345/%5BFiltered%5D")
+    assert scrubber.path("/shop;jsessionid=S1/cart") == "/shop;jsessionid=%5BFiltered%5D/cart"
+    # Headers holding URLs or paths; credentials by their shape.
+    headers = scrubber.headers({"Referer": "https://x/?token=T", "X-Original-URL": "/cb?code=C",
+                                "X-Forwarded-Prefix": "/reset/a8Fq3kZ0pL2mN7xW9vB4", "X-Note": "Bearer abc",
+                                "Accept": "text/html"})
+    assert headers == {"Referer": "https://x/?token=%5BFiltered%5D", "X-Original-URL": "/cb?code=%5BFiltered%5D",
+                       "X-Forwarded-Prefix": "/reset/%5BFiltered%5D", "X-Note": "[Filtered]",
+                       "Accept": "text/html"}
+    # Values: nested dicts, lists, URLs inside strings, positional names.
+    args, kwargs = scrubber.arguments(
+        ["bob", "hunter2", [{"api_key": "K", "n": 1}]],
+        {"profile": {"card": {"number": "4111"}, "name": "Bob"}, "next": "https://x/?sig=S&a=1"},
+        names=["user", "password", "items"])
+    assert args == ["bob", "[Filtered]", [{"api_key": "[Filtered]", "n": 1}]]
+    assert kwargs == {"profile": {"card": "[Filtered]", "name": "Bob"}, "next": "https://x/?sig=%5BFiltered%5D&a=1"}
+
+
+def test_walking_a_value_is_bounded_and_never_raises():
+    class Unprintable:
+        def __repr__(self):
+            raise RuntimeError("no")
+
+    deep: list = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    scrubber = Scrubber()
+    assert scrubber.value(10 ** 5000).startswith("<int of ")
+    assert scrubber.value(Unprintable()) == "<unprintable Unprintable>"
+    assert "nested deeper than" in json.dumps(scrubber.value(deep))
+    assert len(scrubber.value(list(range(10_000)))) == 51
+    assert scrubber.value(b"\xff\xfe ok") == "\ufffd\ufffd ok"
+    assert len(scrubber.value("x" * 100_000)) < 2100
+
+
+def test_grouping_tells_two_errors_of_one_function_apart_but_not_two_values():
+    def parse(which, value):
+        if which == "a":
+            raise ValueError(f"missing field {value!r}")
+        raise ValueError(f"unknown currency {value}")
+
+    first = _exc_info(lambda: parse("a", "amount"))
+    same = _exc_info(lambda: parse("a", "total"))
+    other = _exc_info(lambda: parse("b", 42))
+    prints = [fingerprint(e[0], e[2], e[1]) for e in (first, same, other)]
+    assert prints[0] == prints[1] != prints[2]

@@ -145,12 +145,13 @@ class Scrubber:
 
     def path(self, path: str) -> str:
         """A URL path with token-like segments, and segments after a secret name, replaced."""
-        segments = path.split("/")
-        for i, segment in enumerate(segments):
+        original = path.split("/")
+        segments = list(original)
+        for i, segment in enumerate(original):
             if not segment:
                 continue
             decoded = unquote_plus(segment)
-            previous = unquote_plus(segments[i - 1]) if i else ""
+            previous = unquote_plus(original[i - 1].partition(";")[0]) if i else ""
             if looks_like_token(decoded) or (previous and self.is_secret(previous)):
                 segments[i] = _FILTERED_QUERY
             elif ";" in segment:  # path parameters: /a;jsessionid=...
