@@ -104,7 +104,7 @@ def test_failing_request_answers_an_empty_500_and_fogbugz_gets_the_report(stack,
     extra = form["Extra"]
     assert "Traceback (most recent call last)" in extra
     assert 'line' in extra and "in boom" in extra and "1 / 0" in extra
-    assert f"Request: GET http://127.0.0.1:" in extra and f"/zero?case={marker}" in extra
+    assert "Request: GET http://127.0.0.1:" in extra and f"/zero?case={marker}" in extra
     assert "User agent: errors-test/1.0" in extra
     assert "Remote address: 127.0.0.1" in extra
     assert "App: testapp.errors_app 1.2.3" in extra
@@ -339,7 +339,7 @@ def test_a_busy_sink_is_retried_and_a_refusal_is_logged_not_counted(stack, fogbu
     fogbugz.answers += [(503, "busy"), (200, "<Error>Project Nope does not exist</Error>")]
     errors.submit_error.delay(f"retry me {marker}")
     # 503 -> retried after a backoff; the <Error> answer is a refusal, dropped and logged.
-    assert wait_until(lambda: f"refused it (FogBugz refused the report: Project Nope" in worker.log_tail(200),
+    assert wait_until(lambda: "refused it (FogBugz refused the report: Project Nope" in worker.log_tail(200),
                       timeout=20), worker.log_tail()
     assert "not delivered to fogbugz yet" in worker.log_tail(200)
 

@@ -563,8 +563,6 @@ def test_huge_requests_make_reports_of_bounded_size():
 
 def test_the_grouping_window_stays_fixed_while_the_broker_is_down(tmp_path):
     """A publish to a broker that is not there takes seconds: windows must not stretch with it."""
-    import datetime
-
     from conftest import closed_port
 
     off = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0",

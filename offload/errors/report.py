@@ -14,7 +14,7 @@ import hashlib
 import re
 import socket
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 

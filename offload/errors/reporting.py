@@ -32,7 +32,7 @@ from celery.signals import task_failure, worker_process_shutdown
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..exceptions import ConfigurationError
 from .pipeline import Pipeline
-from .report import MAX_TRACEBACK, REQUEST_KEYS, ExcInfo, build_report, fingerprint, now_iso, text_of
+from .report import MAX_TRACEBACK, REQUEST_KEYS, ExcInfo, build_report, fingerprint, now_iso
 from .scrub import FILTERED, SECRET_HEADERS, SECRET_NAME_PARTS, Scrubber, repr_safe
 from .sinks import FogBugz, Sink, SinkRefused
 from .spool import Spool
