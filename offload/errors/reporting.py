@@ -277,9 +277,7 @@ class ErrorReporting:
         lines = _short_text(values.get("description"), 1000).strip().splitlines()
         description = self.scrubber.text(lines[0].strip() if lines else "") or "error"
         extra = self.scrubber.text(as_text(values.get("extra")))
-        fields = {str(k): v if isinstance(v, (str, int, float, bool)) or v is None else _short_text(v, 2000)
-                  for k, v in fields.items()}
-        fields = {k: v for k, v in fields.items() if v is not None}
+        fields = {str(k): self._field(v) for k, v in fields.items() if v is not None}
         report: dict[str, Any] = {
             "description": description,
             "extra": extra,
@@ -294,6 +292,11 @@ class ErrorReporting:
         if target is not None:
             report["fogbugz"] = target
         return report
+
+    def _field(self, value: Any) -> Any:
+        # A form field: a JSON-safe scalar (bounded, scrubbed), else its text.
+        value = self.scrubber.value(value)
+        return value if isinstance(value, (str, int, float, bool)) else _short_text(value, 2000)
 
     def _on_process_shutdown(self, **_: Any) -> None:
         self.spool  # noqa: B018
