@@ -41,7 +41,7 @@ def _reporting(off: OffloadLike | Capturing, sinks: list[Sink] | None,
         return off
     if not hasattr(off, "celery") or not hasattr(off, "task"):
         raise TypeError(f"ErrorReporter takes an Offload (or offload.errors.setup(off, ...)), got {off!r}")
-    return setup(off, sinks, **options)
+    return setup(off, sinks, **options)  # type: ignore[arg-type]  # an Offload, checked above
 
 
 def _body(body: bytes | str) -> bytes:

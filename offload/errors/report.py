@@ -49,7 +49,7 @@ def _cut_head(text: str, limit: int = MAX_TRACEBACK) -> str:
 
 
 def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
-    summary = traceback.extract_tb(tb)
+    summary: list[traceback.FrameSummary] = list(traceback.extract_tb(tb))
     if len(summary) > MAX_FRAMES:  # the innermost frames say the most
         summary = summary[-MAX_FRAMES:]
     return [{"file": frame.filename, "line": frame.lineno, "function": frame.name,

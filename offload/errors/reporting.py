@@ -212,9 +212,9 @@ class ErrorReporting:
             return
         waited = time.time() - started
         if waited >= self.give_up_after:
-            sinks = self._sinks_of(report)
+            targets = self._sinks_of(report)
             logger.error("error report dropped after %.0f s of retries, not delivered to %s: %r",
-                         waited, [sinks[i].name for i in failed], report.get("description"))
+                         waited, [targets[i].name for i in failed], report.get("description"))
             return
         # A new message with a countdown, as Celery's retry() sends: only the
         # sinks that failed are tried again, after a wait that doubles.
@@ -559,7 +559,7 @@ def default() -> ErrorReporting:
 
 
 def _calling_module() -> str:
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if name and not name.startswith(("offload.", "importlib")) and name != "offload":
