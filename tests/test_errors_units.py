@@ -654,3 +654,24 @@ def test_grouping_tells_two_errors_of_one_function_apart_but_not_two_values():
     other = _exc_info(lambda: parse("b", 42))
     prints = [fingerprint(e[0], e[2], e[1]) for e in (first, same, other)]
     assert prints[0] == prints[1] != prints[2]
+
+
+def test_a_hostile_asgi_scope_makes_a_bounded_report():
+    async def app(scope, receive, send):
+        raise ValueError("bad")
+
+    scope = dict(SCOPE, path="/zero/\udcff\ufffd", query_string=b"q=%ff\xfe&n=" + b"9" * 5000,
+                 headers=[(b"x-dup", b"d" * 5000)] * 5000 + [(b"x-bin", b"\xff\xfe\x80")])
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), scope))
+    assert sent[0]["status"] == 500
+    (exc_info, environ), = recorder.captured
+    assert len(environ["HTTP_X_DUP"]) <= 8192
+    report = build_report(exc_info, app={"name": "a"}, environ=environ)
+    assert len(json.dumps(report)) < 60_000
+    assert "\udcff" not in report["request"]["path"]
+    report["request"]["path"].encode("utf-8")  # a sink can send it
+    # A scope of the wrong shape still answers 500 and is reported, without the request.
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), dict(SCOPE, headers=[("x", 1)])))
+    assert sent[0]["status"] == 500 and recorder.captured[0][1] is None
