@@ -675,3 +675,20 @@ def test_a_hostile_asgi_scope_makes_a_bounded_report():
     recorder = Recorder()
     sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), dict(SCOPE, headers=[("x", 1)])))
     assert sent[0]["status"] == 500 and recorder.captured[0][1] is None
+
+
+def test_a_report_naming_its_own_fogbugz_posts_only_to_a_bugzscout_address(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=60)
+    receiver = Receiver()
+    try:
+        report = errors.report_of_call((receiver.url, "u", "p", "a", "it broke"), {"extra": ["x"]})
+        assert errors.deliver(report) == [] and receiver.posts == 1
+        assert receiver.received[0]["Description"] == "it broke"
+        # A forged message aiming the worker at another address of the network.
+        forged = dict(report, fogbugz=dict(report["fogbugz"], url=receiver.url.replace("scoutSubmit.asp", "admin")))
+        with caplog.at_level(logging.ERROR, "offload.errors"):
+            assert errors.deliver(forged) == []
+        assert receiver.posts == 1 and "neither a BugzScout address" in caplog.text
+    finally:
+        receiver.close()

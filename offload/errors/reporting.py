@@ -25,6 +25,7 @@ import traceback
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from celery import bootsteps
 from celery.signals import task_failure, worker_process_shutdown
@@ -228,6 +229,14 @@ class ErrorReporting:
         target = report.get("fogbugz")
         if not isinstance(target, Mapping):
             return self.sinks
+        url = str(target.get("url"))
+        # The URL comes in the message: a forged one must not make a worker
+        # post to any address it can reach. BugzScout's endpoint, or a sink's.
+        configured = {sink.url for sink in self.sinks if isinstance(sink, FogBugz)}
+        if url not in configured and not urlsplit(url).path.lower().endswith("/scoutsubmit.asp"):
+            logger.error("error report dropped: %r is neither a BugzScout address (.../scoutSubmit.asp) "
+                         "nor a configured FogBugz sink's: %r", url[:200], report.get("description"))
+            return []
         try:
             return [FogBugz(str(target.get("url")), str(target.get("user")), str(target.get("project")),
                             str(target.get("area")))]
