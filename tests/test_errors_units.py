@@ -692,3 +692,15 @@ def test_a_report_naming_its_own_fogbugz_posts_only_to_a_bugzscout_address(tmp_p
         assert receiver.posts == 1 and "neither a BugzScout address" in caplog.text
     finally:
         receiver.close()
+
+
+def test_a_damaged_spool_file_is_dropped_and_the_rest_sent(tmp_path, caplog):
+    spool = Spool(str(tmp_path))
+    spool.put({"description": "first"})
+    with open(os.path.join(str(tmp_path), "00000000000000000000-1-deep.json"), "w") as fh:
+        fh.write("[" * 100_000 + "]" * 100_000)
+    sent: list[dict] = []
+    with caplog.at_level(logging.WARNING, "offload.errors"):
+        assert spool.drain(sent.append) == 1
+    assert sent == [{"description": "first"}] and os.listdir(str(tmp_path)) == []
+    assert "dropped unreadable 00000000000000000000-1-deep.json" in caplog.text
