@@ -704,3 +704,25 @@ def test_a_damaged_spool_file_is_dropped_and_the_rest_sent(tmp_path, caplog):
         assert spool.drain(sent.append) == 1
     assert sent == [{"description": "first"}] and os.listdir(str(tmp_path)) == []
     assert "dropped unreadable 00000000000000000000-1-deep.json" in caplog.text
+
+
+def test_reporting_never_raises_whatever_it_is_given(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=3600)
+
+    class Hostile:
+        def __str__(self):
+            raise RuntimeError("no str")
+
+        __repr__ = __str__
+
+    with caplog.at_level(logging.ERROR, "offload.errors"):
+        errors.capture("not an exc_info")
+        errors.capture((ValueError, ValueError(Hostile()), None), environ={"HTTP_X": "1", 3: object()})
+        assert errors.submit_error.delay(Hostile(), Hostile()) is None
+        assert errors.submit_error.delay("only", "two", "three") is None
+        assert errors.submit_error.apply_async("not a tuple", 42) is None
+        assert errors.submit_error(b"bytes description", extra=ValueError("as extra")) is None
+    assert "fit neither submit_error(url, user, project, area, description" in caplog.text
+    reports = {group.build()["description"] for group in errors.pipeline._groups.values()}
+    assert {"bytes description", "<unprintable Hostile>", "ValueError: <unprintable ValueError>"} <= reports

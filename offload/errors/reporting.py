@@ -372,7 +372,8 @@ def as_text(value: Any) -> str:
             text = "".join(traceback.format_exception(*value))
         else:
             # Walked by the scrubber: bounded, JSON-safe, secrets replaced.
-            text = repr_safe(_VALUES.value(value))
+            walked = _VALUES.value(value)
+            text = walked if isinstance(walked, str) else repr_safe(walked)
     except Exception:  # noqa: BLE001 - never into the request
         text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= MAX_TRACEBACK else text[:MAX_TRACEBACK] + "..."
