@@ -473,7 +473,8 @@ class Offload:
         unknown = set(options) - SUBMIT_OPTIONS - EXPOSE_OPTIONS
         if unknown:
             raise TypeError(
-                f"unknown submit option(s) {sorted(unknown)}; valid: {sorted(SUBMIT_OPTIONS | EXPOSE_OPTIONS)}"
+                f"unknown submit option(s) {sorted(unknown)}; valid: {sorted(SUBMIT_OPTIONS)}, "
+                f"and offload's {sorted(EXPOSE_OPTIONS)}"
             )
         expose = options.pop("expose", False)
         if not isinstance(expose, bool):
