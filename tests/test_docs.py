@@ -1,0 +1,35 @@
+"""Every code block of the documentation site runs (docs/**/*.md).
+
+Each page runs on its own, in a temporary folder, with the machinery of
+tests/test_readme.py (tests/snippets.py): ``# file:`` blocks become modules,
+``pycon`` sessions run as doctests, ``console`` blocks as commands. On the
+site a ``python`` block is always a ``# file:`` block, so none goes untested;
+only the languages of ``snippets.SHOWN_ONLY`` (shell lines that run until
+stopped, systemd units, figures) are shown without being run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snippets import blocks, run_page, snippet_folder  # noqa: F401 (the fixture)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md"))
+
+
+def test_the_site_has_pages():
+    assert len(PAGES) > 20, PAGES
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
+def test_page_code_runs(page, snippet_folder):  # noqa: F811
+    run = run_page(page, snippet_folder, strict=True)
+    assert not run.unrunnable, "\n".join(run.unrunnable)
+    assert not run.console_failures, "\n\n".join(run.console_failures)
+    assert run.failed == 0, f"{run.failed} example(s) of {page.name} failed (see output above)"
+    ran = run.sessions + run.commands
+    if any(lang == "pycon" for lang, _, _ in blocks(page.read_text())):
+        assert ran and run.attempted, page
