@@ -33,3 +33,17 @@ def test_page_code_runs(page, snippet_folder):  # noqa: F811
     ran = run.sessions + run.commands
     if any(lang == "pycon" for lang, _, _ in blocks(page.read_text())):
         assert ran and run.attempted, page
+
+
+def test_readme_draft_is_a_door():
+    """docs/_readme_draft.md, the README to be: short, the two commands first, links into docs/."""
+    draft = DOCS / "_readme_draft.md"
+    text = draft.read_text()
+    assert len(text.encode()) <= 15_000
+    first = next(body for lang, body, _ in blocks(text))
+    assert first.splitlines()[0].startswith("pip install -e '.[all]' && offload demo")
+    assert first.splitlines()[1].startswith("bash .ci/run")
+    root = DOCS.parent
+    for target in __import__("re").findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if "://" not in target:
+            assert (root / target).exists(), target
