@@ -19,6 +19,15 @@ PROGRESS = "PROGRESS"
 #: so it works as Celery documents it; ``if current_task:`` is false when the
 #: code runs outside a task (in a view, a test, a shell).
 current_task: Any = Proxy(lambda: _celery_current_task._get_current_object())
+"""The Celery task running now, falsy outside a task.
+
+``current_task.update_state(state=..., meta=...)`` and ``current_task.request``
+are Celery's own. Example:
+
+>>> from offload import current_task
+>>> bool(current_task)
+False
+"""
 
 # Progress is written to the result backend; a loop reporting every item would
 # otherwise make one backend write per item. Intermediate reports closer than

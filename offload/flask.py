@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
 
-#: Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "offload"
+"""Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``."""
 
 
 class _Configurable(Protocol):

@@ -39,7 +39,9 @@ __all__ = ["SEND_TASK", "SUBMIT_TASK", "ErrorReporting", "setup"]
 logger = logging.getLogger("offload.errors")
 
 SEND_TASK = "offload.errors.send"
+"""The name of the task that delivers a report to the sinks."""
 SUBMIT_TASK = "offload.errors.submit_error"
+"""The name of the seed's task: ``submit_error.delay(description, extra)``."""
 
 
 class OffloadLike(Protocol):

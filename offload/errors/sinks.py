@@ -113,6 +113,7 @@ class FogBugz:
         return form
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post BugzScout's form; SinkRefused for FogBugz's ``<Error>`` answer."""
         response = _post(self.url, self.timeout, data=self.form(report))
         parse_answer(response.text)
 
@@ -152,6 +153,7 @@ class Webhook:
         return f"<Webhook {self.url}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post the report as JSON; SinkRefused for a 4xx, SinkUnavailable for a 5xx or no answer."""
         _post(self.url, self.timeout, json=dict(report), headers=self.headers)
 
 
@@ -170,4 +172,5 @@ class Log:
         return f"<Log {self.logger.name}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Log the report's description and details at ``level``."""
         self.logger.log(self.level, "%s\n%s", report.get("description"), render_extra(report))

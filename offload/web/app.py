@@ -174,13 +174,20 @@ class TaskAPI:
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize must be callable(request_info, task_name), got {authorize!r}")
         self.off = off
+        """The Offload whose exposed tasks this API serves."""
         self.prefix = prefix
+        """The public path the API is mounted at (``/offload``)."""
         self.cors = CorsConfig(cors_origins, credentials=cors_credentials, max_age=cors_max_age)
         self.authorize = authorize
+        """The hook ``authorize(request_info, task_name) -> bool``, or None."""
         self.max_body = int(max_body)
+        """The largest request body, in bytes (larger: 413)."""
         self.max_wait = float(max_wait)
+        """The cap, in seconds, of ``?wait=`` and of ``task.result``."""
         self.max_stream = float(max_stream)
+        """How long, in seconds, an event stream stays open under WSGI."""
         self.keepalive = float(keepalive)
+        """Seconds between an event stream's keep-alive comments."""
         self.tasks = ExposedTasks(off)
         self._wsgi: Any = None
         self._asgi: Any = None
@@ -297,11 +304,13 @@ class TaskAPI:
 
     @staticmethod
     def parse_task_id(raw: str) -> str:
+        """``raw`` if it can be a task id, else HTTPError 400 (``BadTaskId``)."""
         if not TASK_ID.fullmatch(raw):
             raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
         return raw
 
     def location(self, task_id: str) -> str:
+        """The path of a task's state under this API (the ``Location`` header)."""
         return f"{self.prefix}/tasks/{quote(task_id)}"
 
     # Tasks ----------------------------------------------------------------
@@ -316,6 +325,7 @@ class TaskAPI:
         return task
 
     def check_authorized(self, request: RequestInfo, name: str) -> Generator[Step, Any, None]:
+        """Ask the ``authorize`` hook about ``name`` (steps); HTTPError 403 when it says no."""
         # A Call: the hook may read a session store, so under ASGI it runs
         # in a worker thread, not on the event loop.
         if self.authorize is not None and not (yield Call(self.authorize, (request, name))):
@@ -347,6 +357,7 @@ class TaskAPI:
                              [("Location", location)])
 
     def wait_seconds(self, raw: str | None) -> float:
+        """The ``?wait=`` query value in seconds, capped by ``max_wait``; HTTPError 400 for a bad one."""
         if raw is None or raw == "":
             return 0.0
         try:
@@ -371,6 +382,7 @@ class TaskAPI:
         return json_response(200, snap.to_json(), [("Cache-Control", "no-store")])
 
     def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
+        """Revoke a task, as ``Future.cancel`` does (``terminate`` also kills it if running); its snapshot."""
         yield from self.check_authorized(request, "task.cancel")
         cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
         return {**snap.to_json(), "cancelled": cancelled}
