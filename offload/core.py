@@ -159,9 +159,13 @@ class Offload:
             on its embedded broker.
         name: the Celery app's main name (default: the creating module).
 
-    >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
-    >>> off.submit(divmod, 7, 2).result()  # doctest: +SKIP
-    [3, 1]
+    Examples:
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})   # in-process, for tests
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> add.submit(1, 2).result(), off.submit(add, 3, 4).result()
+        (3, 7)
     """
 
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:

@@ -47,3 +47,42 @@ def test_readme_draft_is_a_door():
     for target in __import__("re").findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if "://" not in target:
             assert (root / target).exists(), target
+
+
+def reference_objects():
+    """The objects the API reference pages render (``::: dotted.name`` lines)."""
+    import importlib
+
+    for page in sorted((DOCS / "reference").glob("*.md")):
+        for dotted in __import__("re").findall(r"^::: ([\w.]+)$", page.read_text(), __import__("re").M):
+            try:
+                yield dotted, importlib.import_module(dotted)
+            except ImportError:
+                module, _, name = dotted.rpartition(".")
+                yield dotted, getattr(importlib.import_module(module), name)
+
+
+def test_reference_examples_run(snippet_folder):  # noqa: F811
+    """The examples in the docstrings the reference shows are code blocks of the site too."""
+    import doctest
+    import inspect
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    seen, skipped = set(), []
+    for dotted, obj in reference_objects():
+        if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        module = obj if inspect.ismodule(obj) else inspect.getmodule(obj)
+        for test in finder.find(obj, dotted, module=module):
+            if test.name in seen or not test.examples:
+                continue
+            seen.add(test.name)
+            skipped += [f"{test.name}: {ex.source.strip()}" for ex in test.examples
+                        if ex.options.get(doctest.SKIP)]
+            runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert not skipped, "examples shown on the site but skipped:\n" + "\n".join(skipped)
+    assert results.failed == 0, f"{results.failed} docstring example(s) failed (see output above)"
+    assert results.attempted >= 20, results
+    assert not (DOCS.parent / "offload" / "instance").exists(), "an example wrote into the package"

@@ -55,10 +55,11 @@ class Scrubber:
         headers: header names that are always secret; default
             :data:`SECRET_HEADERS`.
 
-    >>> Scrubber().query("q=shoes&api_key=abc&page=2")
-    'q=shoes&api_key=%5BFiltered%5D&page=2'
-    >>> Scrubber(names=["pin"]).headers({"X-Pin": "1234", "Accept": "*/*"})
-    {'X-Pin': '[Filtered]', 'Accept': '*/*'}
+    Examples:
+        >>> Scrubber().query("q=shoes&api_key=abc&page=2")
+        'q=shoes&api_key=%5BFiltered%5D&page=2'
+        >>> Scrubber(names=["pin"]).headers({"X-Pin": "1234", "Accept": "*/*"})
+        {'X-Pin': '[Filtered]', 'Accept': '*/*'}
     """
 
     def __init__(self, names: Iterable[str] = SECRET_NAME_PARTS,

@@ -322,7 +322,7 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
       queue).
     - ``app_name``, ``app_version``: what reports say the app is.
 
-    Example:
+    Examples:
         >>> from offload import Offload
         >>> from offload.errors import ErrorReporter, Log, setup
         >>> errors = setup(Offload({"CELERY_ALWAYS_EAGER": True}), sinks=[Log()], window=1)

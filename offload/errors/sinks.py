@@ -69,9 +69,10 @@ class FogBugz:
     document, ``<Success>...</Success>`` or ``<Error>...</Error>``; an
     ``<Error>`` (unknown user, project or area) is a refusal, not a delivery.
 
-    >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
-    ...         project="Inbox", area="Undecided")
-    <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
+    Examples:
+        >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
+        ...         project="Inbox", area="Undecided")
+        <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
     """
 
     name = "fogbugz"

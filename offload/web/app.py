@@ -154,8 +154,11 @@ class TaskAPI:
             reconnects after it. Under WSGI each open stream holds a thread.
         keepalive: seconds between keep-alive comments of an event stream.
 
-    >>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])  # doctest: +SKIP
-    >>> api.wsgi, api.asgi                                                           # doctest: +SKIP
+    Examples:
+        >>> from offload import Offload
+        >>> api = TaskAPI(Offload(), prefix="/offload", cors_origins=["https://app.example"])
+        >>> api.prefix, api.location("c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5")
+        ('/offload', '/offload/tasks/c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5')
     """
 
     def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
