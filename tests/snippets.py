@@ -43,13 +43,18 @@ def namespaced(body: str) -> str:
 
 @pytest.fixture
 def snippet_folder(tmp_path, monkeypatch):
-    """A temporary current folder on ``sys.path``; the modules it made are forgotten after."""
+    """A temporary current folder on ``sys.path``; the modules it made are forgotten after.
+
+    Only the page's own modules go (the next page may have a ``myapp`` of its
+    own): a library imported meanwhile (Pyramid, Flask) stays, since offload's
+    modules keep references to it.
+    """
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
     yield tmp_path
-    for name in set(sys.modules) - before:
-        if not name.startswith(("offload", "celery", "kombu", "redis", "amqp", "_pytest")):
+    folder = str(tmp_path)
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(folder):
             sys.modules.pop(name, None)
 
 
