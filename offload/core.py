@@ -165,13 +165,18 @@ class Offload:
             on its embedded broker.
         name: the Celery app's main name (default: the creating module).
 
-    >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
-    >>> off.submit(divmod, 7, 2).result()  # doctest: +SKIP
-    [3, 1]
+    Examples:
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})   # in-process, for tests
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> add.submit(1, 2).result(), off.submit(add, 3, 4).result()
+        (3, 7)
     """
 
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:
         self.import_name = _caller_module()
+        """The module that created this Offload; its package is allowed by default."""
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
         #: The Flask app given to init_app() (:mod:`offload.flask`), which
         #: local workers must build too; None without Flask.
@@ -187,6 +192,7 @@ class Offload:
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
         )
+        """The real Celery app: ``celery -A module worker`` works where a module holds it."""
         self._dispatcher = install_dispatcher(self.celery, self._allow)
         # Each call of a chunk runs in the task contexts (an app context, a
         # request) of its own, as a task of its own would.
@@ -194,11 +200,12 @@ class Offload:
                                                           call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
         self.celery.steps["consumer"].add(SkipRevoked)
-        #: The result hub: every Future of this Offload listens to it.
         self.hub = ResultHub(lambda: self.celery.backend)
-        #: Which task ids the web task API may show (:mod:`offload.exposure`).
+        """The result hub: every Future of this Offload listens to it."""
         self.exposures = Exposures(lambda: self.celery.backend)
+        """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
+        """The translated settings (:func:`offload.config.translate`)."""
         # The Flask integration is imported only to recognise a Flask app; it
         # imports no Flask itself (core stays framework-free).
         from .flask import is_flask_app
