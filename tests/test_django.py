@@ -66,7 +66,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) 
     return done.stdout
 
 
-def make_project(root: Path, env: dict[str, str]) -> Path:
+def make_project(root: Path, env: dict[str, str], settings_tail: str | None = None) -> Path:
     """``startproject mysite`` + ``startapp shop``, the shop's code, TASKS; migrated."""
     python = sys.executable
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def make_project(root: Path, env: dict[str, str]) -> Path:
         shutil.copy(path, root / "shop" / path.name)
     shutil.copy(PROJECT_CODE / "urls.py", root / "mysite" / "urls.py")
     with open(root / "mysite" / "settings.py", "a") as settings:
-        settings.write((PROJECT_CODE / "settings_tail.py").read_text())
+        settings.write(settings_tail or (PROJECT_CODE / "settings_tail.py").read_text())
     _run([python, "manage.py", "makemigrations", "shop", "-v0"], root, env)
     _run([python, "manage.py", "migrate", "-v0"], root, env)
     return root
@@ -427,3 +427,41 @@ def test_database_connections_are_closed_after_each_task(project):
     # CONN_MAX_AGE = 0 (Django's default): each task's connection is closed
     # when it ends, as a request's is; none is left open, none in a transaction.
     assert wait_until(lambda: states() == [], timeout=10), states()
+
+
+@pytest.mark.parametrize("project", ["sqlite"], indirect=True)  # the workers' boot is what is tested
+def test_manage_py_offload_cluster_starts_workers_that_set_django_up(project):
+    cluster = Spawned([sys.executable, "manage.py", "offload", "cluster", "--no-flower", "--json",
+                       "--timeout", "90"], project.root / "cluster.log", env=project.env, cwd=project.root)
+    try:
+        # Ready: each worker (celery -A offload._boot:app, OFFLOAD_APP=offload.django.boot:off)
+        # set Django up, found the project's Offload and answered a ping.
+        assert wait_until(lambda: '"event": "ready"' in cluster.text() or cluster.proc.poll() is not None,
+                          timeout=120), cluster.text()
+        assert '"event": "ready"' in cluster.text(), cluster.text()
+    finally:
+        cluster.stop()
+    assert '"event": "stopped"' in cluster.text()
+
+
+def test_tasks_setting_alone_without_the_app_in_installed_apps(tmp_path):
+    """TASKS names the backend and nothing else: the worker is `offload --app offload.django.boot`."""
+    tail = (PROJECT_CODE / "settings_tail.py").read_text().replace('"offload.django", ', "")
+    assert '"offload.django"' not in tail
+    env = _env()
+    root = make_project(tmp_path / "mysite", env, tail)
+    made = Project(root, env, "sqlite")
+    worker = Spawned([sys.executable, "-c", "from offload.cli import main; main()", "--app",
+                      "offload.django.boot:off", "worker", "-c", "1", "-Q", "celery,emails"],
+                     root / "worker.log", env={**env, "DJANGO_SETTINGS_MODULE": "mysite.settings"}, cwd=root)
+    try:
+        out = made.step("""
+            from shop import tasks
+            result = tasks.write_note.enqueue("standalone")
+            print(json.dumps(wait_result(result.id, timeout=90)))
+        """)
+        assert out["status"] == "SUCCESSFUL", (out, worker.text()[-3000:])
+        assert out["return_value"]["count"] == 1
+        assert (root / "instance").is_dir()
+    finally:
+        worker.stop()
