@@ -188,6 +188,7 @@ class Offload:
         #: local workers must build too; None without Flask.
         self.flask_app: Any = None
         self._workers: Any = None
+        self._monitor: Any = None
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
@@ -688,6 +689,15 @@ class Offload:
 
             self._workers = LocalWorkers(self)
         return self._workers
+
+    @property
+    def monitor(self) -> Any:
+        """This process's view of every task and worker (:class:`offload.events.Monitor`): the dashboard's source."""
+        if self._monitor is None:
+            from .events import Monitor
+
+            self._monitor = Monitor(self)
+        return self._monitor
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the local workers and wait until each answers a ping."""

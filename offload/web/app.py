@@ -85,10 +85,16 @@ class Response:
 
 @dataclass(frozen=True)
 class EventStream:
-    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`)."""
+    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`).
+
+    ``source``, when given, makes the events instead: an object with
+    ``sync()`` (an iterator of bytes, for WSGI) and ``async_()`` (an async
+    one, for ASGI), as the dashboard's live stream.
+    """
 
     task_id: str
-    exposure: Exposure
+    exposure: Exposure | None = None
+    source: Any = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,13 @@ class TaskAPI:
         max_stream: how long one event stream may stay open (s); the browser
             reconnects after it. Under WSGI each open stream holds a thread.
         keepalive: seconds between keep-alive comments of an event stream.
+        dashboard: also serve ``{prefix}/dashboard`` and ``{prefix}/metrics``
+            (:mod:`offload.web.dashboard`): loopback clients only, unless
+            ``authorize`` decides (actions ``"dashboard"``,
+            ``"dashboard.revoke"``, ``"dashboard.retry"``,
+            ``"dashboard.dismiss"``, ``"metrics"``).
+        failed_retention: how long the dashboard lists a failed task that
+            nobody dismissed (s; default a week).
 
     Examples:
         >>> from offload import Offload
@@ -202,7 +215,8 @@ class TaskAPI:
     def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
                  cors_credentials: bool = False, cors_max_age: int = 600,
                  authorize: Authorize | None = None, max_body: int = 1 << 20,
-                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0) -> None:
+                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0,
+                 dashboard: bool = False, failed_retention: float | None = None) -> None:
         from .cors import CorsConfig
 
         if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/") or prefix.endswith("/"))):
@@ -241,6 +255,11 @@ class TaskAPI:
         self._wsgi: Any = None
         self._asgi: Any = None
         self._openapi: tuple[frozenset[str], dict[str, Any]] | None = None
+        self.dashboard: Any = None
+        if dashboard:
+            from .dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, failed_retention=failed_retention)
 
     def __repr__(self) -> str:
         return f"<TaskAPI {self.prefix or '/'} of {self.off!r}>"
@@ -339,6 +358,13 @@ class TaskAPI:
         if parts == ["openapi.json"]:
             self._allow(method, ("GET",))
             return json_response(200, self.openapi())
+        if self.dashboard is not None and parts[0] in ("dashboard", "metrics"):
+            return (yield from self.dashboard.route(request, parts, body))
+        if len(parts) == 2 and parts[0] == "static" and parts[1] in ("offload.css", "dashboard.js"):
+            from .dashboard import static_file
+
+            self._allow(method, ("GET",))
+            return static_file(parts[1])
         if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
             self._allow(method, ("GET",))
             # Public: the same for everyone. The adapters add "Vary: Origin"
