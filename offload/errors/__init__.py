@@ -1,9 +1,15 @@
 """Error reporting through offload's workers: WSGI/ASGI middleware, sinks, spool.
 
->>> from offload.errors import ErrorReporter, FogBugz, Webhook, Log   # doctest: +SKIP
->>> app = ErrorReporter(wsgi_app, off, sinks=[FogBugz(                # doctest: +SKIP
-...     "https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
-...     project="Inbox", area="Undecided")])
+Examples:
+    >>> from offload import Offload
+    >>> from offload.errors import ErrorReporter, FogBugz
+    >>> def wsgi_app(environ, start_response):
+    ...     start_response("200 OK", [("Content-Type", "text/plain")])
+    ...     return [b"hello"]
+    >>> off = Offload()
+    >>> app = ErrorReporter(wsgi_app, off, sinks=[FogBugz(
+    ...     "https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
+    ...     project="Inbox", area="Undecided")])
 
 A failing request answers an empty 500; its report (scrubbed) is grouped with
 copies of itself, published as the ``offload.errors.send`` task from a

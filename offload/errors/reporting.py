@@ -49,7 +49,9 @@ _default: ErrorReporting | None = None
 _default_lock = threading.Lock()
 
 SEND_TASK = "offload.errors.send"
+"""The name of the task that delivers a report to the sinks."""
 SUBMIT_TASK = "offload.errors.submit_error"
+"""The name of the seed's task: ``submit_error.delay(description, extra)``."""
 
 
 class OffloadLike(Protocol):
@@ -457,21 +459,42 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
     Parameters:
         off: the Offload whose workers send the reports.
         sinks: where reports go: ``FogBugz(...)``, ``Webhook(...)``, ``Log()``.
-        window: seconds a new error waits for copies of itself; copies within
-            it make one report with a ``count`` (default 2; 0 sends at once).
-        scrub: parts of header, query and argument names whose values are
-            replaced by ``[Filtered]`` (default: ``report.SECRET_NAME_PARTS``,
-            password, secret, token, key, session, auth, csrf, ...);
-            ``scrub_headers``: headers always replaced (Authorization,
-            Proxy-Authorization, Cookie, Set-Cookie).
-        mask_task_args: report failed tasks without their argument values.
-        task_failures: report failures of this app's tasks (default True).
-        give_up_after: seconds the sending task retries a sink (default 3600),
-            doubling its wait from ``retry_delay`` up to ``max_retry_delay``.
-        spool_size: reports kept on disk while the broker is away (default 1000).
-        sweep_interval: seconds between a worker's looks at the spool (default 30).
-        queue: the queue the reporting tasks go to (default: the default queue).
-        app_name, app_version: what reports say the app is.
+        **options: how reports are grouped, scrubbed, retried and spooled
+            (below).
+
+    Returns:
+        The :class:`ErrorReporting` to give to each middleware or hook.
+
+    Raises:
+        ConfigurationError: no ``sinks`` the first time, or other sinks than
+            the first setup's.
+
+    The options:
+
+    - ``window``: seconds a new error waits for copies of itself; copies
+      within it make one report with a ``count`` (default 2; 0 sends at once).
+    - ``scrub``: parts of header, query and argument names whose values are
+      replaced by ``[Filtered]`` (default: ``report.SECRET_NAME_PARTS``,
+      password, secret, token, key, session, auth, csrf, ...);
+      ``scrub_headers``: headers always replaced (Authorization,
+      Proxy-Authorization, Cookie, Set-Cookie).
+    - ``mask_task_args``: report failed tasks without their argument values.
+    - ``task_failures``: report failures of this app's tasks (default True).
+    - ``give_up_after``: seconds the sending task retries a sink (default
+      3600), doubling its wait from ``retry_delay`` up to ``max_retry_delay``.
+    - ``spool_size``: reports kept on disk while the broker is away (default
+      1000).
+    - ``sweep_interval``: seconds between a worker's looks at the spool
+      (default 30).
+    - ``queue``: the queue the reporting tasks go to (default: the default
+      queue).
+    - ``app_name``, ``app_version``: what reports say the app is.
+
+    Examples:
+        >>> from offload import Offload
+        >>> from offload.errors import ErrorReporter, Log, setup
+        >>> errors = setup(Offload({"CELERY_ALWAYS_EAGER": True}), sinks=[Log()], window=1)
+        >>> application = ErrorReporter(lambda environ, start_response: [b"ok"], errors)
 
     Calling it again for the same Offload returns the first setup when
     ``sinks`` is None or the same sinks; other sinks are an error.

@@ -73,9 +73,10 @@ class FogBugz:
     document, ``<Success>...</Success>`` or ``<Error>...</Error>``; an
     ``<Error>`` (unknown user, project or area) is a refusal, not a delivery.
 
-    >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
-    ...         project="Inbox", area="Undecided")
-    <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
+    Examples:
+        >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
+        ...         project="Inbox", area="Undecided")
+        <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
     """
 
     name = "fogbugz"
@@ -117,6 +118,7 @@ class FogBugz:
         return form
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post BugzScout's form; SinkRefused for FogBugz's ``<Error>`` answer."""
         response = _post(self.url, self.timeout, data=self.form(report))
         parse_answer(response.text)
 
@@ -167,6 +169,7 @@ class Webhook:
         return f"<Webhook {self.url}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post the report as JSON; SinkRefused for a 4xx, SinkUnavailable for a 5xx or no answer."""
         _post(self.url, self.timeout, json=dict(report), headers=self.headers)
 
 
@@ -185,4 +188,5 @@ class Log:
         return f"<Log {self.logger.name}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Log the report's description and details at ``level``."""
         self.logger.log(self.level, "%s\n%s", report.get("description"), render_extra(report))
