@@ -51,7 +51,7 @@ _default_lock = threading.Lock()
 SEND_TASK = "offload.errors.send"
 """The name of the task that delivers a report to the sinks."""
 SUBMIT_TASK = "offload.errors.submit_error"
-"""The name of the seed's task: ``submit_error.delay(description, extra)``."""
+"""The name of the seed's task: ``submit_error.delay(url, user, project, area, description, extra)``."""
 
 
 class OffloadLike(Protocol):
@@ -477,7 +477,8 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
       replaced by ``[Filtered]`` (default: ``report.SECRET_NAME_PARTS``,
       password, secret, token, key, session, auth, csrf, ...);
       ``scrub_headers``: headers always replaced (Authorization,
-      Proxy-Authorization, Cookie, Set-Cookie).
+      Proxy-Authorization, Cookie, Set-Cookie); ``scrub_also``: names added
+      to the defaults (see :mod:`offload.errors.scrub` for the whole policy).
     - ``mask_task_args``: report failed tasks without their argument values.
     - ``task_failures``: report failures of this app's tasks (default True).
     - ``give_up_after``: seconds the sending task retries a sink (default
