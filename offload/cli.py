@@ -35,7 +35,7 @@ from .flask import offload_of
 from .supervise import start_process
 from .workers import BOOT_APP, INSPECT_TARGETS, WorkerExited, WorkerSpec, inspect, status
 
-__all__ = ["flask_group", "main"]
+__all__ = ["flask_group", "group_for", "main"]
 
 
 class _AppError(click.ClickException):
@@ -433,3 +433,21 @@ def flask_group(ctx: click.Context) -> None:
 for _command in _COMMANDS:
     main.add_command(_command)
     flask_group.add_command(_command)
+
+
+def group_for(loader: Callable[[], Any], *, name: str = "offload", help: str | None = None) -> click.Group:
+    """The ``offload`` commands for an app a framework loads (``manage.py offload``).
+
+    ``loader()`` returns the Offload. Every command of ``offload`` is there,
+    read when the group is made, so a command added to :data:`main` later
+    (``dashboard``) comes along.
+    """
+
+    @click.pass_context
+    def callback(ctx: click.Context) -> None:
+        ctx.obj = _Target(None, loader=loader)
+
+    group = click.Group(name, callback=callback, help=help or "Run and watch offload's workers.")
+    for command in main.commands.values():
+        group.add_command(command)
+    return group

@@ -396,7 +396,11 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
         celery_settings["broker_transport_options"] = options
         if "task_publish_retry_policy" not in settings.celery:
             celery_settings["task_publish_retry_policy"] = dict(AMQP_PUBLISH_RETRY_POLICY)
-        celery_settings.setdefault("result_backend", "rpc://")
+        # Not Celery's rpc://: it sends a result only to the process that
+        # sent the task, so a second web process (or a plain GET after a
+        # long-poll) never sees it. The embedded store is readable by every
+        # process of this machine; across machines, set a shared backend.
+        celery_settings.setdefault("result_backend", default_settings(settings.data_dir)["result_backend"])
     if settings.queues:
         default = celery_settings.get("task_default_queue", "celery")
         names = [default] + [q for q in settings.queues if q != default]
