@@ -337,10 +337,15 @@ def test_one_record_and_one_receiver_per_process_however_many_mounts(web_off):
     first = TaskAPI(web_off, dashboard=True)
     second = TaskAPI(web_off, prefix="/other", dashboard=True)
     assert first.dashboard.monitor is second.dashboard.monitor is web_off.monitor
+    listener = web_off.monitor.listener
+    before = {t for t in threading.enumerate() if t.name == "offload-events"}
     web_off.monitor.ensure_started()
+    thread = listener._thread  # the receiver's one thread (a test's look inside)
     web_off.monitor.ensure_started()
-    receivers = [t for t in threading.enumerate() if t.name == "offload-events"]
-    assert len(receivers) == 1
+    first.dashboard.monitor.ensure_started()
+    assert listener._thread is thread and thread.is_alive()
+    after = {t for t in threading.enumerate() if t.name == "offload-events"}
+    assert after - before <= {thread}
 
 
 def test_failed_tasks_filter_by_task_name_and_exception_type():
