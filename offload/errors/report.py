@@ -77,6 +77,7 @@ class Scrubber:
             self._pattern is not None and self._pattern.search(lowered) is not None)
 
     def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` with secret ones' values replaced by ``[Filtered]`` (long values cut)."""
         return {name: FILTERED if self.is_secret(name) else _cut(value)
                 for name, value in headers.items()}
 
@@ -97,6 +98,7 @@ class Scrubber:
         return "&".join(parts)
 
     def mapping(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` (a task's keyword arguments) with secret names' values replaced."""
         return {str(k): FILTERED if self.is_secret(str(k)) else v for k, v in values.items()}
 
 

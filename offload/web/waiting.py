@@ -75,10 +75,15 @@ class TaskSnapshot:
     """
 
     id: str
+    """The task's id."""
     state: str
+    """Celery's state name (``PENDING``, ``PROGRESS``, ``SUCCESS``, ...)."""
     progress: Any = None
+    """The latest ``progress()`` report (``current``, ``total``, ``percent``, ``message``), or None."""
     result: Any = None
+    """The task's return value, once it succeeded."""
     error: tuple[str, str] | None = None
+    """``(type name, message)`` for a failed, revoked or lost task; never a traceback."""
 
     @property
     def final(self) -> bool:
