@@ -88,7 +88,48 @@ def init_app(off: _Configurable, app: Any) -> None:
     app.extensions[EXTENSION_KEY] = off
     off.flask_app = app
     off.add_task_context(app.app_context)
+    off.add_commit_hook(_after_commit_of_session)
     _after_fork_in_pool(off)
+
+
+def _after_commit_of_session(send: Any) -> bool:
+    """``submit(..., on_commit=True)`` with Flask-SQLAlchemy: send once ``db.session`` commits.
+
+    Inside an app context whose session is in a transaction (or holds
+    unflushed changes), the message leaves after the session's next commit,
+    and not at all if it rolls back first; otherwise the hook declines and
+    the task leaves at once.
+    """
+    try:
+        from flask import current_app, has_app_context
+    except ImportError:
+        return False
+    if not has_app_context():
+        return False
+    extension = current_app.extensions.get("sqlalchemy")
+    if extension is None:
+        return False
+    session = extension.session()
+    if not (session.in_transaction() or session.new or session.dirty or session.deleted):
+        return False
+    from sqlalchemy import event
+
+    # Whichever comes first decides; the other listener, left for its next
+    # event (SQLAlchemy cannot remove a listener while it dispatches), does nothing.
+    decided: list[bool] = []
+
+    def committed(_session: Any) -> None:
+        if not decided:
+            decided.append(True)
+            send()
+
+    def rolled_back(_session: Any, previous: Any) -> None:
+        if not decided and not previous.nested:  # a savepoint's rollback leaves the transaction open
+            decided.append(False)
+
+    event.listen(session, "after_commit", committed, once=True)
+    event.listen(session, "after_soft_rollback", rolled_back)
+    return True
 
 
 def _after_fork_in_pool(off: _Configurable) -> None:

@@ -17,10 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 from ..exceptions import OffloadError
 from .report import render_extra
 
+logger = logging.getLogger("offload.errors")
+
 __all__ = ["FogBugz", "Log", "Sink", "SinkRefused", "SinkUnavailable", "Webhook"]
 
 #: Seconds for connecting to and hearing from a sink's server.
 DEFAULT_TIMEOUT = 10.0
+#: Characters of a FogBugz answer that are parsed.
+MAX_ANSWER = 64 * 1024
 
 
 class SinkUnavailable(OffloadError):
@@ -120,23 +124,34 @@ class FogBugz:
 
 
 def parse_answer(text: str) -> str:
-    """The message of a BugzScout ``<Success>`` answer; SinkRefused for ``<Error>``.
+    """The message of a BugzScout answer; SinkRefused for ``<Error>``.
+
+    Any other answer that came with a 2xx status (XML of another shape, a
+    proxy's page, nothing) is taken as delivered, with a warning: the server
+    had the form, and posting it again would file it again. Only a failed
+    connection, a timeout or a 5xx is retried (see :func:`_post`).
 
     >>> parse_answer("<?xml version='1.0'?><Success>Case 42 updated</Success>")
     'Case 42 updated'
     """
     try:
-        root = ET.fromstring(text.strip())
+        # BugzScout's answer is a line; a bigger one is not worth parsing.
+        root = ET.fromstring(text.strip()[:MAX_ANSWER])
     except ET.ParseError:
-        # A proxy's HTML page or a truncated answer: the report may not have
-        # arrived, and BugzScout counts duplicates, so sending again is safe.
-        raise SinkUnavailable(f"FogBugz answered something that is not BugzScout XML: {text[:200]!r}") from None
+        logger.warning("FogBugz answered something that is not BugzScout XML (not posted again): %r",
+                       text[:200])
+        return ""
     message = (root.text or "").strip()
     if root.tag == "Success":
         return message
     if root.tag == "Error":
         raise SinkRefused(f"FogBugz refused the report: {message}")
-    raise SinkUnavailable(f"FogBugz answered an unexpected <{root.tag}> document: {text[:200]!r}")
+    for child in root.iter():
+        if child.tag == "Error":
+            raise SinkRefused(f"FogBugz refused the report: {(child.text or '').strip()}")
+    logger.warning("FogBugz answered an unexpected <%s> document (not posted again): %r",
+                   root.tag, text[:200])
+    return message
 
 
 class Webhook:
