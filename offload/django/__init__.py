@@ -34,8 +34,8 @@ _standalone: list[Any] = []
 def get_offload() -> Any:
     """The project's :class:`offload.Offload`, made from ``django.conf.settings``.
 
-    >>> from offload.django import get_offload      # doctest: +SKIP
-    >>> get_offload().submit(report, 2026).id        # doctest: +SKIP
+    In a view: ``get_offload().submit(report, 2026, on_commit=True)``
+    (``report`` a function of one of the project's apps).
     """
     from django.apps import apps
 
