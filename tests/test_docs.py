@@ -35,18 +35,23 @@ def test_page_code_runs(page, snippet_folder):  # noqa: F811
         assert ran and run.attempted, page
 
 
-def test_readme_draft_is_a_door():
-    """docs/_readme_draft.md, the README to be: short, the two commands first, links into docs/."""
-    draft = DOCS / "_readme_draft.md"
-    text = draft.read_text()
+def test_readme_is_a_door():
+    """README.md: short, the two commands first, links that resolve (into docs/ mostly)."""
+    readme = DOCS.parent / "README.md"
+    text = readme.read_text()
     assert len(text.encode()) <= 15_000
     first = next(body for lang, body, _ in blocks(text))
     assert first.splitlines()[0].startswith("pip install -e '.[all]' && offload demo")
     assert first.splitlines()[1].startswith("bash .ci/run")
     root = DOCS.parent
-    for target in __import__("re").findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+    targets = __import__("re").findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert any(t.startswith("docs/migrate/") for t in targets), targets
+    for target in targets:
         if "://" not in target:
             assert (root / target).exists(), target
+    # Each migration page is one click away.
+    for page in sorted((DOCS / "migrate").glob("*.md")):
+        assert f"docs/migrate/{page.name}" in targets, page.name
 
 
 def reference_objects():

@@ -15,6 +15,6 @@ def test_readme_snippets(snippet_folder):  # noqa: F811
     run = run_page(README, snippet_folder)
     assert run.files >= 1
     assert not run.console_failures, "\n\n".join(run.console_failures)
-    assert run.sessions >= 5
+    assert run.sessions >= 1
     assert run.failed == 0, f"{run.failed} README example(s) failed (see output above)"
-    assert run.attempted > 20
+    assert run.attempted >= 10
