@@ -594,8 +594,7 @@ class Offload:
                       public: tuple[type[BaseException], ...]) -> None:
         """Mark calls for the web task API before they leave (a plain function: by its reference)."""
         name = options.get("shadow") or task.name
-        if name.endswith("[chunk]"):
-            name = name[:-len("[chunk]")]
+        name = name.removesuffix("[chunk]")
         try:
             self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
         except CONNECTION_ERRORS as exc:
