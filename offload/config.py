@@ -50,6 +50,11 @@ RELIABILITY_DEFAULTS: dict[str, Any] = {
     "worker_prefetch_multiplier": 1,
     # STARTED is what makes Future.running() true.
     "task_track_started": True,
+    # Task events feed the dashboard (offload.events): workers report each
+    # task's life, and the sender reports "sent", so tasks of every process
+    # of the app are seen, not only the dashboard's own.
+    "worker_send_task_events": True,
+    "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
     "worker_cancel_long_running_tasks_on_connection_loss": True,
     # A dead broker must make submit() fail in seconds, not hang.

@@ -64,6 +64,12 @@ _PER_CALL_OPTIONS = frozenset({"task_id", "link", "link_error", "time_limit", "s
 #: task_id= of the app's own may be longer, but not a whole request body).
 _MAX_TASK_ID = 255
 
+#: ``hook(send) -> bool``: run ``send`` once the current transaction commits
+#: (and never if it rolls back), returning True; or False when no
+#: transaction of its kind is open. Integrations register one each
+#: (:meth:`Offload.add_commit_hook`).
+CommitHook = Callable[[Callable[[], None]], bool]
+
 #: Modules whose frames stand between the user's code and ``Offload()``; an
 #: Offload made by any other module (offload.demo included) belongs to it.
 _MACHINERY = ("offload", "offload.core", "offload.flask", "offload.pyramid")
@@ -165,28 +171,36 @@ class Offload:
             on its embedded broker.
         name: the Celery app's main name (default: the creating module).
 
-    >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
-    >>> off.submit(divmod, 7, 2).result()  # doctest: +SKIP
-    [3, 1]
+    Examples:
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})   # in-process, for tests
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> add.submit(1, 2).result(), off.submit(add, 3, 4).result()
+        (3, 7)
     """
 
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:
         self.import_name = _caller_module()
+        """The module that created this Offload; its package is allowed by default."""
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
         #: The Flask app given to init_app() (:mod:`offload.flask`), which
         #: local workers must build too; None without Flask.
         self.flask_app: Any = None
         self._workers: Any = None
+        self._monitor: Any = None
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
         self._publish_options: dict[str, Any] = {}
         self._configured_keys: set[str] = set()
         self._references: dict[Any, str] = {}
+        self._commit_hooks: list[CommitHook] = []
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
         )
+        """The real Celery app: ``celery -A module worker`` works where a module holds it."""
         self._dispatcher = install_dispatcher(self.celery, self._allow)
         # Each call of a chunk runs in the task contexts (an app context, a
         # request) of its own, as a task of its own would.
@@ -194,11 +208,12 @@ class Offload:
                                                           call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
         self.celery.steps["consumer"].add(SkipRevoked)
-        #: The result hub: every Future of this Offload listens to it.
         self.hub = ResultHub(lambda: self.celery.backend)
-        #: Which task ids the web task API may show (:mod:`offload.exposure`).
+        """The result hub: every Future of this Offload listens to it."""
         self.exposures = Exposures(lambda: self.celery.backend)
+        """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
+        """The translated settings (:func:`offload.config.translate`)."""
         # The Flask integration is imported only to recognise a Flask app; it
         # imports no Flask itself (core stays framework-free).
         from .flask import is_flask_app
@@ -322,6 +337,17 @@ class Offload:
 
         return Task
 
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Let ``submit(..., on_commit=True)`` wait for a transaction ``hook`` knows.
+
+        ``hook(send)`` arranges for ``send()`` to run once the current
+        transaction commits (never if it rolls back) and returns True, or
+        returns False when it sees no transaction. The integrations register
+        theirs (``offload.django``: Django's ``transaction.on_commit``).
+        """
+        if hook not in self._commit_hooks:
+            self._commit_hooks.append(hook)
+
     # Tasks -------------------------------------------------------------------
 
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
@@ -428,10 +454,54 @@ class Offload:
         """Run ``fn(*args, **kwargs)`` on a worker; return its :class:`Future`.
 
         ``queue=`` is reserved: it names the queue to send to. Other Celery
-        options go through :meth:`options`.
+        options go through :meth:`options`. ``on_commit=True`` is reserved
+        too: the message leaves only once the current database transaction
+        commits, and never if it rolls back (the future then stays pending);
+        outside a transaction it leaves at once. It needs an integration
+        that knows the transaction (``offload.django``, ``offload.pyramid``
+        with ``pyramid_tm``).
         """
         queue = kwargs.pop("queue", None)
-        return self._submit(fn, args, kwargs, {"queue": queue} if queue else {})
+        on_commit = kwargs.pop("on_commit", False)
+        options = {"queue": queue} if queue else {}
+        if on_commit:
+            return self._submit_on_commit(fn, args, kwargs, options)
+        return self._submit(fn, args, kwargs, options)
+
+    def _submit_on_commit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                          options: dict[str, Any]) -> Future:
+        """Check and encode now; send when the transaction commits (see :meth:`submit`)."""
+        if not self._commit_hooks:
+            raise ConfigurationError(
+                "submit(..., on_commit=True) needs an integration that knows the app's "
+                "transactions: add 'offload.django' to INSTALLED_APPS, or "
+                "config.include('offload.pyramid') with pyramid_tm")
+        import uuid
+
+        options = {**options, "task_id": options.get("task_id") or str(uuid.uuid4())}
+        send = self._prepare(fn, args, kwargs, options)
+        try:
+            dumps(send[1], serializer=self.celery.conf.task_serializer)
+        except EncodeError as exc:
+            raise TypeError(
+                f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
+                f"(str, int, float, bool, None, list, dict): {exc}") from None
+        future = Future(options["task_id"], app=self.celery)
+
+        def send_now() -> None:
+            if self.settings.start_local_workers:
+                self.workers.ensure_started()
+            try:
+                self._send(fn, send, future=future)
+            except Exception as exc:  # the commit is done: tell the future, not the committer
+                future.set_exception(exc)
+                raise
+
+        for hook in self._commit_hooks:
+            if hook(send_now):
+                return future
+        send_now()
+        return future
 
     def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
             chunksize: int | None = None, **options: Any) -> list[Future]:
@@ -550,8 +620,13 @@ class Offload:
             return ref
 
     def _send(self, fn: Callable[..., Any], send: tuple[Any, tuple[Any, ...], dict[str, Any]],
-              producer: Any = None, exposed: tuple[type[BaseException], ...] | None = None) -> Future:
-        """Send one call; ``exposed`` (public error types) marks it for the web task API."""
+              producer: Any = None, exposed: tuple[type[BaseException], ...] | None = None,
+              future: Future | None = None) -> Future:
+        """Send one call; ``exposed`` (public error types) marks it for the web task API.
+
+        ``future``: one made earlier for this call's ``task_id`` (a call sent
+        when a transaction commits); a new one otherwise.
+        """
         task, call_args, options = send
         if producer is not None:
             options = {**options, "producer": producer}
@@ -568,7 +643,9 @@ class Offload:
             self._mark_exposed(task, [options["task_id"]], options, exposed)
             if getattr(task, "expose", False):
                 options["_offload_marked"] = True  # not again by Task.apply_async
-        future = Future(options.get("task_id") or "", app=self.celery)
+        given = future is not None
+        if future is None:
+            future = Future(options.get("task_id") or "", app=self.celery)
         if follow:
             future.follow(self.hub, grace=_delay_of(options))
         try:
@@ -586,7 +663,8 @@ class Offload:
             future.unfollow()
             raise
         if eager:
-            future = Future(result.id, app=self.celery)
+            if not given:
+                future = Future(result.id, app=self.celery)
             future.on_event(TaskEvent(result.id, result.state, result.result))
         return future
 
@@ -610,6 +688,15 @@ class Offload:
 
             self._workers = LocalWorkers(self)
         return self._workers
+
+    @property
+    def monitor(self) -> Any:
+        """This process's view of every task and worker (:class:`offload.events.Monitor`): the dashboard's source."""
+        if self._monitor is None:
+            from .events import Monitor
+
+            self._monitor = Monitor(self)
+        return self._monitor
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the local workers and wait until each answers a ping."""

@@ -85,10 +85,16 @@ class Response:
 
 @dataclass(frozen=True)
 class EventStream:
-    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`)."""
+    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`).
+
+    ``source``, when given, makes the events instead: an object with
+    ``sync()`` (an iterator of bytes, for WSGI) and ``async_()`` (an async
+    one, for ASGI), as the dashboard's live stream.
+    """
 
     task_id: str
-    exposure: Exposure
+    exposure: Exposure | None = None
+    source: Any = None
 
 
 @dataclass(frozen=True)
@@ -207,15 +213,26 @@ class TaskAPI:
         max_stream: how long one event stream may stay open (s); the browser
             reconnects after it. Under WSGI each open stream holds a thread.
         keepalive: seconds between keep-alive comments of an event stream.
+        dashboard: also serve ``{prefix}/dashboard`` and ``{prefix}/metrics``
+            (:mod:`offload.web.dashboard`): loopback clients only, unless
+            ``authorize`` decides (actions ``"dashboard"``,
+            ``"dashboard.revoke"``, ``"dashboard.retry"``,
+            ``"dashboard.dismiss"``, ``"metrics"``).
+        failed_retention: how long the dashboard lists a failed task that
+            nobody dismissed (s; default a week).
 
-    >>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])  # doctest: +SKIP
-    >>> api.wsgi, api.asgi                                                           # doctest: +SKIP
+    Examples:
+        >>> from offload import Offload
+        >>> api = TaskAPI(Offload(), prefix="/offload", cors_origins=["https://app.example"])
+        >>> api.prefix, api.location("c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5")
+        ('/offload', '/offload/tasks/c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5')
     """
 
     def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
                  cors_credentials: bool = False, cors_max_age: int = 600,
                  authorize: Authorize | None = None, max_body: int = 1 << 20,
-                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0) -> None:
+                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0,
+                 dashboard: bool = False, failed_retention: float | None = None) -> None:
         from .cors import CorsConfig
 
         if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/") or prefix.endswith("/"))):
@@ -236,17 +253,29 @@ class TaskAPI:
                 "process that sent the task). Set CELERY_RESULT_BACKEND: 'redis://...', a "
                 "database ('db+postgresql://...'), or the embedded 'sqlite://' (one machine).")
         self.off = off
+        """The Offload whose exposed tasks this API serves."""
         self.prefix = prefix
+        """The public path the API is mounted at (``/offload``)."""
         self.cors = CorsConfig(cors_origins, credentials=cors_credentials, max_age=cors_max_age)
         self.authorize = authorize
+        """The hook ``authorize(request_info, task_name) -> bool``, or None."""
         self.max_body = int(max_body)
+        """The largest request body, in bytes (larger: 413)."""
         self.max_wait = float(max_wait)
+        """The cap, in seconds, of ``?wait=`` and of ``task.result``."""
         self.max_stream = float(max_stream)
+        """How long, in seconds, an event stream stays open under WSGI."""
         self.keepalive = float(keepalive)
+        """Seconds between an event stream's keep-alive comments."""
         self.tasks = ExposedTasks(off)
         self._wsgi: Any = None
         self._asgi: Any = None
         self._openapi: tuple[frozenset[str], dict[str, Any]] | None = None
+        self.dashboard: Any = None
+        if dashboard:
+            from .dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, failed_retention=failed_retention)
 
     def __repr__(self) -> str:
         return f"<TaskAPI {self.prefix or '/'} of {self.off!r}>"
@@ -345,6 +374,13 @@ class TaskAPI:
         if parts == ["openapi.json"]:
             self._allow(method, ("GET",))
             return json_response(200, self.openapi())
+        if self.dashboard is not None and parts[0] in ("dashboard", "metrics"):
+            return (yield from self.dashboard.route(request, parts, body))
+        if len(parts) == 2 and parts[0] == "static" and parts[1] in ("offload.css", "dashboard.js"):
+            from .dashboard import static_file
+
+            self._allow(method, ("GET",))
+            return static_file(parts[1])
         if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
             self._allow(method, ("GET",))
             # Public: the same for everyone. The adapters add "Vary: Origin"
@@ -364,11 +400,13 @@ class TaskAPI:
 
     @staticmethod
     def parse_task_id(raw: str) -> str:
+        """``raw`` if it can be a task id, else HTTPError 400 (``BadTaskId``)."""
         if not TASK_ID.fullmatch(raw):
             raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
         return raw
 
     def location(self, task_id: str) -> str:
+        """The path of a task's state under this API (the ``Location`` header)."""
         return f"{self.prefix}/tasks/{quote(task_id)}"
 
     # Tasks ----------------------------------------------------------------
@@ -383,6 +421,7 @@ class TaskAPI:
         return task
 
     def check_authorized(self, request: RequestInfo, name: str) -> Generator[Step, Any, None]:
+        """Ask the ``authorize`` hook about ``name`` (steps); HTTPError 403 when it says no."""
         # A Call: the hook may read a session store, so under ASGI it runs
         # in a worker thread, not on the event loop.
         if self.authorize is not None and not (yield Call(self.authorize, (request, name))):
@@ -477,6 +516,7 @@ class TaskAPI:
                              [("Location", location)])
 
     def wait_seconds(self, raw: str | None) -> float:
+        """The ``?wait=`` query value in seconds, capped by ``max_wait``; HTTPError 400 for a bad one."""
         if raw is None or raw == "":
             return 0.0
         try:
@@ -503,6 +543,7 @@ class TaskAPI:
         return Response(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
 
     def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
+        """Revoke a task, as ``Future.cancel`` does (``terminate`` also kills it if running); its snapshot."""
         exposure = yield from self.find_exposed(request, task_id, cancel=True)
         cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
         data, _ = self.present(snap, exposure)

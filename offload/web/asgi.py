@@ -174,7 +174,9 @@ class _EventStreamResponse:
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async for chunk in async_events(self.api, self.stream.task_id, self.stream.exposure):
+            source = self.stream.source
+            chunks = source.async_() if source is not None else async_events(self.api, self.stream.task_id, self.stream.exposure)
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

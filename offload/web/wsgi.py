@@ -32,10 +32,10 @@ logger = logging.getLogger("offload.web")
 
 StartResponse = Callable[..., Any]
 
-_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large",
-            415: "Unsupported Media Type", 422: "Unprocessable Content", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 303: "See Other", 400: "Bad Request",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+            422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _status_line(code: int) -> str:
@@ -96,7 +96,7 @@ class WSGIApp:
                 answer = error_response(500, "InternalError", "the server could not answer; see its log")
         if isinstance(answer, EventStream):
             start_response("200 OK", [*SSE_HEADERS, *cors.simple(origin)])
-            return sync_events(self.api, answer.task_id, answer.exposure)
+            return answer.source.sync() if answer.source is not None else sync_events(self.api, answer.task_id, answer.exposure)
         if method == "HEAD":
             answer.body = b""
         return self._send(start_response, answer, cors.simple(origin))

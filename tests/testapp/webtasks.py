@@ -28,6 +28,7 @@ def make(kind: str, expose: tuple[str, ...] | None = None) -> Offload:
         off.task(name="echo" if short == "echo" else None, expose=shown, public_errors=public)(fn)
     off.task(private_mul)  # registered, never exposed
     off.task(secret_probe)  # the server's own, never exposed
+    off.task(mask_args=True)(sign)  # its arguments never shown on the dashboard
     return off
 
 
@@ -108,3 +109,8 @@ def nothing() -> str:
 def secret_probe() -> str:
     """A task the server submits for itself; its result must not be readable over HTTP."""
     return "api-key-0123456789"
+
+
+def sign(secret: str, text: str) -> str:
+    """A task whose arguments are secret (``mask_args=True``)."""
+    return f"signed {len(text)} characters"
