@@ -313,7 +313,7 @@ class Offload:
             public_errors: tuple[type[BaseException], ...] = ()
 
             def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-                            **options: Any) -> Any:
+                            *more: Any, **options: Any) -> Any:
                 # An exposed task's calls are marked before they are sent,
                 # however they are sent (.delay, .submit, the web API), so
                 # that the web task API may answer for them.
@@ -322,7 +322,7 @@ class Offload:
 
                     task_id = task_id or uuid()
                     off.exposures.mark([task_id], self.name, self.public_errors)
-                return super().apply_async(args, kwargs, task_id=task_id, **options)
+                return super().apply_async(args, kwargs, task_id, *more, **options)
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
@@ -672,8 +672,7 @@ class Offload:
                       public: tuple[type[BaseException], ...]) -> None:
         """Mark calls for the web task API before they leave (a plain function: by its reference)."""
         name = options.get("shadow") or task.name
-        if name.endswith("[chunk]"):
-            name = name[:-len("[chunk]")]
+        name = name.removesuffix("[chunk]")
         try:
             self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
         except CONNECTION_ERRORS as exc:

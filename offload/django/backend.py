@@ -175,7 +175,9 @@ class TaskBackend(fw.BaseTaskBackend):
     ``QUEUES``: the queue names tasks may use (Django's default: only
     ``"default"``, which is offload's default queue). ``OPTIONS``:
     ``{"enqueue_on_commit": True}`` sends a task only once the current
-    transaction commits, and never if it rolls back.
+    transaction commits, and never if it rolls back; ``{"expose": True}``
+    lets the web task API (``offload.django.urls``) show and cancel the
+    tasks enqueued, for a page that follows them (``off.options(expose=True)``).
 
     Supported: ``priority`` (-100..100, mapped onto the broker's 0..9),
     ``run_after``, ``takes_context``, ``async def`` tasks, ``get_result`` from
@@ -190,14 +192,15 @@ class TaskBackend(fw.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         options = dict(self.options or {})
-        unknown = set(options) - {"enqueue_on_commit"}
+        unknown = set(options) - {"enqueue_on_commit", "expose"}
         if unknown:
             from django.core.exceptions import ImproperlyConfigured
 
             raise ImproperlyConfigured(
                 f"TASKS[{alias!r}]['OPTIONS'] has unknown option(s) {sorted(unknown)}; "
-                "offload.django.TaskBackend knows 'enqueue_on_commit'")
+                "offload.django.TaskBackend knows 'enqueue_on_commit' and 'expose'")
         self.enqueue_on_commit = bool(options.get("enqueue_on_commit", False))
+        self.expose = bool(options.get("expose", False))
 
     @property
     def offload(self) -> Any:
@@ -255,6 +258,8 @@ class TaskBackend(fw.BaseTaskBackend):
                                         "priority": self.celery_priority(task.priority)}
         if task.run_after is not None:
             send_options["eta"] = task.run_after
+        if self.expose:
+            send_options["expose"] = True
         runner = off.celery.tasks[RUN_TASK]
 
         def send() -> None:

@@ -36,7 +36,16 @@ def django_request(request_info: Any) -> Any:
 
 
 def default_authorize(request_info: Any, name: str) -> bool:
-    """Signed-in users start and cancel tasks; staff alone reaches the dashboard."""
+    """Signed-in users start and cancel tasks, anyone reads one; staff alone reaches the dashboard.
+
+    A read (``request_info.task_id`` set, ``name`` not ``"task.cancel"``)
+    is of a task marked for the web (exposed, or enqueued with
+    ``OPTIONS: {"expose": True}``) whose id the page was given: allowed.
+    An app that ties a task to its user checks ``request_info.task_id`` in
+    its own hook.
+    """
+    if getattr(request_info, "task_id", None) is not None and name != "task.cancel":
+        return True
     request = django_request(request_info)
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated or not user.is_active:

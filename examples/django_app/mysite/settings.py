@@ -74,6 +74,7 @@ TASKS = {
     "default": {
         "BACKEND": "offload.django.TaskBackend",
         # Sent once the view's transaction commits; nothing if it rolls back.
-        "OPTIONS": {"enqueue_on_commit": True},
+        # expose: the report page follows its task over offload's task API.
+        "OPTIONS": {"enqueue_on_commit": True, "expose": True},
     },
 }
