@@ -54,7 +54,8 @@ def run_console(body: str, folder: Path) -> list[str]:
     """Run each command; its output must match (``...`` matches anything)."""
     failures = []
     checker = doctest.OutputChecker()
-    env = dict(os.environ, PYTHONPATH=str(folder))
+    # The snippets' folder first, then the offload under test (a checkout's PYTHONPATH).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
     bindir = Path(sys.executable).parent
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     for command, expected in console_commands(body):
