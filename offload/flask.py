@@ -1,13 +1,14 @@
 """Flask integration: settings from ``app.config``, tasks in the app context.
 
->>> from flask import Flask
->>> from offload import Offload
->>> app = Flask("myapp")
->>> app.config["CELERY_ALWAYS_EAGER"] = True
->>> off = Offload()
->>> off.init_app(app)            # or Offload(app)
->>> offload_of(app) is off
-True
+Examples:
+    >>> from flask import Flask
+    >>> from offload import Offload
+    >>> app = Flask("myapp")
+    >>> app.config["CELERY_ALWAYS_EAGER"] = True
+    >>> off = Offload()
+    >>> off.init_app(app)            # or Offload(app)
+    >>> offload_of(app) is off
+    True
 
 Each Flask app keeps its state where Flask extensions keep theirs, in
 ``app.extensions["offload"]`` (the Offload it was given to); nothing is kept
@@ -36,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
 
-#: Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "offload"
+"""Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``."""
 
 
 class _Configurable(Protocol):
@@ -55,8 +56,9 @@ class _Configurable(Protocol):
 def is_flask_app(obj: Any) -> bool:
     """Whether ``obj`` is a Flask app (duck-typed: Flask need not be installed).
 
-    >>> is_flask_app(object())
-    False
+    Examples:
+        >>> is_flask_app(object())
+        False
     """
     return (not isinstance(obj, type) and hasattr(obj, "extensions") and hasattr(obj, "config")
             and hasattr(obj, "app_context"))
