@@ -350,9 +350,9 @@ def test_what_the_backend_cannot_do_is_invalid_task(project):
 
 
 def test_manage_py_offload_status_and_inspect(project):
-    status = json.loads(project.manage("offload", "status", "--json", "--timeout", "5"))
+    status = json.loads(project.manage("offload", "status", "--json", "--timeout", "2"))
     assert status["ping"] is True and status["workers"]
-    registered = json.loads(project.manage("offload", "inspect", "registered", "--json", "--timeout", "5"))
+    registered = json.loads(project.manage("offload", "inspect", "registered", "--json", "--timeout", "2"))
     names = [name for names in registered.values() for name in names]
     assert any(name.startswith("offload.django.run") for name in names), registered
     # The worker took the queues of TASKS' QUEUES (the emails one) without -Q.
@@ -367,6 +367,7 @@ def test_manage_py_offload_status_and_inspect(project):
 def test_the_task_api_through_django_with_its_auth_and_csrf(project):
     out = project.step("""
         from django.contrib.auth.models import User
+        from django.utils import timezone
         from shop import tasks
         answers = {}
         # Following a Django task through offload.web, as offload.js does.
@@ -390,6 +391,41 @@ def test_the_task_api_through_django_with_its_auth_and_csrf(project):
         answers["signed in"] = started.status_code
         task_id = started.json()["id"]
         answers["double"] = client.get(f"/offload/tasks/{task_id}?wait=30").json()["result"]
+        # Bad input through Django: malformed JSON, a body over the API's limit.
+        answers["malformed"] = strict.post("/offload/tasks/double", "{nope", content_type="application/json",
+                                           HTTP_X_CSRFTOKEN=secret).status_code
+        answers["too large"] = strict.post("/offload/tasks/double", "x" * (2 << 20),
+                                           content_type="application/json",
+                                           HTTP_X_CSRFTOKEN=secret).status_code
+        answers["unknown task"] = strict.post("/offload/tasks/nope", "{}", content_type="application/json",
+                                              HTTP_X_CSRFTOKEN=secret).status_code
+        # The dashboard: staff only.
+        answers["dashboard anonymous"] = Client().get("/offload/dashboard").status_code
+        answers["dashboard user"] = client.get("/offload/dashboard").status_code
+        answers["metrics user"] = client.get("/offload/metrics").status_code
+        User.objects.filter(username="sam").delete()
+        User.objects.create_user("sam", password="pw", is_staff=True)
+        staff = Client(enforce_csrf_checks=True)
+        staff.login(username="sam", password="pw")
+        page = staff.get("/offload/dashboard")
+        answers["dashboard staff"] = page.status_code
+        answers["metrics staff"] = staff.get("/offload/metrics").status_code
+        # Its actions carry the dashboard's own CSRF token (Django's check
+        # is not asked for them); without it, 403.
+        slow = tasks.add.using(run_after=timezone.now() + datetime.timedelta(seconds=60)).enqueue(1, 1)
+        token = staff.cookies["offload_csrf"].value
+        form = "application/x-www-form-urlencoded"  # as the page's form sends it
+        answers["revoke no token"] = staff.post(f"/offload/dashboard/tasks/{slow.id}/revoke", "",
+                                                content_type=form).status_code
+        answers["revoke"] = staff.post(f"/offload/dashboard/tasks/{slow.id}/revoke", f"csrf={token}",
+                                       content_type=form).status_code
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            slow.refresh()
+            if slow.is_finished:
+                break
+            time.sleep(0.05)
+        answers["revoked"] = str(slow.status)
         print(json.dumps(answers))
     """)
     follow = out["follow"]
@@ -398,6 +434,11 @@ def test_the_task_api_through_django_with_its_auth_and_csrf(project):
     assert out["anonymous"] == 403
     assert out["no csrf"] == 403
     assert out["signed in"] == 202 and out["double"] == 42
+    assert out["malformed"] == 400 and out["too large"] == 413 and out["unknown task"] == 404
+    assert out["dashboard anonymous"] == 403 and out["dashboard user"] == 403 and out["metrics user"] == 403
+    assert out["dashboard staff"] == 200 and out["metrics staff"] == 200
+    assert out["revoke no token"] == 403 and out["revoke"] == 303
+    assert out["revoked"] == "FAILED"
 
 
 @pytest.mark.parametrize("project", ["postgresql"], indirect=True)

@@ -175,7 +175,9 @@ class TaskBackend(fw.BaseTaskBackend):
     ``QUEUES``: the queue names tasks may use (Django's default: only
     ``"default"``, which is offload's default queue). ``OPTIONS``:
     ``{"enqueue_on_commit": True}`` sends a task only once the current
-    transaction commits, and never if it rolls back.
+    transaction commits, and never if it rolls back; ``{"expose": True}``
+    lets the web task API (``offload.django.urls``, ``offload.js``) show the
+    tasks by their id, for a page that follows what its view enqueued.
 
     Supported: ``priority`` (-100..100, mapped onto the broker's 0..9),
     ``run_after``, ``takes_context``, ``async def`` tasks, ``get_result`` from
@@ -190,14 +192,17 @@ class TaskBackend(fw.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         options = dict(self.options or {})
-        unknown = set(options) - {"enqueue_on_commit"}
+        unknown = set(options) - {"enqueue_on_commit", "expose"}
         if unknown:
             from django.core.exceptions import ImproperlyConfigured
 
             raise ImproperlyConfigured(
                 f"TASKS[{alias!r}]['OPTIONS'] has unknown option(s) {sorted(unknown)}; "
-                "offload.django.TaskBackend knows 'enqueue_on_commit'")
+                "offload.django.TaskBackend knows 'enqueue_on_commit' and 'expose'")
         self.enqueue_on_commit = bool(options.get("enqueue_on_commit", False))
+        #: Whether the web task API (offload.django.urls) shows these tasks
+        #: by their id: a page follows a task its view enqueued.
+        self.expose = bool(options.get("expose", False))
 
     @property
     def offload(self) -> Any:
@@ -264,7 +269,13 @@ class TaskBackend(fw.BaseTaskBackend):
             # returns finds it, and an id without one was never enqueued.
             records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
                                     "options": options, "enqueued_at": _iso(enqueued)})
-            off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
+            try:
+                if self.expose:
+                    off.exposures.mark([task_id], task.module_path)
+                off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
+            except BaseException:
+                records.forget(task_id)  # not sent: no id that reads as enqueued
+                raise
             fw.task_enqueued.send(sender=type(self), task_result=result)
 
         if self.enqueue_on_commit:

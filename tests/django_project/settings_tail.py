@@ -5,7 +5,8 @@ import os as _os
 INSTALLED_APPS += ["django_tasks", "offload.django", "shop"]
 
 TASKS = {
-    "default": {"BACKEND": "offload.django.TaskBackend", "QUEUES": ["default", "emails"]},
+    "default": {"BACKEND": "offload.django.TaskBackend", "QUEUES": ["default", "emails"],
+                "OPTIONS": {"expose": True}},
     "on_commit": {"BACKEND": "offload.django.TaskBackend", "OPTIONS": {"enqueue_on_commit": True}},
 }
 
