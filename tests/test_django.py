@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Spawned, reachable, wait_until
+from conftest import Spawned, dead_broker_url, reachable, wait_until
 
 from testapp import test_id
 
@@ -91,12 +91,12 @@ class Project:
         self.kind = kind
         self.worker: Spawned | None = None
 
-    def manage(self, *args: str, timeout: float = 120) -> str:
-        return _run([sys.executable, "manage.py", *args], self.root, self.env, timeout)
+    def manage(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+        return _run([sys.executable, "manage.py", *args], self.root, {**self.env, **(env or {})}, timeout)
 
-    def step(self, code: str, timeout: float = 120) -> dict:
-        """Run ``code`` in a new Django process; the JSON it prints last."""
-        out = self.manage("shell", "-c", PRELUDE + textwrap.dedent(code), timeout=timeout)
+    def step(self, code: str, timeout: float = 120, env: dict[str, str] | None = None) -> dict:
+        """Run ``code`` in a new Django process (with ``env`` added); the JSON it prints last."""
+        out = self.manage("shell", "-c", PRELUDE + textwrap.dedent(code), timeout=timeout, env=env)
         return json.loads(out.strip().splitlines()[-1])
 
     def start_worker(self, *args: str) -> Spawned:
@@ -340,6 +340,13 @@ def test_what_the_backend_cannot_do_is_invalid_task(project):
         attempt("naive run_after", lambda: tasks.add.using(run_after=datetime.datetime(2030, 1, 1)))
         attempt("unknown id", lambda: tasks.add.get_result("no-such-id"))
         attempt("emails queue", lambda: tasks.send_mail.enqueue("x@example.com"))
+        try:
+            tasks.add.enqueue(object(), 1)
+            errors["not json"] = "accepted"
+        except TypeError as exc:
+            errors["not json"] = "TypeError"
+        from django_tasks import default_task_backend as backend
+        errors["priorities"] = [backend.celery_priority(p) for p in (-100, 0, 100)]
         print(json.dumps(errors))
     """)
     assert out["queue"].startswith("InvalidTaskError: Queue 'nowhere'")
@@ -347,6 +354,24 @@ def test_what_the_backend_cannot_do_is_invalid_task(project):
     assert out["naive run_after"].startswith("InvalidTaskError: run_after must be an aware")
     assert out["unknown id"].startswith("TaskResultDoesNotExist")
     assert out["emails queue"] == "accepted"
+    assert out["not json"] == "TypeError"
+    assert out["priorities"] == [0, 5, 9]  # the embedded broker takes 9 first, as Django's 100
+
+
+@pytest.mark.parametrize("project", ["sqlite"], indirect=True)
+def test_enqueue_with_the_broker_down_is_a_clear_error(project):
+    out = project.step("""
+        from shop import tasks
+        from offload import BrokerUnavailable
+        started = time.monotonic()
+        try:
+            tasks.add.enqueue(1, 2)
+            print(json.dumps({"error": None}))
+        except BrokerUnavailable as exc:
+            print(json.dumps({"error": str(exc), "seconds": time.monotonic() - started}))
+    """, env={"SHOP_BROKER": dead_broker_url("redis")})
+    assert out["error"] and "enqueue shop.tasks.add" in out["error"] and "unreachable" in out["error"]
+    assert out["seconds"] < 20
 
 
 def test_manage_py_offload_status_and_inspect(project):

@@ -24,7 +24,8 @@ from typing import Any
 
 from celery import states
 
-from ..exceptions import NotAllowedError
+from ..core import CONNECTION_ERRORS
+from ..exceptions import NotAllowedError, broker_unreachable
 from . import _compat as fw
 from .records import RecordStore, UnsupportedResultBackend
 from .runner import RUN_TASK, resolve_task
@@ -267,8 +268,11 @@ class TaskBackend(fw.BaseTaskBackend):
             object.__setattr__(result, "enqueued_at", enqueued)
             # The record first: a worker fast enough to finish before this
             # returns finds it, and an id without one was never enqueued.
-            records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
-                                    "options": options, "enqueued_at": _iso(enqueued)})
+            try:
+                records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
+                                        "options": options, "enqueued_at": _iso(enqueued)})
+            except CONNECTION_ERRORS as exc:
+                raise broker_unreachable(off.celery, exc, f"enqueue {task.module_path}") from exc
             try:
                 if self.expose:
                     off.exposures.mark([task_id], task.module_path)

@@ -10,6 +10,9 @@ TASKS = {
     "on_commit": {"BACKEND": "offload.django.TaskBackend", "OPTIONS": {"enqueue_on_commit": True}},
 }
 
+if _os.environ.get("SHOP_BROKER"):
+    CELERY_BROKER_URL = _os.environ["SHOP_BROKER"]
+
 if _os.environ.get("SHOP_DATABASE") == "postgresql":
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.postgresql", "NAME": "test", "USER": "postgres",
