@@ -75,35 +75,46 @@ def app(environ, start_response):
 '''
 
 
-@pytest.fixture
-def seed(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
     """(myapp module, FogBugz receiver, worker) for the seed's code on the embedded broker."""
+    tmp_path = tmp_path_factory.mktemp("seed")
     fogbugz = Receiver()
     folder = tmp_path / "seed"
     folder.mkdir()
     (folder / "myapp.py").write_text(SEED_MYAPP.replace("FOGBUGZ_URL", fogbugz.url))
     data = tmp_path / "data"
-    monkeypatch.setenv("OFFLOAD_DATA_DIR", str(data))
-    # This process is the seed's web process: no reporting of other tests' apps.
-    monkeypatch.setattr(offload.errors.reporting, "_latest", None)
-    monkeypatch.setattr(offload.errors.reporting, "_default", None)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, "myapp", raising=False)
-    env = dict(os.environ, OFFLOAD_DATA_DIR=str(data),
-               PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    command = Path(sys.executable).parent / "offload"
-    worker = Spawned([str(command), "--app", "myapp", "worker", "-c", "1", "--loglevel", "INFO"],
-                     tmp_path / "worker.log", env, cwd=folder)
-    import myapp
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("OFFLOAD_DATA_DIR", str(data))
+        # This process is the seed's web process: no reporting of other tests' apps.
+        monkeypatch.setattr(offload.errors.reporting, "_latest", None)
+        monkeypatch.setattr(offload.errors.reporting, "_default", None)
+        monkeypatch.syspath_prepend(str(folder))
+        monkeypatch.delitem(sys.modules, "myapp", raising=False)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+        command = Path(sys.executable).parent / "offload"
+        worker = Spawned([str(command), "--app", "myapp", "worker", "-c", "1", "--loglevel", "INFO"],
+                         tmp_path / "worker.log", env, cwd=folder)
+        import myapp
 
-    try:
-        assert wait_until(lambda: "ready." in worker.text() or worker.proc.poll() is not None, timeout=60)
-        assert worker.proc.poll() is None, worker.text()
-        yield myapp, fogbugz, worker
-    finally:
-        worker.stop()
-        fogbugz.close()
-        sys.modules.pop("myapp", None)
+        try:
+            assert wait_until(lambda: "ready." in worker.text() or worker.proc.poll() is not None, timeout=60)
+            assert worker.proc.poll() is None, worker.text()
+            yield myapp, fogbugz, worker
+        finally:
+            worker.stop()
+            fogbugz.close()
+            sys.modules.pop("myapp", None)
+
+
+@pytest.fixture
+def fresh(seed):
+    """The seed's stack with the FogBugz record emptied for this test."""
+    myapp, fogbugz, worker = seed
+    fogbugz.received.clear()
+    fogbugz.answers.clear()
+    fogbugz.posts = 0
+    return seed
 
 
 def _failing_environ() -> dict:
@@ -111,8 +122,8 @@ def _failing_environ() -> dict:
     return {"PATH_INFO": "/", "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1"}
 
 
-def test_the_seeds_own_code_reports_to_fogbugz_once_through_a_worker(seed):
-    myapp, fogbugz, worker = seed
+def test_the_seeds_own_code_reports_to_fogbugz_once_through_a_worker(fresh):
+    myapp, fogbugz, worker = fresh
     statuses = []
     body = myapp.app(_failing_environ(), lambda status, headers, exc_info=None: statuses.append(status))
     assert (statuses, body) == (["500 Internal Server Error"], [""])
@@ -127,8 +138,8 @@ def test_the_seeds_own_code_reports_to_fogbugz_once_through_a_worker(seed):
     assert fogbugz.posts == 1
 
 
-def test_six_positional_arguments_and_any_extra_never_raise(seed):
-    myapp, fogbugz, worker = seed
+def test_six_positional_arguments_and_any_extra_never_raise(fresh):
+    myapp, fogbugz, worker = fresh
     marker = uuid.uuid4().hex
     try:
         {}["missing"]
@@ -140,20 +151,25 @@ def test_six_positional_arguments_and_any_extra_never_raise(seed):
     offload.errors.submit_error.delay(fogbugz.url, "error-user", "MyAppProject", "Errors",
                                       f"odd {marker}", extra={"frames": object(), "n": 10 ** 5000},
                                       default_message=10 ** 5000)
+    # The task a worker registers takes the same six arguments from any Celery client.
+    myapp.celery.send_task("offload.errors.submit_error",
+                           args=[fogbugz.url, "error-user", "MyAppProject", "Errors", f"sent {marker}", "text"])
     # Wrong arguments are logged, never raised into the caller.
     assert offload.errors.submit_error.delay() is None
     assert offload.errors.submit_error.delay(1, 2, 3) is None
-    assert wait_until(lambda: len([f for f in fogbugz.received if marker in f["Description"]]) == 2,
+    assert wait_until(lambda: len([f for f in fogbugz.received if marker in f["Description"]]) == 3,
                       timeout=30), worker.text()[-3000:]
     six = next(f for f in fogbugz.received if f["Description"] == f"six {marker}")
     assert 'line' in six["Extra"] and "{}[\"missing\"]" in six["Extra"]
+    sent = next(f for f in fogbugz.received if f["Description"] == f"sent {marker}")
+    assert sent["Extra"].startswith("text") and sent["ScoutProject"] == "MyAppProject"
     odd = next(f for f in fogbugz.received if f["Description"] == f"odd {marker}")
     assert "<int of" in odd["Extra"] and "<object object at" in odd["Extra"]
     assert odd["ScoutDefaultMessage"].startswith("<int of ")
 
 
-def test_an_unexpected_fogbugz_answer_is_not_posted_again(seed):
-    myapp, fogbugz, worker = seed
+def test_an_unexpected_fogbugz_answer_is_not_posted_again(fresh):
+    myapp, fogbugz, worker = fresh
     marker = uuid.uuid4().hex
     fogbugz.answers.append((200, "<?xml version='1.0'?><Response><CaseId>7</CaseId></Response>"))
     offload.errors.submit_error.delay(fogbugz.url, "error-user", "MyAppProject", "Errors", f"once {marker}")

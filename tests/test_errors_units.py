@@ -654,3 +654,75 @@ def test_grouping_tells_two_errors_of_one_function_apart_but_not_two_values():
     other = _exc_info(lambda: parse("b", 42))
     prints = [fingerprint(e[0], e[2], e[1]) for e in (first, same, other)]
     assert prints[0] == prints[1] != prints[2]
+
+
+def test_a_hostile_asgi_scope_makes_a_bounded_report():
+    async def app(scope, receive, send):
+        raise ValueError("bad")
+
+    scope = dict(SCOPE, path="/zero/\udcff\ufffd", query_string=b"q=%ff\xfe&n=" + b"9" * 5000,
+                 headers=[(b"x-dup", b"d" * 5000)] * 5000 + [(b"x-bin", b"\xff\xfe\x80")])
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), scope))
+    assert sent[0]["status"] == 500
+    (exc_info, environ), = recorder.captured
+    assert len(environ["HTTP_X_DUP"]) <= 8192
+    report = build_report(exc_info, app={"name": "a"}, environ=environ)
+    assert len(json.dumps(report)) < 60_000
+    assert "\udcff" not in report["request"]["path"]
+    report["request"]["path"].encode("utf-8")  # a sink can send it
+    # A scope of the wrong shape still answers 500 and is reported, without the request.
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), dict(SCOPE, headers=[("x", 1)])))
+    assert sent[0]["status"] == 500 and recorder.captured[0][1] is None
+
+
+def test_a_report_naming_its_own_fogbugz_posts_only_to_a_bugzscout_address(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=60)
+    receiver = Receiver()
+    try:
+        report = errors.report_of_call((receiver.url, "u", "p", "a", "it broke"), {"extra": ["x"]})
+        assert errors.deliver(report) == [] and receiver.posts == 1
+        assert receiver.received[0]["Description"] == "it broke"
+        # A forged message aiming the worker at another address of the network.
+        forged = dict(report, fogbugz=dict(report["fogbugz"], url=receiver.url.replace("scoutSubmit.asp", "admin")))
+        with caplog.at_level(logging.ERROR, "offload.errors"):
+            assert errors.deliver(forged) == []
+        assert receiver.posts == 1 and "neither a BugzScout address" in caplog.text
+    finally:
+        receiver.close()
+
+
+def test_a_damaged_spool_file_is_dropped_and_the_rest_sent(tmp_path, caplog):
+    spool = Spool(str(tmp_path))
+    spool.put({"description": "first"})
+    with open(os.path.join(str(tmp_path), "00000000000000000000-1-deep.json"), "w") as fh:
+        fh.write("[" * 100_000 + "]" * 100_000)
+    sent: list[dict] = []
+    with caplog.at_level(logging.WARNING, "offload.errors"):
+        assert spool.drain(sent.append) == 1
+    assert sent == [{"description": "first"}] and os.listdir(str(tmp_path)) == []
+    assert "dropped unreadable 00000000000000000000-1-deep.json" in caplog.text
+
+
+def test_reporting_never_raises_whatever_it_is_given(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=3600)
+
+    class Hostile:
+        def __str__(self):
+            raise RuntimeError("no str")
+
+        __repr__ = __str__
+
+    with caplog.at_level(logging.ERROR, "offload.errors"):
+        errors.capture("not an exc_info")
+        errors.capture((ValueError, ValueError(Hostile()), None), environ={"HTTP_X": "1", 3: object()})
+        assert errors.submit_error.delay(Hostile(), Hostile()) is None
+        assert errors.submit_error.delay("only", "two", "three") is None
+        assert errors.submit_error.apply_async("not a tuple", 42) is None
+        assert errors.submit_error(b"bytes description", extra=ValueError("as extra")) is None
+    assert "fit neither submit_error(url, user, project, area, description" in caplog.text
+    reports = {group.build()["description"] for group in errors.pipeline._groups.values()}
+    assert {"bytes description", "<unprintable Hostile>", "ValueError: <unprintable ValueError>"} <= reports

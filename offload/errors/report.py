@@ -40,7 +40,10 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 def _cut(text: Any, limit: int = MAX_TEXT) -> str:
     text = text if isinstance(text, str) else repr_safe(text)
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    # A lone surrogate (bytes a server decoded with surrogateescape) cannot
+    # be sent as UTF-8 to a sink: it becomes "?".
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _cut_head(text: str, limit: int = MAX_TRACEBACK) -> str:
@@ -49,7 +52,7 @@ def _cut_head(text: str, limit: int = MAX_TRACEBACK) -> str:
 
 
 def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
-    summary = traceback.extract_tb(tb)
+    summary: list[traceback.FrameSummary] = list(traceback.extract_tb(tb))
     if len(summary) > MAX_FRAMES:  # the innermost frames say the most
         summary = summary[-MAX_FRAMES:]
     return [{"file": frame.filename, "line": frame.lineno, "function": frame.name,

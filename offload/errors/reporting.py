@@ -25,6 +25,7 @@ import traceback
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from celery import bootsteps
 from celery.signals import task_failure, worker_process_shutdown
@@ -50,7 +51,7 @@ _default_lock = threading.Lock()
 SEND_TASK = "offload.errors.send"
 """The name of the task that delivers a report to the sinks."""
 SUBMIT_TASK = "offload.errors.submit_error"
-"""The name of the seed's task: ``submit_error.delay(description, extra)``."""
+"""The name of the seed's task: ``submit_error.delay(url, user, project, area, description, extra)``."""
 
 
 class OffloadLike(Protocol):
@@ -214,9 +215,9 @@ class ErrorReporting:
             return
         waited = time.time() - started
         if waited >= self.give_up_after:
-            sinks = self._sinks_of(report)
+            targets = self._sinks_of(report)
             logger.error("error report dropped after %.0f s of retries, not delivered to %s: %r",
-                         waited, [sinks[i].name for i in failed], report.get("description"))
+                         waited, [targets[i].name for i in failed], report.get("description"))
             return
         # A new message with a countdown, as Celery's retry() sends: only the
         # sinks that failed are tried again, after a wait that doubles.
@@ -230,6 +231,14 @@ class ErrorReporting:
         target = report.get("fogbugz")
         if not isinstance(target, Mapping):
             return self.sinks
+        url = str(target.get("url"))
+        # The URL comes in the message: a forged one must not make a worker
+        # post to any address it can reach. BugzScout's endpoint, or a sink's.
+        configured = {sink.url for sink in self.sinks if isinstance(sink, FogBugz)}
+        if url not in configured and not urlsplit(url).path.lower().endswith("/scoutsubmit.asp"):
+            logger.error("error report dropped: %r is neither a BugzScout address (.../scoutSubmit.asp) "
+                         "nor a configured FogBugz sink's: %r", url[:200], report.get("description"))
+            return []
         try:
             return [FogBugz(str(target.get("url")), str(target.get("user")), str(target.get("project")),
                             str(target.get("area")))]
@@ -365,7 +374,8 @@ def as_text(value: Any) -> str:
             text = "".join(traceback.format_exception(*value))
         else:
             # Walked by the scrubber: bounded, JSON-safe, secrets replaced.
-            text = repr_safe(_VALUES.value(value))
+            walked = _VALUES.value(value)
+            text = walked if isinstance(walked, str) else repr_safe(walked)
     except Exception:  # noqa: BLE001 - never into the request
         text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= MAX_TRACEBACK else text[:MAX_TRACEBACK] + "..."
@@ -467,7 +477,8 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
       replaced by ``[Filtered]`` (default: ``report.SECRET_NAME_PARTS``,
       password, secret, token, key, session, auth, csrf, ...);
       ``scrub_headers``: headers always replaced (Authorization,
-      Proxy-Authorization, Cookie, Set-Cookie).
+      Proxy-Authorization, Cookie, Set-Cookie); ``scrub_also``: names added
+      to the defaults (see :mod:`offload.errors.scrub` for the whole policy).
     - ``mask_task_args``: report failed tasks without their argument values.
     - ``task_failures``: report failures of this app's tasks (default True).
     - ``give_up_after``: seconds the sending task retries a sink (default
@@ -582,7 +593,7 @@ def default() -> ErrorReporting:
 
 
 def _calling_module() -> str:
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if name and not name.startswith(("offload.", "importlib")) and name != "offload":

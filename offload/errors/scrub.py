@@ -247,4 +247,7 @@ def repr_safe(value: Any) -> str:
 
 def _cut(text: Any, limit: int = MAX_TEXT) -> str:
     text = text if isinstance(text, str) else repr_safe(text)
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    # A lone surrogate (bytes a server decoded with surrogateescape) cannot
+    # be sent as UTF-8 to a sink: it becomes "?".
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
