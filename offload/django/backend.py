@@ -336,9 +336,10 @@ class TaskBackend(fw.BaseTaskBackend):
         if status == fw.TaskResultStatus.FAILED and not record.get("errors"):
             # Failed before the task's own code ran (refused, revoked, a
             # worker lost): Celery's exception is all there is.
-            exc = meta.get("result")
-            path = _class_path(exc) if isinstance(exc, BaseException) else "builtins.Exception"
-            errors = [fw.TaskError(exception_class_path=path, traceback=str(meta.get("traceback") or exc or ""))]
+            raised = meta.get("result")
+            path = _class_path(raised) if isinstance(raised, BaseException) else "builtins.Exception"
+            errors = [fw.TaskError(exception_class_path=path,
+                                   traceback=str(meta.get("traceback") or raised or ""))]
         finished = record.get("finished_at") or (meta.get("date_done") if status in (
             fw.TaskResultStatus.SUCCESSFUL, fw.TaskResultStatus.FAILED) else None)
         result = _result(task, result_id, status, record, options.get("backend") or self.alias,

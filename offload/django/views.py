@@ -49,9 +49,9 @@ def default_authorize(request_info: Any, name: str) -> bool:
     """
     request = django_request(request_info)
     user = getattr(request, "user", None)
-    signed_in = user is not None and user.is_authenticated and user.is_active
+    signed_in = bool(user is not None and user.is_authenticated and user.is_active)
     if name in _DASHBOARD_ACTIONS:
-        return signed_in and bool(user.is_staff)
+        return signed_in and bool(getattr(user, "is_staff", False))
     if name != "task.cancel" and getattr(request_info, "task_id", None) is not None:
         return True
     return bool(signed_in)
