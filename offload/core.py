@@ -9,6 +9,7 @@ context their tasks should run in.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -22,8 +23,8 @@ from kombu.utils.url import maybe_sanitize_url
 from .config import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS, CELERY_OPTIONS, Settings
 from .config import default_data_dir as _default_data_dir
 from .config import translate
-from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
-                       reference)
+from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
+                       install_dispatcher, reference)
 from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .futures import Future, SkipRevoked
@@ -99,6 +100,10 @@ class _CeleryApp(Celery):
     subscribes when it is called; the eager subscription only costs a round
     trip per submit and piles up unread messages on a connection nobody reads.
     """
+
+    #: The file where this app's workers record the messages they refuse
+    #: (:class:`offload.intake.DeadLetters`); set by :meth:`Offload.configure`.
+    dead_letters_path: str | None = None
 
     def _get_backend(self) -> Any:
         backend = super()._get_backend()
@@ -236,6 +241,8 @@ class Offload:
             {"confirm_timeout": timeout} if transport_options.get("confirm_publish") and timeout else {})
         self._allow.packages = settings.allow or ()
         self.settings = settings
+        self.celery.dead_letters_path = (os.path.join(settings.data_dir, "dead-letters.jsonl")
+                                         if settings.data_dir else None)
         # A second configure (Offload() at import, init_app(app) in a factory)
         # must not keep what the first one set and the second does not.
         for key in self._configured_keys - set(celery_settings):
@@ -286,6 +293,8 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
+            #: Bounds how often one task may kill its pool process (offload.intake).
+            Request = "offload.intake:Request"
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
@@ -706,12 +715,15 @@ class _Submitter:
                    **{key: value for key, value in prepared[0][2].items() if key != "shadow"}}
         options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
         hub = off.hub
-        call_ids = hub.new_task_ids(len(prepared))
+        # A call's id is its chunk's id and its index there (chunk_call_ids):
+        # a chunk's worker writes results to no id the message could choose.
+        chunk_ids = hub.new_task_ids(len(sizes))
+        call_ids = [call_id for chunk_id, size in zip(chunk_ids, sizes)
+                    for call_id in chunk_call_ids(chunk_id, size)]
         futures = [Future(call_id, app=off.celery) for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
         Future.follow_all(futures, hub, grace=_delay_of(options))
-        calls = [[call_id, args, kwargs]
-                 for call_id, (_task, ((_ref, args, kwargs),), _options) in zip(call_ids, prepared)]
+        calls = [[args, kwargs] for _task, ((_ref, args, kwargs),), _options in prepared]
         chunks: list[list[list[Any]]] = []
         start = 0
         for size in sizes:
@@ -723,12 +735,12 @@ class _Submitter:
                 # The first chunk at once (workers start on it); the rest in
                 # one round trip where the transport can (offload-redis).
                 dispatch = off._chunk_dispatcher.apply_async
-                dispatch((ref, chunks[0]), producer=producer, **options)
+                dispatch((ref, chunks[0]), producer=producer, task_id=chunk_ids[0], **options)
                 sent = len(chunks[0])
                 pipelined = getattr(producer.channel, "pipelined_puts", None)
                 with pipelined() if pipelined is not None else contextlib.nullcontext():
-                    for chunk in chunks[1:]:
-                        dispatch((ref, chunk), producer=producer, **options)
+                    for chunk_id, chunk in zip(chunk_ids[1:], chunks[1:]):
+                        dispatch((ref, chunk), producer=producer, task_id=chunk_id, **options)
                 sent = len(calls)
         except BaseException as exc:
             for future in futures[sent:]:
