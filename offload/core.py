@@ -9,6 +9,7 @@ context their tasks should run in.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -118,6 +119,15 @@ class _CeleryApp(Celery):
 
 def _no_subscription(producer: Any, task_id: str) -> None:
     return None
+
+
+def _awaited(value: Any) -> Any:
+    """A task's return value; an ``async def`` task's coroutine run to its end (offload.aio)."""
+    if inspect.iscoroutine(value):
+        from .aio import run
+
+        return run(value)
+    return value
 
 
 def _delay_of(options: Mapping[str, Any]) -> float:
@@ -299,9 +309,9 @@ class Offload:
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
                 if not off._contexts or self.name == CHUNK_TASK:
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
                 with off.task_context():
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
 
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""

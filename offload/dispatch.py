@@ -210,6 +210,12 @@ def reference(fn: Callable[..., Any]) -> str:
     >>> reference(os.path.join)
     'posixpath:join'
     """
+    if inspect.iscoroutine(fn):
+        name = getattr(fn, "__qualname__", "the function")
+        fn.close()  # never awaited: no "coroutine was never awaited" warning later
+        raise TypeError(
+            f"submit() takes a function, got a coroutine object: pass the async function and its "
+            f"arguments, off.submit({name}, 1, 2), not off.submit({name}(1, 2))")
     if isinstance(fn, type) or not callable(fn):
         raise TypeError(f"submit() takes a function, got {fn!r}")
     owner = getattr(fn, "__self__", None)
@@ -412,12 +418,18 @@ class AllowList:
 def call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
     """``fn(*args, **kwargs)`` as a worker runs it.
 
-    ``sys.exit()`` fails the call instead of
+    A coroutine function runs to its end on the process's event loop
+    (:func:`offload.aio.run`). ``sys.exit()`` fails the call instead of
     ending the pool process (which would give the message back to run,
     and exit, again).
     """
     try:
-        return fn(*args, **kwargs)
+        value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            from .aio import run
+
+            value = run(value)
+        return value
     except SystemExit as exc:
         raise RuntimeError(f"{getattr(fn, '__qualname__', fn)!r} called sys.exit({exc.code!r}); "
                            "a task returns or raises instead") from None

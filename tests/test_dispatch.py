@@ -275,11 +275,18 @@ def test_a_main_module_is_never_imported(guarded, ref):
         "testapp.allowed.__main__": False}
 
 
-def test_a_plain_method_is_refused_at_submit(redis_off):
+def test_a_plain_method_and_a_coroutine_object_are_refused_at_submit(redis_off):
     from testapp.allowed import Jobs
+    from testapp.coroutines import add_later
 
     with pytest.raises(TypeError, match="needs an instance"):
         redis_off.submit(Jobs.plain, "x")
+    coroutine = add_later(1, 2)
+    with pytest.raises(TypeError, match=r"coroutine object: pass the async function and its arguments"):
+        redis_off.submit(coroutine)
+    assert coroutine.cr_frame is None  # closed: no "never awaited" warning
+    with pytest.raises(TypeError, match="coroutine object"):
+        redis_off.map(add_later(1, 2), [[1, 2]])
 
 
 def test_a_function_of_an_allowed_package_not_yet_imported_runs(guarded):

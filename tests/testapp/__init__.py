@@ -58,6 +58,9 @@ def settings(kind: str) -> dict:
 def make(kind: str) -> Offload:
     off = Offload(settings(kind))
     off.task(name="testapp.mul")(mul)
+    from testapp.coroutines import add_later
+
+    off.task(name="testapp.async_add")(add_later)
     return off
 
 
