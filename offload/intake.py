@@ -34,6 +34,7 @@ task and dead-letters it instead.
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import logging
 import lzma
@@ -58,7 +59,7 @@ from .dispatch import dispatch_shape_error, fail_calls
 from .exceptions import RejectedMessage
 
 __all__ = ["MAX_DEPTH", "MAX_MESSAGE_BYTES", "MAX_WORKER_LOSSES", "Consumer", "DeadLetters", "Request",
-           "limit_decompression", "payload_error"]
+           "limit_decompression", "payload_error", "strict_json"]
 
 logger = logging.getLogger("offload.intake")
 
@@ -139,30 +140,71 @@ def limit_decompression(used: set[str], limit: int = MAX_MESSAGE_BYTES) -> None:
 
 # The payload --------------------------------------------------------------------
 
-def payload_error(value: Any, max_depth: int = MAX_DEPTH) -> str | None:
+_CONTAINERS = (list, tuple, dict)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"a non-finite number ({name}) is not JSON; send finite numbers only")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a non-finite number ({text[:20]}) is not JSON; send finite numbers only")
+    return value
+
+
+_strict_loads = functools.partial(json.loads, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def strict_json() -> None:
+    """Make kombu's JSON decoder refuse ``NaN``, ``Infinity`` and floats that overflow to them.
+
+    Python's parser reads them, JSON has no such numbers; the check costs
+    nothing for a body without floats. Registered in kombu's serializer
+    registry (its public extension point), for this process only: a
+    worker calls it when its consumer starts, and its pool processes
+    inherit it.
+    """
+    from kombu.serialization import registry
+    from kombu.utils import json as kombu_json
+
+    registry.register("json", kombu_json.dumps, functools.partial(kombu_json.loads, _loads=_strict_loads),
+                      content_type="application/json", content_encoding="utf-8")
+
+
+def _brackets(text: bytes | str) -> int:
+    """How many lists and objects a JSON text opens at most (counted in C)."""
+    if isinstance(text, bytes):
+        return text.count(b"[") + text.count(b"{")
+    return text.count("[") + text.count("{")
+
+
+def payload_error(value: Any, max_depth: int = MAX_DEPTH, *, floats: bool = True) -> str | None:
     """Why ``value`` (decoded arguments) may not run, or None.
 
-    Lists, tuples and dicts may nest ``max_depth`` levels; a float must be
-    finite (JSON has no ``NaN`` or ``Infinity``, though Python's parser
-    reads them). Walked without recursion: a deep value cannot exhaust
-    the stack.
+    Lists, tuples and dicts may nest ``max_depth`` levels; with ``floats``,
+    a float must be finite (JSON has no ``NaN`` or ``Infinity``, though
+    Python's parser reads them). Walked level by level, without recursion:
+    a deep value cannot exhaust the stack.
     """
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, tuple)):
-            children = item
-        elif isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return f"a non-finite number ({item!r}) is not JSON; send finite numbers only"
-            continue
-        else:
-            continue
-        if depth >= max_depth:
+    level = [value]
+    depth = 0
+    while level:
+        if floats:
+            for item in level:
+                children = item.values() if isinstance(item, dict) else item
+                for child in children:
+                    if isinstance(child, float) and not math.isfinite(child):
+                        return f"a non-finite number ({child!r}) is not JSON; send finite numbers only"
+        depth += 1
+        if depth > max_depth:
             return f"the arguments nest deeper than {max_depth} levels"
-        stack.extend((child, depth + 1) for child in children)
+        deeper = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            deeper.extend([child for child in children if isinstance(child, _CONTAINERS)])
+        level = deeper
     return None
 
 
@@ -250,6 +292,7 @@ class Consumer(_CeleryConsumer):
         conf = self.app.conf
         self._accepted = prepare_accept_content(conf.accept_content) or set()
         limit_decompression({name for name in (conf.task_compression, conf.result_compression) if name})
+        strict_json()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
         celery_handler = super().create_task_handler(*args, **kwargs)
@@ -293,7 +336,13 @@ class Consumer(_CeleryConsumer):
                 and isinstance(payload[0], (list, tuple)) and isinstance(payload[1], dict)
                 and (payload[2] is None or isinstance(payload[2], dict))):
             return "the body is not Celery's [args, kwargs, embed]"
-        error = payload_error(payload[0]) or payload_error(payload[1])
+        # JSON's floats are checked as they are parsed (strict_json); a body
+        # with fewer brackets than the bound cannot nest past it.
+        json_body = message.content_type == "application/json" and isinstance(body, (bytes, str))
+        error = None
+        if not json_body or _brackets(body) > MAX_DEPTH:
+            floats = not json_body
+            error = payload_error(payload[0], floats=floats) or payload_error(payload[1], floats=floats)
         if error is not None:
             return error
         return dispatch_shape_error(name, payload[0], payload[1])

@@ -199,3 +199,14 @@ def test_sys_exit_in_a_submitted_function_fails_the_call_not_the_process(intake)
     error = off.options(queue=queue).submit(leave, 3).exception(timeout=60)
     assert isinstance(error, RuntimeError) and "sys.exit(3)" in str(error)
     assert off.options(queue=queue).submit(add, 1, 2).result(timeout=60) == 3
+
+
+def test_the_payload_bound_walks_without_recursion():
+    from offload.intake import payload_error
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert payload_error(deep) == "the arguments nest deeper than 100 levels"
+    assert payload_error([[1, {"a": [2.5]}]]) is None
+    assert "non-finite" in payload_error([{"a": [float("nan")]}])
