@@ -210,3 +210,15 @@ def test_the_payload_bound_walks_without_recursion():
     assert payload_error(deep) == "the arguments nest deeper than 100 levels"
     assert payload_error([[1, {"a": [2.5]}]]) is None
     assert "non-finite" in payload_error([{"a": [float("nan")]}])
+
+
+def test_a_registered_task_that_exits_its_pool_process_is_given_up_after_three(intake):
+    # Through Celery's own path (not the dispatcher): sys.exit() ends the pool process.
+    from offload.exceptions import RejectedMessage
+
+    off, worker, queue = intake
+    poison = off.celery.tasks["testapp.leave"].apply_async((0,), queue=queue)
+    with pytest.raises(RejectedMessage, match="died running it 3 times"):
+        poison.get(timeout=90)
+    assert worker.proc.poll() is None
+    assert off.options(queue=queue).submit(add, 1, 2).result(timeout=60) == 3

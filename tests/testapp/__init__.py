@@ -62,6 +62,9 @@ def make(kind: str) -> Offload:
     from testapp.coroutines import add_later
 
     off.task(name="testapp.async_add")(add_later)
+    from testapp.hostile import leave
+
+    off.task(name="testapp.leave")(leave)  # sys.exit() in a task: its pool process ends
     return off
 
 
