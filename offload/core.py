@@ -28,7 +28,7 @@ from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachab
 from .executor import Executor
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
-from .reliability import RedisLeaseRenewal
+from .reliability import HandBack, RedisLeaseRenewal
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
@@ -187,6 +187,7 @@ class Offload:
         self._chunk_dispatcher = install_chunk_dispatcher(self.celery, self._allow,
                                                           call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
+        self.celery.steps["consumer"].add(HandBack)
         self.celery.steps["consumer"].add(SkipRevoked)
         #: The result hub: every Future of this Offload listens to it.
         self.hub = ResultHub(lambda: self.celery.backend)
@@ -286,6 +287,9 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
+            #: A task cancelled after a broker connection loss is handed
+            #: back, never revoked (offload.reliability).
+            Request = "offload.reliability:Request"
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
