@@ -80,11 +80,80 @@ def durable_redis(tmp_path):
     server.stop()
 
 
-def restart_app(monkeypatch, broker: str, backend: str = "", transport: str = ""):
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of the test's own, beside the shared one: its own name,
+    ports, data and log folders, config (no shared listener) and no plugins.
+
+    Run as this user straight from RabbitMQ's own bin folder (the wrappers in
+    /usr/sbin switch to the ``rabbitmq`` user), so ``rabbitmqctl`` shares this
+    user's Erlang cookie with it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        server = RABBITMQ_BIN / "rabbitmq-server"
+        if not server.exists():
+            if os.environ.get("CI"):
+                pytest.fail("rabbitmq-server is not installed (CI must have it: see .ci/run)")
+            pytest.skip("rabbitmq-server is not installed")
+        self.folder = folder
+        self.port, dist_port = closed_port(), closed_port()
+        self.node = f"offload-test-{test_id()}-{self.port}@localhost"
+        (folder / "mnesia").mkdir()
+        (folder / "log").mkdir()
+        (folder / "plugins").write_text("")
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (folder / "env.conf").write_text(
+            'ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"\n')
+        env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+               "RABBITMQ_DIST_PORT": str(dist_port), "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+               "RABBITMQ_LOG_BASE": str(folder / "log"), "RABBITMQ_PID_FILE": str(folder / "pid"),
+               "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "plugins"),
+               "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+               "RABBITMQ_CONF_ENV_FILE": str(folder / "env.conf")}
+        self.proc = subprocess.Popen([str(server)], env=env, stdout=open(folder / "server.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # await_startup fails at once until the node's distribution listens.
+        if not wait_until(lambda: self.proc.poll() is None and self._ctl("await_startup")[0] == 0, 90, 0.5):
+            self.stop()
+            pytest.fail(f"the private RabbitMQ node did not start:\n{self.log_tail()}")
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _ctl(self, *args: str, timeout: float = 60) -> tuple[int, str]:
+        done = subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+                              capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout + done.stderr
+
+    def ctl(self, *args: str, timeout: float = 60) -> None:
+        code, output = self._ctl(*args, timeout=timeout)
+        assert code == 0, (args, output, self.log_tail())
+
+    def log_tail(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ctl("stop", timeout=60)
+                self.proc.wait(30)
+            except (AssertionError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path):
+    node = PrivateRabbitMQ(tmp_path)
+    yield node
+    node.stop()
+
+
+def restart_app(monkeypatch, broker: str, backend: str = ""):
     """``testapp.restart`` imported afresh on ``broker``, as its worker will import it."""
     monkeypatch.setenv("OFFLOAD_TEST_RESTART_BROKER", broker)
     monkeypatch.setenv("OFFLOAD_TEST_RESTART_BACKEND", backend)
-    monkeypatch.setenv("OFFLOAD_TEST_RESTART_TRANSPORT", transport)
     sys.modules.pop("testapp.restart", None)
     return importlib.import_module("testapp.restart").off
 
@@ -134,5 +203,21 @@ def test_a_killed_redis_restarted_loses_no_task(scheme, durable_redis, monkeypat
                      if r.name == "offload.hub" and f":{port}/" in r.getMessage()]
         assert len([m for m in hub_lines if "unreachable" in m]) == 1, hub_lines
         assert len([m for m in hub_lines if "answers again" in m]) == 1, hub_lines
+    finally:
+        worker.stop()
+
+
+def test_a_rabbitmq_stopped_and_started_again_loses_no_task(private_rabbitmq, monkeypatch, data_root):
+    require_service("redis")  # the result store and the tally: it stays up
+    from testapp import settings
+
+    backend = settings("redis")["CELERY_BROKER_URL"]
+    off = restart_app(monkeypatch, private_rabbitmq.url, backend)
+    worker = WorkerProcess("testapp.restart", f"restart-amqp-{test_id()}@%h",
+                           data_root / "restart-amqp.log", concurrency=2)
+    try:
+        futures, token = burst_across_an_outage(off, worker, lambda: private_rabbitmq.ctl("stop_app"),
+                                                lambda: private_rabbitmq.ctl("start_app"))
+        check_nothing_lost(futures, token, worker)
     finally:
         worker.stop()
