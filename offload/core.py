@@ -180,6 +180,7 @@ class Offload:
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
+            amqp="offload.reliability:AMQP",
         )
         self._dispatcher = install_dispatcher(self.celery, self._allow)
         # Each call of a chunk runs in the task contexts (an app context, a

@@ -33,10 +33,11 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.app.amqp import AMQP as _CeleryAMQP
 from celery.worker.request import Request as _CeleryRequest
 from celery.worker.state import task_ready
 
-__all__ = ["HandBack", "RedisLeaseRenewal", "Request"]
+__all__ = ["AMQP", "HandBack", "RedisLeaseRenewal", "Request"]
 
 logger = logging.getLogger("offload.reliability")
 
@@ -171,3 +172,25 @@ class HandBack(bootsteps.StartStopStep):
                 logger.debug("could not give back %s now", tag, exc_info=True)
             _handed_back.discard(tag)
         logger.info("gave back the messages of the tasks stopped when the broker connection was lost")
+
+
+class AMQP(_CeleryAMQP):
+    """Celery's message sender, without a broker-side TTL for ``expires``.
+
+    Celery turns ``expires`` into the message's ``expiration`` as well, and
+    RabbitMQ drops a message whose TTL passes while it waits in the queue
+    (behind a busy worker): no worker ever sees it, nothing records REVOKED,
+    and its Future waits for good. Without the TTL the expiry still travels
+    in the task message, and the worker that takes it after that time skips
+    it and records REVOKED, as on Redis and the embedded broker, which have
+    no per-message TTL.
+    """
+
+    def _create_task_sender(self) -> Any:
+        send = super()._create_task_sender()
+
+        def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
+            kwargs.pop("expiration", None)
+            return send(producer, name, message, **kwargs)
+
+        return send_task_message
