@@ -14,13 +14,13 @@ processes start one (``offload beat``, ``offload cluster`` on several
 machines, ``celery beat``), one sends and the others wait, ready to take over
 when it stops or dies.
 
-The guard is a lease in Redis when the broker or the result store is Redis
-(one key, ``SET NX`` with a short expiry, renewed while the scheduler runs,
-as celery-redbeat does): it holds across every host that shares that Redis,
-and a holder that dies (SIGKILL, a lost machine) lets it expire, so another
-takes over within :data:`LEASE_TTL` seconds. Otherwise (the embedded broker,
-RabbitMQ with ``rpc://`` results) it is an ``flock`` beside the state file,
-which holds on one host: the embedded broker's file is on one host anyway.
+The guard holds across every host that shares the broker: on Redis (the
+broker, or else the result store) a lease, one key set with ``NX`` and a
+short expiry that the holder renews, as celery-redbeat does: a holder that
+dies (SIGKILL, a lost machine) lets it expire, and another takes over within
+:data:`LEASE_TTL` seconds. On RabbitMQ an exclusive queue, which RabbitMQ
+deletes when its holder's connection closes. On the embedded broker, whose
+file is on one host anyway, an ``flock`` beside the state file.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from celery.schedules import BaseSchedule, schedule as every
 from .datadir import make_private_dirs
 from .exceptions import ConfigurationError
 
-__all__ = ["SCHEDULER", "BeatProcess", "RedisLease", "Scheduler", "redis_lease", "as_schedule", "has_schedule",
+__all__ = ["SCHEDULER", "BeatProcess", "QueueLease", "RedisLease", "Scheduler", "scheduler_lease", "as_schedule", "has_schedule",
            "run_beat", "state_file", "task_entries"]
 
 #: The Celery beat scheduler class offload uses (``celery beat -S``).
@@ -158,28 +158,96 @@ class RedisLease:
         return value.decode() if isinstance(value, bytes) else value
 
 
-def redis_lease(app: Any) -> RedisLease | None:
-    """The lease for ``app``'s scheduler in its broker's or result store's Redis, if any."""
+class QueueLease:
+    """One scheduler per deployment on RabbitMQ: an exclusive queue.
+
+    RabbitMQ lets one connection at a time declare an exclusive queue and
+    deletes it when that connection closes, a killed process's included, so
+    a waiting scheduler takes over at its next try.
+    """
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = key
+        self.token = f"{socket.gethostname()}:{os.getpid()}"
+        self.connection: Any = None
+
+    def take(self) -> bool:
+        from kombu import Queue
+
+        connection = self.app.connection_for_write()
+        try:
+            connection.ensure_connection(max_retries=1)
+            Queue(self.key, exclusive=True, durable=False)(connection.default_channel).declare()
+        except connection.channel_errors:  # RESOURCE_LOCKED: another connection holds it
+            connection.release()
+            return False
+        except BaseException:
+            connection.release()
+            raise
+        self.connection = connection
+        return True
+
+    def renew(self) -> bool:
+        """True while this connection still holds the queue."""
+        try:
+            self.connection.default_channel.queue_declare(self.key, passive=True)
+            return True
+        except Exception:
+            self.release()
+            return False
+
+    def release(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.release()  # the queue goes with the connection
+            except Exception:
+                pass
+
+    def holder(self) -> str | None:
+        return None
+
+
+def scheduler_lease(app: Any) -> RedisLease | QueueLease | None:
+    """The guard shared by every host of ``app``'s deployment, if its broker has one.
+
+    A Redis broker: a lease in it. RabbitMQ: an exclusive queue. Otherwise a
+    Redis result store: a lease there. None: the flock, one host only.
+    """
+    broker = str(app.conf.broker_url or "")
+    key = f"offload:beat:{app.conf.task_default_queue}"
+    if _is_redis_url(broker):
+        return _redis_lease(broker, key)
+    if broker.partition("://")[0] in ("amqp", "amqps", "pyamqp"):
+        return QueueLease(app, key.replace(":", "."))
+    backend = str(app.conf.result_backend or "")
+    if _is_redis_url(backend):
+        return _redis_lease(backend, key)
+    return None
+
+
+def _is_redis_url(url: str) -> bool:
+    return url.partition("://")[0] in ("redis", "rediss", "offload-redis")
+
+
+def _redis_lease(url: str, key: str) -> RedisLease:
     import redis
 
-    for url in (app.conf.broker_url, app.conf.result_backend):
-        scheme = str(url or "").partition("://")[0]
-        if scheme in ("redis", "rediss", "offload-redis"):
-            client = redis.Redis.from_url(str(url).replace("offload-redis://", "redis://", 1),
-                                          socket_timeout=3, socket_connect_timeout=2)
-            return RedisLease(client, f"offload:beat:{app.conf.task_default_queue}")
-    return None
+    client = redis.Redis.from_url(url.replace("offload-redis://", "redis://", 1),
+                                  socket_timeout=3, socket_connect_timeout=2)
+    return RedisLease(client, key)
 
 
 class Scheduler(celery_beat.PersistentScheduler):
     """Celery's persistent scheduler, plus the tasks' ``schedule=`` and one per deployment."""
 
     _lock_fd: int | None = None
-    _lease: RedisLease | None = None
+    _lease: RedisLease | QueueLease | None = None
     _renewed_at = 0.0
 
     def setup_schedule(self) -> None:
-        lease = redis_lease(self.app)
+        lease = scheduler_lease(self.app)
         if lease is not None:
             self._take_lease(lease)
             # Beat sleeps at most max_interval between ticks: often enough to renew.
@@ -246,7 +314,7 @@ class Scheduler(celery_beat.PersistentScheduler):
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
 
-    def _take_lease(self, lease: RedisLease) -> None:
+    def _take_lease(self, lease: RedisLease | QueueLease) -> None:
         def take() -> bool:
             try:
                 return lease.take()
