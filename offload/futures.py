@@ -60,9 +60,15 @@ class Future(_BaseFuture):
     threads, never on the thread that follows results, so a callback that
     blocks holds up no other future.
 
-    >>> fut = off.submit(add, 1, 2)          # doctest: +SKIP
-    >>> fut.result(timeout=10)               # doctest: +SKIP
-    3
+    Examples:
+        >>> from offload import Offload
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> fut = add.submit(1, 2)
+        >>> fut.result(timeout=10), fut.done(), fut.state
+        (3, True, 'SUCCESS')
     """
 
     def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None) -> None:

@@ -223,6 +223,8 @@ def test_a_second_configuration_replaces_the_first(tmp_path):
     off.configure({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
                    "OFFLOAD_DATA_DIR": str(tmp_path)})
     conf = off.celery.conf
-    assert conf.broker_url.startswith("amqp://") and conf.result_backend == "rpc://"
+    assert conf.broker_url.startswith("amqp://")
+    # RabbitMQ's result backend: the embedded store, which every process reads (not rpc://).
+    assert conf.result_backend == f"sqlite:///{tmp_path}/offload-results.sqlite3"
     assert conf.task_default_queue == "celery"
     assert conf.broker_transport_options == AMQP_TRANSPORT_DEFAULTS
