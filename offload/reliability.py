@@ -34,8 +34,9 @@ from typing import Any
 
 from celery import bootsteps
 from celery.app.amqp import AMQP as _CeleryAMQP
-from celery.worker.request import Request as _CeleryRequest
 from celery.worker.state import task_ready
+
+from .intake import Request as _IntakeRequest
 
 __all__ = ["AMQP", "HandBack", "RedisLeaseRenewal", "Request"]
 
@@ -96,8 +97,9 @@ class RedisLeaseRenewal(bootsteps.StartStopStep):
 _handed_back: set[str] = set()
 
 
-class Request(_CeleryRequest):
-    """Celery's worker request, whose cancellation hands the task back.
+class Request(_IntakeRequest):
+    """Celery's worker request (with :mod:`offload.intake`'s bound on pool
+    process deaths), whose cancellation hands the task back.
 
     A cancelled request (a broker connection loss, a cold shutdown) is never
     announced REVOKED and writes nothing to the result backend: its message
