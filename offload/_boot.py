@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import json
 import os
 import signal
 import sys
@@ -271,19 +272,49 @@ def _start_watchdog() -> None:
                      daemon=True).start()
 
 
+def apply_starter_settings(off: Any) -> Any:
+    """Configure ``off`` with the settings of the process that started this worker.
+
+    :class:`offload.workers.LocalWorkers` names a file of them in
+    ``OFFLOAD_SETTINGS_FILE``: the config of the Offload that called
+    ``off.start()``, which wins over what importing the app here built (a
+    factory knows nothing of what a script set in ``app.config``). A Flask
+    app's config gets them too, so that ``current_app.config`` in a task
+    reads what the script set. Without the variable ``off`` is left as is.
+    """
+    path = os.environ.pop("OFFLOAD_SETTINGS_FILE", "")
+    if not path:
+        return off
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot read the settings of the process that started this worker ({path}): {exc}") from exc
+    app = off.flask_app
+    if app is not None:
+        app.config.update(values)
+        off.init_app(app)
+    else:
+        off.configure({**off.configured_from, **values})
+    return off
+
+
 _state: dict[str, Any] = {}
+
+
+def _loaded() -> Any:
+    if "offload" not in _state:
+        _state["offload"] = apply_starter_settings(load_default())
+    return _state["offload"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that importing this module (the CLI does) loads no user app.
     if name in ("app", "celery"):
-        if "offload" not in _state:
-            _state["offload"] = load_default()
-        return _state["offload"].celery
+        return _loaded().celery
     if name == "offload":
-        if "offload" not in _state:
-            _state["offload"] = load_default()
-        return _state["offload"]
+        return _loaded()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

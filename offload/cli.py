@@ -216,6 +216,9 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
         _emit(as_json, "starting", f"starting {len(specs)} worker(s): "
               + ", ".join(s.nodename for s in specs) + f" (logs in {workers.folder})",
               workers=[s.nodename for s in specs], logs=str(workers.folder))
+        unconsumed = workers.unconsumed_message()
+        if unconsumed:
+            _emit(as_json, "unconsumed", f"warning: {unconsumed}", queues=workers.unconsumed_queues())
         workers.supervise()
         if as_json:
             workers.wait_ready(timeout)

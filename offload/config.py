@@ -34,7 +34,7 @@ from .exceptions import ConfigurationError
 
 __all__ = [
     "AMQP_PUBLISH_RETRY_POLICY", "AMQP_TRANSPORT_DEFAULTS", "REDIS_TRANSPORT_DEFAULTS",
-    "RELIABILITY_DEFAULTS", "Settings", "default_data_dir", "read_settings", "translate",
+    "RELIABILITY_DEFAULTS", "Settings", "default_data_dir", "is_setting", "read_settings", "translate",
 ]
 
 #: Offload's reliability defaults; any of them can be overridden in config.
@@ -172,6 +172,19 @@ def celery_key(key: str) -> str | None:
     return None
 
 
+def is_setting(key: str) -> bool:
+    """Whether offload or Celery reads ``key`` (in any of its spellings).
+
+    >>> is_setting("CELERY_BROKER_URL"), is_setting("celery.workers"), is_setting("SECRET_KEY")
+    (True, True, False)
+    """
+    return _own_key(key) in OFFLOAD_KEYS or celery_key(key) is not None
+
+
+def _own_key(key: str) -> str:
+    return key.upper().replace(".", "_") if key.lower().startswith(("celery", "offload")) else key
+
+
 def coerce(name: str, value: Any) -> Any:
     """Coerce a string ``value`` to the type Celery declares for ``name``.
 
@@ -227,11 +240,24 @@ def _coerce_bool(key: str, value: Any) -> bool:
     return bool(value)
 
 
+#: Counts spelled out: ``CELERY_WORKERS = "two"`` means a count, not one worker named ``two``.
+_NUMBER_WORDS = frozenset(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())
+
+_WORKERS_FORMS = ("a count (2, or \"2\" in an ini file), a list of names (['foo', 'bar'], or "
+                  "\"foo, bar\") or a dict of name -> options ({'foo': {'queues': ['high']}})")
+
+
 def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
             return int(text)
+        if text.lower() in _NUMBER_WORDS:
+            raise ConfigurationError(
+                f"CELERY_WORKERS = {value!r} is a count in words: write it as a number. "
+                f"CELERY_WORKERS takes {_WORKERS_FORMS}")
         if text[:1] in "[{":
             try:
                 value = json.loads(text)
@@ -240,10 +266,7 @@ def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
         else:
             return [name for name in text.replace(",", " ").split() if name]
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, Mapping)):
-        raise ConfigurationError(
-            "CELERY_WORKERS takes a count (2), a list of names (['foo', 'bar']) "
-            f"or a dict of name -> options, got {value!r}"
-        )
+        raise ConfigurationError(f"CELERY_WORKERS takes {_WORKERS_FORMS}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigurationError(f"CELERY_WORKERS must not be negative, got {value}")
@@ -299,7 +322,7 @@ def read_settings(mapping: Mapping[str, Any] | None) -> Settings:
     for key, value in mapping.items():
         if not isinstance(key, str):
             continue
-        own = key.upper().replace(".", "_") if key.lower().startswith(("celery", "offload")) else key
+        own = _own_key(key)
         if own in OFFLOAD_KEYS:
             _read_own(settings, own, value)
             continue

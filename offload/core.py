@@ -176,6 +176,9 @@ class Offload:
         self._has_routes = False
         self._publish_options: dict[str, Any] = {}
         self._configured_keys: set[str] = set()
+        #: A copy of the mapping the last :meth:`configure` read (local
+        #: workers are started with it, :mod:`offload.workers`).
+        self.configured_from: dict[str, Any] = {}
         self._references: dict[Any, str] = {}
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
@@ -236,6 +239,7 @@ class Offload:
             {"confirm_timeout": timeout} if transport_options.get("confirm_publish") and timeout else {})
         self._allow.packages = settings.allow or ()
         self.settings = settings
+        self.configured_from = {k: v for k, v in (config or {}).items() if isinstance(k, str)}
         # A second configure (Offload() at import, init_app(app) in a factory)
         # must not keep what the first one set and the second does not.
         for key in self._configured_keys - set(celery_settings):
@@ -389,6 +393,11 @@ class Offload:
             "another name: @off.task(name='...')")
 
     @property
+    def task_queues(self) -> dict[str, str]:
+        """The queues given to ``@off.task(queue=...)``, by task name."""
+        return dict(self._task_queues)
+
+    @property
     def exposed_tasks(self) -> dict[str, Any]:
         """Tasks registered with ``expose=True``, by name."""
         return {task.name: task for task in self._exposed.values()}
@@ -517,7 +526,8 @@ class Offload:
             # The id (and rpc://'s reply queue) comes first, and the future
             # listens before the message leaves: a fast result is never missed.
             options = {**self._publish_options, **self.hub.submit_options(), **options}
-        future = Future(options.get("task_id") or "", app=self.celery)
+        future = Future(options.get("task_id") or "", app=self.celery,
+                        name=options.get("shadow") or task.name, queue=options.get("queue"))
         if follow:
             future.follow(self.hub, grace=_delay_of(options))
         try:
@@ -535,7 +545,7 @@ class Offload:
             future.unfollow()
             raise
         if eager:
-            future = Future(result.id, app=self.celery)
+            future = Future(result.id, app=self.celery, name=options.get("shadow") or task.name)
             future.on_event(TaskEvent(result.id, result.state, result.result))
         return future
 
@@ -707,7 +717,8 @@ class _Submitter:
         options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
         hub = off.hub
         call_ids = hub.new_task_ids(len(prepared))
-        futures = [Future(call_id, app=off.celery) for call_id in call_ids]
+        name, queue = prepared[0][2]["shadow"], options.get("queue")
+        futures = [Future(call_id, app=off.celery, name=name, queue=queue) for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
         Future.follow_all(futures, hub, grace=_delay_of(options))
         calls = [[call_id, args, kwargs]

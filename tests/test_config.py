@@ -226,3 +226,9 @@ def test_a_second_configuration_replaces_the_first(tmp_path):
     assert conf.broker_url.startswith("amqp://") and conf.result_backend == "rpc://"
     assert conf.task_default_queue == "celery"
     assert conf.broker_transport_options == AMQP_TRANSPORT_DEFAULTS
+
+
+@pytest.mark.parametrize("value", ["two", "Three", " one "])
+def test_a_count_in_words_is_refused_with_the_accepted_forms(value):
+    with pytest.raises(ConfigurationError, match="count in words.*a count .*a list of names.*a dict"):
+        read_settings({"CELERY_WORKERS": value})
