@@ -277,26 +277,35 @@ def apply_starter_settings(off: Any) -> Any:
 
     :class:`offload.workers.LocalWorkers` names a file of them in
     ``OFFLOAD_SETTINGS_FILE``: the config of the Offload that called
-    ``off.start()``, which wins over what importing the app here built (a
-    factory knows nothing of what a script set in ``app.config``). A Flask
-    app's config gets them too, so that ``current_app.config`` in a task
-    reads what the script set. Without the variable ``off`` is left as is.
+    ``off.start()``, which replaces what importing the app here built (a
+    factory knows nothing of what a script set in ``app.config``). Only the
+    settings JSON could not carry (``kept``) stay as the import made them.
+    A Flask app's config gets the starter's values too, so that
+    ``current_app.config`` in a task reads what the script set. Without the
+    variable ``off`` is left as is.
     """
+    from .config import is_setting
+
     path = os.environ.pop("OFFLOAD_SETTINGS_FILE", "")
     if not path:
         return off
     try:
         with open(path, encoding="utf-8") as file:
-            values = json.load(file)
-    except (OSError, ValueError) as exc:
+            payload = json.load(file)
+        values, kept = dict(payload["settings"]), set(payload["kept"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(
             f"cannot read the settings of the process that started this worker ({path}): {exc}") from exc
     app = off.flask_app
     if app is not None:
+        for key in [k for k in app.config if isinstance(k, str) and is_setting(k)]:
+            if key not in values and key not in kept:
+                del app.config[key]
         app.config.update(values)
         off.init_app(app)
     else:
-        off.configure({**off.configured_from, **values})
+        own = {k: v for k, v in off.configured_from.items() if k in kept or not is_setting(k)}
+        off.configure({**own, **values})
     return off
 
 

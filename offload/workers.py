@@ -364,7 +364,7 @@ class LocalWorkers:
         path = self.folder / "settings.json"
         partial = self.folder / f".settings.json.{os.getpid()}"
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as out:
-            json.dump(values, out)
+            json.dump({"settings": values, "kept": left}, out)
         os.replace(partial, path)  # a worker starting now reads the old file or the new, whole
         return path
 

@@ -202,3 +202,46 @@ def test_a_task_that_raises_timeout_error_keeps_its_own_error(redis_off):
     future = redis_off.submit(time_out, "the task's own words")
     with pytest.raises(TimeoutError, match="^the task's own words$"):
         future.result(timeout=30)
+
+
+def test_seed_003s_celery2_settings_run_on_rabbitmq(tmp_path, monkeypatch):
+    """seed 003's celeryconfig.py names the broker Celery 2's way; its tasks run on RabbitMQ."""
+    require_service("rabbitmq")
+    from offload import Offload
+    from testapp import add
+
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    queue = f"offload-seed003-{test_id()}"
+    off = Offload({
+        "BROKER_HOST": "127.0.0.1", "BROKER_PORT": 5672, "BROKER_USER": "guest",
+        "BROKER_PASSWORD": "guest", "BROKER_VHOST": "/",
+        "CELERY_TASK_DEFAULT_QUEUE": queue, "CELERY_CONTROL_EXCHANGE": queue,
+        "CELERY_EVENT_EXCHANGE": f"{queue}-ev", "CELERY_WORKERS": ["seed003"],
+        "OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"],
+    })
+    assert off.broker_url == "amqp://guest:**@127.0.0.1:5672//"
+    off.workers.app_spec = "testapp.routed:off"  # a Redis app: the workers get these settings
+    off.start()
+    try:
+        assert off.submit(add, 40, 2).result(timeout=30) == 42
+        assert off.status(timeout=2)["workers"] == {f"seed003@{HOST}": "OK"}
+    finally:
+        off.stop()
+
+
+def test_an_offload_plus_redis_url_runs_tasks(tmp_path, monkeypatch):
+    require_service("redis")
+    from offload import Offload
+    from testapp import add
+
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    settings = local_settings("plusredis", OFFLOAD_DATA_DIR=str(tmp_path))
+    settings["CELERY_BROKER_URL"] = "offload+" + settings["CELERY_BROKER_URL"]
+    off = Offload(settings)
+    off.workers.app_spec = "testapp.routed:off"
+    off.start()
+    try:
+        assert off.submit(add, 1, 2).result(timeout=30) == 3
+        assert type(off.celery.connection_for_write().transport).__module__ == "offload.transport.redis"
+    finally:
+        off.stop()
