@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -71,10 +72,18 @@ def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> A
         return None
     if call and callable(obj) and not isinstance(obj, type):
         try:
-            made = obj()
+            inspect.signature(obj).bind()
         except TypeError as exc:
             tried.append(f"{where}() could not be called without arguments: {exc}")
             return None
+        except ValueError:  # no signature to read (a builtin): let the call say
+            pass
+        try:
+            made = obj()
+        except Exception as exc:
+            # The factory's own bug: shown as it is, with its traceback.
+            exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
+            raise
         return _from_object(made, f"{where}()", tried, call=False)
     tried.append(f"{where} is {type(obj).__name__}, not an Offload, a Flask app or an app factory")
     return None

@@ -15,16 +15,18 @@ from typing import Any
 
 from celery import Celery
 from celery import Task as _CeleryTask
+from celery.app.amqp import AMQP
+from kombu import Connection
 from kombu.exceptions import EncodeError, OperationalError
 from kombu.serialization import dumps
-from kombu.utils.url import maybe_sanitize_url
+from kombu.utils.url import maybe_sanitize_url, parse_url
 
 from .config import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS, CELERY_OPTIONS, Settings
 from .config import default_data_dir as _default_data_dir
 from .config import translate
 from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
                        reference)
-from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachable
+from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
@@ -90,6 +92,28 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 CONNECTION_ERRORS = _connection_errors()
 
 
+class _Connection(Connection):
+    """kombu's Connection, whose URL shows no password mask where there is no password.
+
+    kombu masks the password of a transport that does not parse its own URL
+    (Redis, offload-redis) whether there is one or not: the worker's banner
+    read ``redis://:**@host`` for a broker without a password.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**", **kwargs: Any) -> str:
+        uri = super().as_uri(include_password, mask, **kwargs)
+        if include_password or self.password or not mask:
+            return uri
+        # A transport's default password (amqp's guest) is a password too.
+        if parse_url(super().as_uri(True, mask, **kwargs)).get("password"):
+            return uri
+        return uri.replace(f":{mask}@", "@", 1).replace("://@", "://", 1)
+
+
+class _AMQP(AMQP):
+    Connection = _Connection
+
+
 class _CeleryApp(Celery):
     """Celery, minus a pub/sub subscription per sent task on a Redis backend.
 
@@ -99,6 +123,8 @@ class _CeleryApp(Celery):
     subscribes when it is called; the eager subscription only costs a round
     trip per submit and piles up unread messages on a connection nobody reads.
     """
+
+    amqp_cls = _AMQP
 
     def _get_backend(self) -> Any:
         backend = super()._get_backend()
@@ -301,6 +327,16 @@ class Offload:
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""
                 return off.submit(self, *args, **kwargs)
+
+            def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+                # .delay() too: a dead broker is offload's BrokerUnavailable,
+                # as for submit (still a kombu OperationalError).
+                try:
+                    return super().apply_async(*args, **kwargs)
+                except CONNECTION_ERRORS as exc:
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
+                    raise broker_unreachable(self.app, exc, f"send the task {self.name}") from exc
 
         return Task
 
@@ -525,7 +561,10 @@ class Offload:
         if not eager:
             # The id (and rpc://'s reply queue) comes first, and the future
             # listens before the message leaves: a fast result is never missed.
-            options = {**self._publish_options, **self.hub.submit_options(), **options}
+            try:
+                options = {**self._publish_options, **self.hub.submit_options(), **options}
+            except CONNECTION_ERRORS as exc:  # rpc://'s reply queue is on the broker
+                raise broker_unreachable(self.celery, exc, "send the task") from exc
         future = Future(options.get("task_id") or "", app=self.celery,
                         name=options.get("shadow") or task.name, queue=options.get("queue"))
         if follow:
@@ -538,6 +577,9 @@ class Offload:
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
+        except BrokerUnavailable:  # a registered task's apply_async says it already
+            future.unfollow()
+            raise
         except CONNECTION_ERRORS as exc:
             future.unfollow()
             raise broker_unreachable(self.celery, exc, "send the task") from exc
@@ -744,7 +786,7 @@ class _Submitter:
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()
-            if isinstance(exc, CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerUnavailable):
                 raise broker_unreachable(off.celery, exc, "send the tasks") from exc
             raise
         return futures

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 
 from .config import is_setting
+from .core import CONNECTION_ERRORS
 from .datadir import FILE_MODE, make_private_dirs
 from .exceptions import ConfigurationError, OffloadError, broker_unreachable
 from .monitor import INSPECT_TARGETS, inspect, status
@@ -71,7 +72,7 @@ from .supervise import (Backoff, Child, StarterLock, Supervisor, WorkerExited, W
                         describe_exit, start_process)
 
 __all__ = ["BOOT_APP", "INSPECT_TARGETS", "SETTINGS_FILE_ENV", "Backoff", "LocalWorkers", "WorkerExited",
-           "WorkerSpec", "WorkerStarted", "WorkersNotReady", "inspect", "status", "starter_settings",
+           "WorkerSpec", "WorkerStarted", "WorkersNotReady", "check_broker", "inspect", "status", "starter_settings",
            "worker_specs"]
 
 if TYPE_CHECKING:  # offload.beat imports this module's BOOT_APP when it starts a scheduler
@@ -94,6 +95,21 @@ _RETRY_LOCK_EVERY = 1.0
 
 class WorkersNotReady(OffloadError, TimeoutError):
     """Local workers did not all answer a ping in time (or one exited)."""
+
+
+def check_broker(app: Any, doing: str) -> None:
+    """Raise :class:`~offload.BrokerUnavailable` at once when the broker does not answer.
+
+    A worker started against a dead broker retries for minutes
+    (``broker_connection_retry_on_startup``) and says so only in its log;
+    ``offload worker``, ``offload cluster`` and ``off.start()`` ask first,
+    with the message ``offload status`` gives.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+    except CONNECTION_ERRORS as exc:
+        raise broker_unreachable(app, exc, doing) from exc
 
 
 def _travels(value: Any) -> bool:
@@ -491,6 +507,7 @@ class LocalWorkers:
             # A worker importing a module that calls off.start(): it must not
             # wait for workers (itself among them) while it is being loaded.
             return
+        check_broker(self._off.celery, "start the local workers")
         unconsumed = self.unconsumed_message()
         if unconsumed:
             warnings.warn(unconsumed, UserWarning, stacklevel=3)

@@ -243,5 +243,8 @@ def test_an_offload_plus_redis_url_runs_tasks(tmp_path, monkeypatch):
     try:
         assert off.submit(add, 1, 2).result(timeout=30) == 3
         assert type(off.celery.connection_for_write().transport).__module__ == "offload.transport.redis"
+        # The worker's banner: no password mask where there is no password.
+        log = off.workers.log_path("worker1").read_text()
+        assert "Connected to offload-redis://127.0.0.1:6379/" in log and ":**@" not in log
     finally:
         off.stop()
