@@ -221,7 +221,8 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
               workers=[s.nodename for s in specs], logs=str(workers.folder))
         unconsumed = workers.unconsumed_message()
         if unconsumed:
-            _emit(as_json, "unconsumed", f"warning: {unconsumed}", queues=workers.unconsumed_queues())
+            _emit(as_json, "unconsumed", f"warning: {unconsumed}", queues=workers.unconsumed_queues(),
+                  message=unconsumed)
         workers.supervise()
         if as_json:
             workers.wait_ready(timeout)

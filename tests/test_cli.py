@@ -298,3 +298,30 @@ def test_a_dead_broker_fails_worker_cluster_and_status_at_once_with_one_message(
     assert f"127.0.0.1:{port}" in result.stderr and "is unreachable" in result.stderr
     assert "Is it running?" in result.stderr and "Traceback" not in result.stderr
     assert "guest:guest" not in result.stderr
+
+
+def test_cluster_names_the_queues_no_worker_consumes(tmp_path):
+    require_service("redis")
+    from testapp.local import local_settings
+
+    settings = local_settings("unconsumed", OFFLOAD_DATA_DIR=str(tmp_path), OFFLOAD_ALLOW=["testapp"],
+                              CELERY_WORKERS={"only": {"concurrency": 1, "queues": ["elsewhere"]}})
+    (tmp_path / "unconsumed_app.py").write_text(
+        f"from offload import Offload\noff = Offload({settings!r})\n")
+    proc = subprocess.Popen([os.path.join(BIN, "offload"), "--app", f"{tmp_path / 'unconsumed_app.py'}:off",
+                             "cluster", "--json", "--no-flower"], env=worker_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines = _Lines(proc)
+    try:
+        event = lines.next_event("unconsumed")
+        default = settings["CELERY_TASK_DEFAULT_QUEUE"]
+        assert list(event["queues"]) == [default]
+        assert f"{default!r} (the default queue" in event["message"] and "CELERY_WORKERS" in event["message"]
+        lines.next_event("ready")
+        proc.send_signal(signal.SIGINT)
+        lines.next_event("stopped", timeout=30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
