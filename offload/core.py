@@ -577,9 +577,10 @@ class Offload:
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
-        except BrokerUnavailable:  # a registered task's apply_async says it already
+        except BrokerUnavailable as exc:  # from Task.apply_async: said here as submit says it
             future.unfollow()
-            raise
+            cause = exc.__cause__ or exc
+            raise broker_unreachable(self.celery, cause, "send the task") from cause
         except CONNECTION_ERRORS as exc:
             future.unfollow()
             raise broker_unreachable(self.celery, exc, "send the task") from exc
@@ -786,8 +787,9 @@ class _Submitter:
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()
-            if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerUnavailable):
-                raise broker_unreachable(off.celery, exc, "send the tasks") from exc
+            if isinstance(exc, CONNECTION_ERRORS):
+                cause = (exc.__cause__ or exc) if isinstance(exc, BrokerUnavailable) else exc
+                raise broker_unreachable(off.celery, cause, "send the tasks") from cause
             raise
         return futures
 
