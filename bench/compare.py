@@ -17,7 +17,9 @@ and kept running. Then, alternating the systems' order each round:
   embedded broker, and raw Celery on Redis.
 
 The medians of ``--rounds`` rounds are printed as Markdown tables, with
-offload ``map``'s (default chunking) ratio to each peer. Peers come from the ``bench`` extra
+offload ``map``'s (default chunking) ratio to each peer, then the ratios
+offload aims for (``GOALS``: map against Celery and Huey, submit against
+``.delay()`` both ways, the embedded broker against Celery on Redis). Peers come from the ``bench`` extra
 (``pip install -e '.[bench]'``).
 
 Run from the repository root: ``python bench/compare.py [--rounds 1]``.
@@ -315,6 +317,7 @@ def _report(args: argparse.Namespace, names: list[str],
             ratio = "" if name == chunked else f"{our_enqueue / enqueue:.1f}x, {our_total / total:.1f}x"
             print(f"| {name} | {enqueue:,.0f} | {total:,.0f} | {ratio} |")
         print()
+    _report_goals(names, figures)
     print(f"Single task round trip, {args.latency} in a row:\n")
     print("| system | median ms | p99 ms |")
     print("|---|---:|---:|")
@@ -322,6 +325,31 @@ def _report(args: argparse.Namespace, names: list[str],
         ordered = sorted(times)
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
         print(f"| {name} | {statistics.median(ordered) * 1000:.2f} | {p99 * 1000:.2f} |")
+
+
+#: The ratios offload aims for, end to end unless named: (label, ours, theirs,
+#: which rate (0 enqueue, 1 end to end), goal). Printed after every run, so
+#: that one run is compared with the next like with like.
+GOALS = (
+    ("map / Celery .delay() loop", "offload map (default chunking)", "Celery .delay() loop", 1, 20.0),
+    ("map / Huey", "offload map (default chunking)", "Huey", 1, 5.0),
+    ("submit / Celery .delay(), enqueue", "offload submit loop", "Celery .delay() loop", 0, 1.0),
+    ("submit / Celery .delay()", "offload submit loop", "Celery .delay() loop", 1, 1.0),
+    ("embedded submit / Celery .delay() on Redis", "offload submit loop, embedded", "Celery .delay() loop", 1, 1.5),
+)
+
+
+def _report_goals(names: list[str], figures: dict[tuple[str, str], list[tuple[float, float]]]) -> None:
+    print("Goals, no-op tasks (median rates):\n")
+    print("| ratio | measured | goal |")
+    print("|---|---:|---:|")
+    for label, ours, theirs, which, goal in GOALS:
+        if ("noop", ours) not in figures or ("noop", theirs) not in figures:
+            continue
+        mine = statistics.median(rates[which] for rates in figures[("noop", ours)])
+        other = statistics.median(rates[which] for rates in figures[("noop", theirs)])
+        print(f"| {label} | {mine / other:.2f}x | {goal:.1f}x |")
+    print()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from .context import current_task, progress
 from .core import Offload
-from .exceptions import BrokerUnavailable, ConfigurationError, NotAllowedError, OffloadError
+from .exceptions import BrokerUnavailable, ConfigurationError, NotAllowedError, OffloadError, TaskError
 from .futures import Future
 from . import transport as _transport  # noqa: F401 (registers the sqlite:// kombu transport)
 
@@ -13,6 +13,7 @@ __all__ = [
     "NotAllowedError",
     "Offload",
     "OffloadError",
+    "TaskError",
     "current_task",
     "progress",
 ]

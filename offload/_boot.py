@@ -59,16 +59,41 @@ def _is_offload(obj: Any) -> bool:
     return isinstance(obj, Offload)
 
 
+def _owner(obj: Any) -> Any | None:
+    """The Offload whose Celery app ``obj`` is, when it says so (``celery = offload.errors.celery``)."""
+    from celery import Celery
+
+    owner = getattr(obj, "offload", None) if isinstance(obj, Celery) else None
+    return owner if _is_offload(owner) else None
+
+
+def _is_wsgi_app(obj: Any) -> bool:
+    import inspect
+
+    try:
+        names = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[:2] == ["environ", "start_response"]
+
+
 def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> Any | None:
     """The Offload ``obj`` is or holds (Flask app, factory), else None."""
     if _is_offload(obj):
         return obj
+    if _owner(obj) is not None:
+        return _owner(obj)
     if is_flask_app(obj):
         found = offload_of(obj)
         if _is_offload(found):
             return found
         tried.append(f"{where} is a Flask app, but no Offload is registered on it "
                      "(call off.init_app(app) in it)")
+        return None
+    if call and _is_wsgi_app(obj):
+        tried.append(f"{where} is a WSGI app (it takes environ, start_response), not an Offload "
+                     "or an app factory: name the module alone (--app "
+                     f"{where.partition(':')[0]}) or the Offload (or Celery app) in it")
         return None
     if call and callable(obj) and not isinstance(obj, type):
         try:
@@ -96,6 +121,7 @@ def _scan_module(module: ModuleType, tried: list[str]) -> Any | None:
         if obj is not None and (_is_offload(obj) or is_flask_app(obj)):
             return _from_object(obj, f"{name}:{attr}", tried, call=False)
     offloads = [v for v in vars(module).values() if _is_offload(v)]
+    offloads = offloads or [o for o in map(_owner, vars(module).values()) if o is not None]
     if len({id(v) for v in offloads}) == 1:
         return offloads[0]
     if offloads:

@@ -35,7 +35,7 @@ from .flask import offload_of
 from .supervise import start_process
 from .workers import BOOT_APP, INSPECT_TARGETS, WorkerExited, WorkerSpec, check_broker, inspect, status
 
-__all__ = ["flask_group", "main"]
+__all__ = ["flask_group", "group_for", "main"]
 
 
 class _AppError(click.ClickException):
@@ -340,6 +340,55 @@ def flower(ctx: click.Context, address: str, port: int, flower_args: tuple[str, 
 
 
 @click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on. Only loopback clients may look (there is no login here).")
+@click.option("--port", default=5556, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--prefix", default="/offload", show_default=True, help="Path the dashboard lives under.")
+@click.pass_context
+@_fail_on_offload_errors
+def dashboard(ctx: click.Context, host: str, port: int, prefix: str) -> None:
+    """Serve the dashboard of this app on its own (WSGI, threaded) until Ctrl-C."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from .exceptions import ConfigurationError
+    from .web import TaskAPI
+
+    off = _offload(ctx)
+    try:
+        api = TaskAPI(off, prefix=prefix, dashboard=True)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prefix") from None
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True  # an open live stream must not hold up Ctrl-C
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") in ("", "/"):
+            start_response("302 Found", [("Location", f"{prefix}/dashboard"), ("Content-Length", "0")])
+            return [b""]
+        return api.wsgi(environ, start_response)
+
+    try:
+        server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port")
+    shown = f"[{host}]" if ":" in host else host
+    _say(f"offload dashboard on http://{shown}:{server.server_address[1]}{prefix}/dashboard "
+         f"(metrics: {prefix}/metrics); Ctrl-C stops it")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -358,7 +407,7 @@ def demo(host: str, port: int, data_dir: str | None, keep_ledger: bool) -> None:
         raise click.ClickException(exc.strerror or str(exc)) from None
 
 
-_COMMANDS = (worker, beat, cluster, status_command, inspect_command, flower, demo)
+_COMMANDS = (worker, beat, cluster, status_command, inspect_command, flower, dashboard, demo)
 
 
 @click.group()
@@ -395,3 +444,21 @@ def flask_group(ctx: click.Context) -> None:
 for _command in _COMMANDS:
     main.add_command(_command)
     flask_group.add_command(_command)
+
+
+def group_for(loader: Callable[[], Any], *, name: str = "offload", help: str | None = None) -> click.Group:
+    """The ``offload`` commands for an app a framework loads (``manage.py offload``).
+
+    ``loader()`` returns the Offload. Every command of ``offload`` is there,
+    read when the group is made, so a command added to :data:`main` later
+    (``dashboard``) comes along.
+    """
+
+    @click.pass_context
+    def callback(ctx: click.Context) -> None:
+        ctx.obj = _Target(None, loader=loader)
+
+    group = click.Group(name, callback=callback, help=help or "Run and watch offload's workers.")
+    for command in main.commands.values():
+        group.add_command(command)
+    return group

@@ -51,6 +51,11 @@ RELIABILITY_DEFAULTS: dict[str, Any] = {
     "worker_prefetch_multiplier": 1,
     # STARTED is what makes Future.running() true.
     "task_track_started": True,
+    # Task events feed the dashboard (offload.events): workers report each
+    # task's life, and the sender reports "sent", so tasks of every process
+    # of the app are seen, not only the dashboard's own.
+    "worker_send_task_events": True,
+    "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
     "worker_cancel_long_running_tasks_on_connection_loss": True,
     # A dead broker must make submit() fail in seconds, not hang.
@@ -435,7 +440,11 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
         celery_settings["broker_transport_options"] = options
         if "task_publish_retry_policy" not in settings.celery:
             celery_settings["task_publish_retry_policy"] = dict(AMQP_PUBLISH_RETRY_POLICY)
-        celery_settings.setdefault("result_backend", "rpc://")
+        # Not Celery's rpc://: it sends a result only to the process that
+        # sent the task, so a second web process (or a plain GET after a
+        # long-poll) never sees it. The embedded store is readable by every
+        # process of this machine; across machines, set a shared backend.
+        celery_settings.setdefault("result_backend", default_settings(settings.data_dir)["result_backend"])
     if removed_backend is not None:
         warnings.warn(
             f"CELERY_RESULT_BACKEND = {removed_backend!r} (the AMQP result backend of Celery 2 and 3) "

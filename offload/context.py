@@ -19,6 +19,16 @@ PROGRESS = "PROGRESS"
 #: so it works as Celery documents it; ``if current_task:`` is false when the
 #: code runs outside a task (in a view, a test, a shell).
 current_task: Any = Proxy(lambda: _celery_current_task._get_current_object())
+"""The Celery task running now, falsy outside a task.
+
+``current_task.update_state(state=..., meta=...)`` and ``current_task.request``
+are Celery's own.
+
+Examples:
+    >>> from offload import current_task
+    >>> bool(current_task)   # outside a task
+    False
+"""
 
 # Progress is written to the result backend; a loop reporting every item would
 # otherwise make one backend write per item. Intermediate reports closer than
@@ -43,8 +53,9 @@ def progress(done: float, total: float | None = None, *, message: str | None = N
         True if the report was sent, False outside a task or when it was
         dropped because the previous one was less than 50 ms ago.
 
-    >>> progress(1, 10)  # outside a task: nothing to report to
-    False
+    Examples:
+        >>> progress(1, 10)  # outside a task: nothing to report to
+        False
     """
     task = _celery_current_task._get_current_object()
     if task is None or not getattr(task.request, "id", None):

@@ -28,6 +28,7 @@ from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispa
                        reference)
 from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
+from .exposure import Exposures
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .reliability import RedisLeaseRenewal
@@ -40,6 +41,11 @@ SUBMIT_OPTIONS = frozenset({
     "headers", "time_limit", "soft_time_limit", "task_id", "link", "link_error",
     "retry", "retry_policy", "ignore_result",
 })
+
+#: Options of offload's own that :meth:`Offload.options` takes besides Celery's:
+#: ``expose=True`` lets the web task API show (and cancel) the calls sent,
+#: ``public_errors`` names the exception types whose message it may show.
+EXPOSE_OPTIONS = frozenset({"expose", "public_errors"})
 
 #: ``map``'s default chunking (``chunksize=None``). Each message costs the
 #: sender about 0.5 ms however little it carries (Celery's apply_async and a
@@ -59,6 +65,12 @@ _PER_CALL_OPTIONS = frozenset({"task_id", "link", "link_error", "time_limit", "s
 #: The longest task id off.get() accepts (Celery's are 36-character UUIDs; a
 #: task_id= of the app's own may be longer, but not a whole request body).
 _MAX_TASK_ID = 255
+
+#: ``hook(send) -> bool``: run ``send`` once the current transaction commits
+#: (and never if it rolls back), returning True; or False when no
+#: transaction of its kind is open. Integrations register one each
+#: (:meth:`Offload.add_commit_hook`).
+CommitHook = Callable[[Callable[[], None]], bool]
 
 #: Modules whose frames stand between the user's code and ``Offload()``; an
 #: Offload made by any other module (offload.demo included) belongs to it.
@@ -185,18 +197,24 @@ class Offload:
             on its embedded broker.
         name: the Celery app's main name (default: the creating module).
 
-    >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
-    >>> off.submit(divmod, 7, 2).result()  # doctest: +SKIP
-    [3, 1]
+    Examples:
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})   # in-process, for tests
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> add.submit(1, 2).result(), off.submit(add, 3, 4).result()
+        (3, 7)
     """
 
     def __init__(self, config: Mapping[str, Any] | Any = None, *, name: str | None = None) -> None:
         self.import_name = _caller_module()
+        """The module that created this Offload; its package is allowed by default."""
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
         #: The Flask app given to init_app() (:mod:`offload.flask`), which
         #: local workers must build too; None without Flask.
         self.flask_app: Any = None
         self._workers: Any = None
+        self._monitor: Any = None
         self._exposed: dict[str, Any] = {}
         self._task_queues: dict[str, str] = {}
         self._has_routes = False
@@ -206,10 +224,12 @@ class Offload:
         #: workers are started with it, :mod:`offload.workers`).
         self.configured_from: dict[str, Any] = {}
         self._references: dict[Any, str] = {}
+        self._commit_hooks: list[CommitHook] = []
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
         )
+        """The real Celery app: ``celery -A module worker`` works where a module holds it."""
         self._dispatcher = install_dispatcher(self.celery, self._allow)
         # Each call of a chunk runs in the task contexts (an app context, a
         # request) of its own, as a task of its own would.
@@ -217,9 +237,12 @@ class Offload:
                                                           call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
         self.celery.steps["consumer"].add(SkipRevoked)
-        #: The result hub: every Future of this Offload listens to it.
         self.hub = ResultHub(lambda: self.celery.backend)
+        """The result hub: every Future of this Offload listens to it."""
+        self.exposures = Exposures(lambda: self.celery.backend)
+        """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
+        """The translated settings (:func:`offload.config.translate`)."""
         # The Flask integration is imported only to recognise a Flask app; it
         # imports no Flask itself (core stays framework-free).
         from .flask import is_flask_app
@@ -316,6 +339,27 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
+            #: Exception types whose message the HTTP task API shows (see offload.TaskError).
+            public_errors: tuple[type[BaseException], ...] = ()
+
+            def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                            **options: Any) -> Any:
+                # An exposed task's calls are marked before they are sent,
+                # however they are sent (.delay, .submit, the web API), so
+                # that the web task API may answer for them.
+                if self.expose and not options.pop("_offload_marked", False):
+                    from celery.utils import uuid
+
+                    task_id = task_id or uuid()
+                    off.exposures.mark([task_id], self.name, self.public_errors)
+                # .delay() too: a dead broker is offload's BrokerUnavailable,
+                # as for submit (still a kombu OperationalError).
+                try:
+                    return super().apply_async(args, kwargs, task_id=task_id, **options)
+                except CONNECTION_ERRORS as exc:
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
+                    raise broker_unreachable(self.app, exc, f"send the task {self.name}") from exc
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
@@ -328,34 +372,42 @@ class Offload:
                 """Send this task to a worker; an :class:`offload.Future`."""
                 return off.submit(self, *args, **kwargs)
 
-            def apply_async(self, *args: Any, **kwargs: Any) -> Any:
-                # .delay() too: a dead broker is offload's BrokerUnavailable,
-                # as for submit (still a kombu OperationalError).
-                try:
-                    return super().apply_async(*args, **kwargs)
-                except CONNECTION_ERRORS as exc:
-                    if isinstance(exc, BrokerUnavailable):
-                        raise
-                    raise broker_unreachable(self.app, exc, f"send the task {self.name}") from exc
-
         return Task
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Let ``submit(..., on_commit=True)`` wait for a transaction ``hook`` knows.
+
+        ``hook(send)`` arranges for ``send()`` to run once the current
+        transaction commits (never if it rolls back) and returns True, or
+        returns False when it sees no transaction. The integrations register
+        theirs (``offload.django``: Django's ``transaction.on_commit``).
+        """
+        if hook not in self._commit_hooks:
+            self._commit_hooks.append(hook)
 
     # Tasks -------------------------------------------------------------------
 
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
-             **options: Any) -> Any:
+             public_errors: Iterable[type[BaseException]] = (), **options: Any) -> Any:
         """Register a function as a Celery task (bare or with arguments).
 
         The task keeps Celery's API (``.delay``, ``.apply_async``) and gains
         ``.submit`` returning an :class:`offload.Future`. ``expose=True`` makes
-        it callable over the HTTP task API. ``schedule=`` (seconds, a
-        timedelta or ``crontab(...)``) runs it periodically (:mod:`offload.beat`).
+        it callable over the HTTP task API. ``public_errors=(ValueError,)``
+        names the exception types whose message that API shows a client
+        (any other failure answers a generic message and the task id;
+        :class:`offload.TaskError` subclasses are always shown). ``schedule=``
+        (seconds, a timedelta or ``crontab(...)``) runs it periodically
+        (:mod:`offload.beat`).
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"@off.task decorates a function, got {fn!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"task name must be a non-empty string, got {name!r}")
+        public = exception_types(public_errors, "public_errors")
+        if public:
+            options["public_errors"] = public
         if schedule is not None:
             from .beat import as_schedule, use_scheduler
 
@@ -444,10 +496,54 @@ class Offload:
         """Run ``fn(*args, **kwargs)`` on a worker; return its :class:`Future`.
 
         ``queue=`` is reserved: it names the queue to send to. Other Celery
-        options go through :meth:`options`.
+        options go through :meth:`options`. ``on_commit=True`` is reserved
+        too: the message leaves only once the current database transaction
+        commits, and never if it rolls back (the future then stays pending);
+        outside a transaction it leaves at once. It needs an integration
+        that knows the transaction (``offload.django``, ``offload.pyramid``
+        with ``pyramid_tm``).
         """
         queue = kwargs.pop("queue", None)
-        return self._submit(fn, args, kwargs, {"queue": queue} if queue else {})
+        on_commit = kwargs.pop("on_commit", False)
+        options = {"queue": queue} if queue else {}
+        if on_commit:
+            return self._submit_on_commit(fn, args, kwargs, options)
+        return self._submit(fn, args, kwargs, options)
+
+    def _submit_on_commit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                          options: dict[str, Any]) -> Future:
+        """Check and encode now; send when the transaction commits (see :meth:`submit`)."""
+        if not self._commit_hooks:
+            raise ConfigurationError(
+                "submit(..., on_commit=True) needs an integration that knows the app's "
+                "transactions: add 'offload.django' to INSTALLED_APPS, or "
+                "config.include('offload.pyramid') with pyramid_tm")
+        import uuid
+
+        options = {**options, "task_id": options.get("task_id") or str(uuid.uuid4())}
+        send = self._prepare(fn, args, kwargs, options)
+        try:
+            dumps(send[1], serializer=self.celery.conf.task_serializer)
+        except EncodeError as exc:
+            raise TypeError(
+                f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
+                f"(str, int, float, bool, None, list, dict): {exc}") from None
+        future = Future(options["task_id"], app=self.celery)
+
+        def send_now() -> None:
+            if self.settings.start_local_workers:
+                self.workers.ensure_started()
+            try:
+                self._send(fn, send, future=future)
+            except Exception as exc:  # the commit is done: tell the future, not the committer
+                future.set_exception(exc)
+                raise
+
+        for hook in self._commit_hooks:
+            if hook(send_now):
+                return future
+        send_now()
+        return future
 
     def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
             chunksize: int | None = None, **options: Any) -> list[Future]:
@@ -479,13 +575,26 @@ class Offload:
         return Executor(self.options(**options))
 
     def options(self, **options: Any) -> _Submitter:
-        """Submit with Celery options: ``off.options(queue="high", countdown=5).submit(...)``."""
-        unknown = set(options) - SUBMIT_OPTIONS
+        """Submit with Celery options: ``off.options(queue="high", countdown=5).submit(...)``.
+
+        Besides Celery's, ``expose=True`` lets the web task API
+        (:mod:`offload.web`) show and cancel the calls sent, for a view that
+        starts work for the browser to follow; ``public_errors=(ValueError,)``
+        then names the exception types whose message it shows.
+        """
+        unknown = set(options) - SUBMIT_OPTIONS - EXPOSE_OPTIONS
         if unknown:
             raise TypeError(
-                f"unknown submit option(s) {sorted(unknown)}; valid: {sorted(SUBMIT_OPTIONS)}"
+                f"unknown submit option(s) {sorted(unknown)}; valid: {sorted(SUBMIT_OPTIONS)}, "
+                f"and offload's {sorted(EXPOSE_OPTIONS)}"
             )
-        return _Submitter(self, options)
+        expose = options.pop("expose", False)
+        if not isinstance(expose, bool):
+            raise TypeError(f"expose is True or False, got {expose!r}")
+        public = exception_types(options.pop("public_errors", ()), "public_errors")
+        if public and not expose:
+            raise TypeError("public_errors= applies to calls sent with expose=True")
+        return _Submitter(self, options, public if expose else None)
 
     def get(self, task_id: str) -> Future:
         """A :class:`Future` for a task submitted earlier, by its id.
@@ -519,11 +628,12 @@ class Offload:
         return Future(task_id, app=self.celery).follow(self.hub)
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...] | list[Any],
-                kwargs: dict[str, Any], options: dict[str, Any], producer: Any = None) -> Future:
+                kwargs: dict[str, Any], options: dict[str, Any], producer: Any = None,
+                exposed: tuple[type[BaseException], ...] | None = None) -> Future:
         if self.settings.start_local_workers:
             self.workers.ensure_started()
         send = self._prepare(fn, args, kwargs, options)
-        return self._send(fn, send, producer)
+        return self._send(fn, send, producer, exposed)
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...] | list[Any],
                  kwargs: dict[str, Any], options: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
@@ -552,7 +662,13 @@ class Offload:
             return ref
 
     def _send(self, fn: Callable[..., Any], send: tuple[Any, tuple[Any, ...], dict[str, Any]],
-              producer: Any = None) -> Future:
+              producer: Any = None, exposed: tuple[type[BaseException], ...] | None = None,
+              future: Future | None = None) -> Future:
+        """Send one call; ``exposed`` (public error types) marks it for the web task API.
+
+        ``future``: one made earlier for this call's ``task_id`` (a call sent
+        when a transaction commits); a new one otherwise.
+        """
         task, call_args, options = send
         if producer is not None:
             options = {**options, "producer": producer}
@@ -565,8 +681,17 @@ class Offload:
                 options = {**self._publish_options, **self.hub.submit_options(), **options}
             except CONNECTION_ERRORS as exc:  # rpc://'s reply queue is on the broker
                 raise broker_unreachable(self.celery, exc, "send the task") from exc
-        future = Future(options.get("task_id") or "", app=self.celery,
-                        name=options.get("shadow") or task.name, queue=options.get("queue"))
+        if exposed is not None:
+            from celery.utils import uuid
+
+            options = {**options, "task_id": options.get("task_id") or uuid()}
+            self._mark_exposed(task, [options["task_id"]], options, exposed)
+            if getattr(task, "expose", False):
+                options["_offload_marked"] = True  # not again by Task.apply_async
+        given = future is not None
+        if future is None:
+            future = Future(options.get("task_id") or "", app=self.celery)
+        future.describe(options.get("shadow") or task.name, options.get("queue"))
         if follow:
             future.follow(self.hub, grace=_delay_of(options))
         try:
@@ -588,9 +713,22 @@ class Offload:
             future.unfollow()
             raise
         if eager:
-            future = Future(result.id, app=self.celery, name=options.get("shadow") or task.name)
+            if not given:
+                future = Future(result.id, app=self.celery)
+                future.describe(options.get("shadow") or task.name, options.get("queue"))
             future.on_event(TaskEvent(result.id, result.state, result.result))
         return future
+
+    def _mark_exposed(self, task: Any, task_ids: list[str], options: Mapping[str, Any],
+                      public: tuple[type[BaseException], ...]) -> None:
+        """Mark calls for the web task API before they leave (a plain function: by its reference)."""
+        name = options.get("shadow") or task.name
+        if name.endswith("[chunk]"):
+            name = name[:-len("[chunk]")]
+        try:
+            self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
+        except CONNECTION_ERRORS as exc:
+            raise broker_unreachable(self.celery, exc, "record the task for the web task API") from exc
 
     # Workers and monitoring (offload.workers) ------------------------------
 
@@ -602,6 +740,15 @@ class Offload:
 
             self._workers = LocalWorkers(self)
         return self._workers
+
+    @property
+    def monitor(self) -> Any:
+        """This process's view of every task and worker (:class:`offload.events.Monitor`): the dashboard's source."""
+        if self._monitor is None:
+            from .events import Monitor
+
+            self._monitor = Monitor(self)
+        return self._monitor
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the local workers and wait until each answers a ping."""
@@ -651,20 +798,23 @@ class Offload:
 class _Submitter:
     """``off.options(...)``: submit and map with fixed Celery options."""
 
-    def __init__(self, off: Offload, options: dict[str, Any]) -> None:
+    def __init__(self, off: Offload, options: dict[str, Any],
+                 exposed: tuple[type[BaseException], ...] | None = None) -> None:
         self._off = off
         self._options = options
+        #: None, or (expose=True) the error types the web task API may show.
+        self._exposed = exposed
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         options = dict(self._options)
         if "queue" in kwargs:
             options["queue"] = kwargs.pop("queue")
-        return self._off._submit(fn, args, kwargs, options)
+        return self._off._submit(fn, args, kwargs, options, exposed=self._exposed)
 
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Future:
         """Send ``fn(*args, **kwargs)`` with these options; no keyword is reserved."""
-        return self._off._submit(fn, args, kwargs, dict(self._options))
+        return self._off._submit(fn, args, kwargs, dict(self._options), exposed=self._exposed)
 
     def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
             chunksize: int | None = None) -> list[Future]:
@@ -711,7 +861,7 @@ class _Submitter:
         prepared = [off._prepare(fn, args, kwargs, dict(self._options)) for args, kwargs in calls]
         self._check_encodable(fn, prepared)
         if off.celery.conf.task_always_eager:
-            return [off._send(fn, send) for send in prepared]
+            return [off._send(fn, send, exposed=self._exposed) for send in prepared]
         if chunksize is None and (_PER_CALL_OPTIONS & self._options.keys()):
             chunksize = 1
         if chunksize != 1 and self._can_chunk(fn):
@@ -720,7 +870,7 @@ class _Submitter:
             return self._send_chunks(fn, prepared, chunk_sizes(len(prepared), chunksize))
         # One producer (one connection) for the whole batch.
         with off.celery.producer_or_acquire() as producer:
-            return [off._send(fn, send, producer) for send in prepared]
+            return [off._send(fn, send, producer, self._exposed) for send in prepared]
 
     def _check_encodable(self, fn: Callable[..., Any],
                          prepared: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> None:
@@ -760,6 +910,8 @@ class _Submitter:
         options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
         hub = off.hub
         call_ids = hub.new_task_ids(len(prepared))
+        if self._exposed is not None:
+            off._mark_exposed(off._dispatcher, call_ids, prepared[0][2], self._exposed)
         name, queue = prepared[0][2]["shadow"], options.get("queue")
         futures = [Future(call_id, app=off.celery, name=name, queue=queue) for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
@@ -792,6 +944,19 @@ class _Submitter:
                 raise broker_unreachable(off.celery, cause, "send the tasks") from cause
             raise
         return futures
+
+
+def exception_types(value: Any, what: str) -> tuple[type[BaseException], ...]:
+    """``value`` (an exception type or several) as a tuple, or TypeError saying what it must be."""
+    if isinstance(value, type):
+        value = (value,)
+    try:
+        types = tuple(value)
+    except TypeError:
+        types = None
+    if types is None or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise TypeError(f"{what} is a tuple of exception types, e.g. (ValueError,), got {value!r}")
+    return types
 
 
 def chunk_sizes(total: int, chunksize: int | None) -> list[int]:

@@ -552,26 +552,31 @@ def store_results(backend: Any, results: list[tuple[str, str, Any, str | None]])
             backend.store_result(task_id, result, state, traceback=tb)
         return
     items = []
+    metas = _MetaTemplates(backend)
     for task_id, state, result, tb in results:
         try:
-            value = _encoded_meta(backend, task_id, state, result, tb)
+            value = metas.encoded(task_id, state, result, tb)
         except Exception as exc:  # a result JSON cannot carry fails its call alone
             error = TypeError(f"the result of {task_id} cannot be stored: {exc}")
-            value = _encoded_meta(backend, task_id, states.FAILURE, error, None)
+            value = metas.encoded(task_id, states.FAILURE, error, None)
         items.append((backend.get_key_for_task(task_id), value))
     if set_many is not None:
         set_many(items)
         return
     expires = backend.expires
+    batched = batches_results(backend)
     batches: dict[str, list[str]] = {}
-    with client.pipeline() as pipe:
+    # No MULTI/EXEC: each SET and PUBLISH stands alone (a reader sees each
+    # result whole either way), and a transaction costs the pipeline two
+    # more commands and the server a queue of all of them.
+    with client.pipeline(transaction=False) as pipe:
         for (key, value), (task_id, _state, _result, _tb) in zip(items, results):
             if expires:
                 pipe.set(key, value, ex=int(expires))
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)
-            if batches_results(backend):
+            if batched:
                 text = value.decode() if isinstance(value, bytes) else value
                 batches.setdefault(results_channel(task_id[:8]), []).append(text)
         for channel, values in batches.items():
@@ -598,14 +603,29 @@ def batches_results(backend: Any) -> bool:
             and not getattr(backend, "compression", None))
 
 
-def _encoded_meta(backend: Any, task_id: str, state: str, result: Any, tb: str | None) -> Any:
-    # Celery builds a stored meta in a private method; using it keeps the
-    # format exactly what every reader of this backend expects
-    # (tests/test_map.py fails if it changes).
-    meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state,
-                                    traceback=tb, request=None)
-    meta["task_id"] = task_id
-    return backend.encode(meta)
+class _MetaTemplates:
+    """The stored meta of many results, built from one template per state.
+
+    Celery builds a stored meta in a private method; using it keeps the
+    format exactly what every reader of this backend expects
+    (tests/test_map.py fails if it changes). It is called once per state in
+    a batch, not once per result: most of its cost is the timezone-aware
+    ``date_done``, the same for results stored in one flush.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.templates: dict[str, dict[str, Any]] = {}
+
+    def encoded(self, task_id: str, state: str, result: Any, tb: str | None) -> Any:
+        backend = self.backend
+        template = self.templates.get(state)
+        if template is None:
+            template = self.templates[state] = backend._get_result_meta(
+                result=None, state=state, traceback=None, request=None)
+        meta = dict(template, result=backend.encode_result(result, state), traceback=tb)
+        meta["task_id"] = task_id
+        return backend.encode(meta)
 
 
 def _is_redis(backend: Any) -> bool:

@@ -53,5 +53,19 @@ class TaskLost(OffloadError, TimeoutError):
     """
 
 
+class TaskError(OffloadError):
+    """An error a task raises for its callers to read.
+
+    Over HTTP (:mod:`offload.web`) a failed task answers a generic message
+    and its id, since an exception's text can carry what a client must not
+    see (a connection string, a path, a user's data). An exception of a
+    ``TaskError`` subclass keeps its type and message there, as do the types
+    a task lists in ``@off.task(public_errors=(...))``.
+
+    >>> class OutOfStock(TaskError):
+    ...     "The item is sold out."
+    """
+
+
 class ResultBackendLimit(OffloadError):
     """The result backend cannot do what was asked (rpc:// serves one process)."""

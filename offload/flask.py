@@ -1,13 +1,14 @@
 """Flask integration: settings from ``app.config``, tasks in the app context.
 
->>> from flask import Flask
->>> from offload import Offload
->>> app = Flask("myapp")
->>> app.config["CELERY_ALWAYS_EAGER"] = True
->>> off = Offload()
->>> off.init_app(app)            # or Offload(app)
->>> offload_of(app) is off
-True
+Examples:
+    >>> from flask import Flask
+    >>> from offload import Offload
+    >>> app = Flask("myapp")
+    >>> app.config["CELERY_ALWAYS_EAGER"] = True
+    >>> off = Offload()
+    >>> off.init_app(app)            # or Offload(app)
+    >>> offload_of(app) is off
+    True
 
 Each Flask app keeps its state where Flask extensions keep theirs, in
 ``app.extensions["offload"]`` (the Offload it was given to); nothing is kept
@@ -36,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
 
-#: Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "offload"
+"""Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``."""
 
 
 class _Configurable(Protocol):
@@ -55,8 +56,9 @@ class _Configurable(Protocol):
 def is_flask_app(obj: Any) -> bool:
     """Whether ``obj`` is a Flask app (duck-typed: Flask need not be installed).
 
-    >>> is_flask_app(object())
-    False
+    Examples:
+        >>> is_flask_app(object())
+        False
     """
     return (not isinstance(obj, type) and hasattr(obj, "extensions") and hasattr(obj, "config")
             and hasattr(obj, "app_context"))
@@ -86,7 +88,48 @@ def init_app(off: _Configurable, app: Any) -> None:
     app.extensions[EXTENSION_KEY] = off
     off.flask_app = app
     off.add_task_context(app.app_context)
+    off.add_commit_hook(_after_commit_of_session)
     _after_fork_in_pool(off)
+
+
+def _after_commit_of_session(send: Any) -> bool:
+    """``submit(..., on_commit=True)`` with Flask-SQLAlchemy: send once ``db.session`` commits.
+
+    Inside an app context whose session is in a transaction (or holds
+    unflushed changes), the message leaves after the session's next commit,
+    and not at all if it rolls back first; otherwise the hook declines and
+    the task leaves at once.
+    """
+    try:
+        from flask import current_app, has_app_context
+    except ImportError:
+        return False
+    if not has_app_context():
+        return False
+    extension = current_app.extensions.get("sqlalchemy")
+    if extension is None:
+        return False
+    session = extension.session()
+    if not (session.in_transaction() or session.new or session.dirty or session.deleted):
+        return False
+    from sqlalchemy import event
+
+    # Whichever comes first decides; the other listener, left for its next
+    # event (SQLAlchemy cannot remove a listener while it dispatches), does nothing.
+    decided: list[bool] = []
+
+    def committed(_session: Any) -> None:
+        if not decided:
+            decided.append(True)
+            send()
+
+    def rolled_back(_session: Any, previous: Any) -> None:
+        if not decided and not previous.nested:  # a savepoint's rollback leaves the transaction open
+            decided.append(False)
+
+    event.listen(session, "after_commit", committed, once=True)
+    event.listen(session, "after_soft_rollback", rolled_back)
+    return True
 
 
 def _after_fork_in_pool(off: _Configurable) -> None:

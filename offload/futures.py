@@ -61,9 +61,15 @@ class Future(_BaseFuture):
     threads, never on the thread that follows results, so a callback that
     blocks holds up no other future.
 
-    >>> fut = off.submit(add, 1, 2)          # doctest: +SKIP
-    >>> fut.result(timeout=10)               # doctest: +SKIP
-    3
+    Examples:
+        >>> from offload import Offload
+        >>> off = Offload({"CELERY_ALWAYS_EAGER": True})
+        >>> @off.task
+        ... def add(x, y):
+        ...     return x + y
+        >>> fut = add.submit(1, 2)
+        >>> fut.result(timeout=10), fut.done(), fut.state
+        (3, True, 'SUCCESS')
     """
 
     def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None,
@@ -156,6 +162,11 @@ class Future(_BaseFuture):
             hint = f"It is {self._task_state} on a worker: wait longer."
         return TimeoutError(f"{task} did not finish {waited}. {hint} The task was not cancelled: "
                             "future.cancel() revokes it.")
+
+    def describe(self, name: str | None, queue: Any = None) -> None:
+        """Name the task and its queue, for the messages of a wait that gives up."""
+        self._name = name or self._name
+        self._queue = getattr(queue, "name", queue) or self._queue
 
     @property
     def queue(self) -> str | None:

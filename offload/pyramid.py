@@ -103,6 +103,7 @@ def includeme(config: Any) -> None:
     registry.offload = off
     registry[_TASKS_KEY] = {}
     off.add_task_context(lambda: _task_environment(registry))
+    off.add_commit_hook(_after_commit_of_current_request)
 
     config.add_directive("register_task", register_task)
     config.add_directive("make_celery_app", make_celery_app)
@@ -217,6 +218,24 @@ def _task_environment(registry: Any) -> Iterator[Any]:
             manager.abort()
         else:
             manager.commit()
+
+
+def _after_commit_of_current_request(send: Callable[[], None]) -> bool:
+    """``submit(..., on_commit=True)`` in a view under pyramid_tm: send once ``request.tm`` commits.
+
+    A transaction that aborts (an exception, ``request.tm.doom()``) or whose
+    commit fails sends nothing. Without a pyramid_tm transaction (no request,
+    or an app without pyramid_tm) the hook declines and the task leaves at once.
+    """
+    from pyramid.threadlocal import get_current_request
+
+    request = get_current_request()
+    environ = getattr(request, "environ", None) or {}
+    manager = environ.get("tm.manager")
+    if not environ.get("tm.active") or manager is None:
+        return False
+    manager.get().addAfterCommitHook(lambda committed: send() if committed else None)
+    return True
 
 
 def _current_request(registry: Any) -> Any | None:

@@ -202,6 +202,9 @@ class LocalWorkers:
         #: How a worker process imports the app (``module:attr``, a Flask
         #: factory or a Pyramid ini); found from ``off`` when None.
         self.app_spec: str | None = None
+        #: Folders a worker process must import from besides the current
+        #: one (an integration's project root, such as Django's BASE_DIR).
+        self.import_folders: list[str] = []
         # Parsed now, so that a bad setting fails here and not in a worker's log.
         self._parsed = (copy.deepcopy(off.settings.workers), worker_specs(off.settings.workers))
         self.supervisor = Supervisor(self._launch, backoff)
@@ -283,7 +286,7 @@ class LocalWorkers:
     def resolve_app_spec(self) -> tuple[str, list[str]]:
         """The ``OFFLOAD_APP`` a worker gets and the folders it must import from."""
         off = self._off
-        folders = [os.getcwd()]
+        folders = [os.getcwd(), *self.import_folders]
         if self.app_spec:
             return self.app_spec, folders
         env = os.environ.get("OFFLOAD_APP", "").strip()

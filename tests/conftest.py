@@ -226,7 +226,7 @@ def redis_off(_workers):
 
 @pytest.fixture
 def rpc_off(_workers):
-    """RabbitMQ with Celery's rpc:// result backend (offload's default there)."""
+    """RabbitMQ with Celery's rpc:// result backend (chosen by name: offload's default is the embedded store)."""
     require_service("rabbitmq")
     return _workers("rpc")[0]
 

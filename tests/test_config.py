@@ -223,7 +223,9 @@ def test_a_second_configuration_replaces_the_first(tmp_path):
     off.configure({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
                    "OFFLOAD_DATA_DIR": str(tmp_path)})
     conf = off.celery.conf
-    assert conf.broker_url.startswith("amqp://") and conf.result_backend == "rpc://"
+    assert conf.broker_url.startswith("amqp://")
+    # RabbitMQ's result backend: the embedded store, which every process reads (not rpc://).
+    assert conf.result_backend == f"sqlite:///{tmp_path}/offload-results.sqlite3"
     assert conf.task_default_queue == "celery"
     assert conf.broker_transport_options == AMQP_TRANSPORT_DEFAULTS
 
@@ -258,9 +260,10 @@ def test_celery2_broker_settings_beside_a_url_are_named_as_ignored():
 
 
 def test_celery2_amqp_result_backend_is_replaced_with_a_warning():
-    with pytest.warns(UserWarning, match="'amqp'.*removed in Celery 5: offload uses 'rpc://'"):
+    with pytest.warns(UserWarning, match="'amqp'.*removed in Celery 5: offload uses 'sqlite:"):
         settings = translate({"BROKER_HOST": "127.0.0.1", "CELERY_RESULT_BACKEND": "amqp"})
-    assert settings.celery["result_backend"] == "rpc://"
+    # offload's default result store for RabbitMQ: the embedded one.
+    assert settings.celery["result_backend"].startswith("sqlite:")
 
 
 def test_offload_plus_redis_is_another_spelling_of_offload_redis():

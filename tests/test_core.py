@@ -199,3 +199,28 @@ def test_files_under_the_data_dir_are_the_owners_only(tmp_path, monkeypatch):
     files = [p for p in data.rglob("*") if p.is_file()]
     assert any(p.name.endswith("-wal") for p in files) and any(p.suffix == ".log" for p in files)
     assert {p.name: mode(p) for p in files} == {p.name: "0o600" for p in files}
+
+
+def test_submit_on_commit_without_an_integration_says_what_to_do(tmp_path):
+    from offload.exceptions import ConfigurationError
+
+    off = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"]})
+    with pytest.raises(ConfigurationError, match="offload.django"):
+        off.submit(add, 7, 2, on_commit=True)
+
+
+def test_submit_on_commit_sends_when_the_hook_says_and_checks_arguments_first(tmp_path):
+    off = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"]})
+    pending: list = []
+    off.add_commit_hook(lambda send: pending.append(send) or True)
+    future = off.submit(add, 7, 2, on_commit=True)
+    assert not future.done() and len(pending) == 1
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        off.submit(add, object(), 2, on_commit=True)  # refused now, not at commit
+    assert len(pending) == 1
+    pending[0]()  # the transaction commits
+    assert future.result(timeout=5) == 9
+    # A hook that sees no transaction: sent at once.
+    declining = Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"]})
+    declining.add_commit_hook(lambda send: False)
+    assert declining.submit(add, 9, 4, on_commit=True).result(timeout=5) == 13

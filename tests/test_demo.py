@@ -173,6 +173,16 @@ def test_index_explains_the_urls_and_unknown_pages_are_404(demo):
     assert excinfo.value.code == 405
 
 
+def test_the_front_page_is_styled_and_links_the_dashboard(demo):
+    status, page = demo.get("/")
+    assert status == 200
+    assert 'href="/offload/static/offload.css"' in page and 'href="/offload/dashboard"' in page
+    status, css = demo.get("/offload/static/offload.css")
+    assert status == 200 and "prefers-color-scheme: dark" in css
+    status, board = demo.get("/offload/dashboard")
+    assert status == 200 and "data-worker=" in board
+
+
 def test_sigterm_stops_the_server_and_its_worker(demo):
     # The worker has run a task in this module, or is about to be found.
     assert wait_until(lambda: any(is_celery(p) for p in demo.workers()), timeout=30), demo.log_tail()

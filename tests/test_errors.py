@@ -4,6 +4,7 @@ FogBugz and a webhook that record what they receive."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -103,7 +104,7 @@ def test_failing_request_answers_an_empty_500_and_fogbugz_gets_the_report(stack,
     extra = form["Extra"]
     assert "Traceback (most recent call last)" in extra
     assert 'line' in extra and "in boom" in extra and "1 / 0" in extra
-    assert f"Request: GET http://127.0.0.1:" in extra and f"/zero?case={marker}" in extra
+    assert "Request: GET http://127.0.0.1:" in extra and f"/zero?case={marker}" in extra
     assert "User agent: errors-test/1.0" in extra
     assert "Remote address: 127.0.0.1" in extra
     assert "App: testapp.errors_app 1.2.3" in extra
@@ -119,6 +120,95 @@ def test_failing_request_answers_an_empty_500_and_fogbugz_gets_the_report(stack,
     assert hook["frames"][-1]["function"] == "boom" and hook["count"] == 1
     for record in (form, hook):
         assert SECRET not in str(record), "a secret reached a sink"
+
+
+def test_secrets_in_url_headers_query_and_path_never_reach_the_sinks(stack, fogbugz, webhook):
+    """Every place of a request an attacker's review found a secret in (issue 25, item 9)."""
+    build, worker = stack
+    _off, _errors, url = build()
+    marker = uuid.uuid4().hex
+    token = "a8Fq3kZ0pL2mN7xW9vB4" + SECRET.replace("-", "")
+    query = f"case={marker};api_key={SECRET};page=2&pass={SECRET}&code={SECRET}&state=ok"
+    status, body = request(f"{url}/zero/reset/{token}?{query}", headers={
+        "Referer": f"https://shop.example/checkout?token={SECRET}&step=2",
+        "X-Original-URL": f"/zero/reset/{token}?{query}",
+        "X-Forwarded-Uri": f"/callback?code={SECRET}",
+        "X-Forwarded-Host": "shop.example",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Url": f"https://user:{SECRET}@shop.example/cb;jsessionid={SECRET}",
+        "X-Pin": SECRET})
+    assert (status, body) == (500, b"")
+    assert wait_until(lambda: reports_with(fogbugz, marker) and reports_with(webhook, marker, "request"),
+                      timeout=15), worker.log_tail()
+    [form] = reports_with(fogbugz, marker)
+    [hook] = reports_with(webhook, marker, "request")
+    for record in (form, hook):
+        assert SECRET not in str(record) and token not in str(record), "a secret reached a sink"
+    request_info = hook["request"]
+    assert request_info["path"] == "/zero/reset/%5BFiltered%5D"
+    assert request_info["query"] == (f"case={marker};api_key=%5BFiltered%5D;page=2&pass=%5BFiltered%5D"
+                                     "&code=%5BFiltered%5D&state=ok")
+    headers = request_info["headers"]
+    assert headers["Referer"] == "https://shop.example/checkout?token=%5BFiltered%5D&step=2"
+    assert headers["X-Forwarded-Uri"] == "/callback?code=%5BFiltered%5D"
+    assert headers["X-Forwarded-Host"] == "shop.example" and headers["X-Pin"] == "[Filtered]"
+    assert "X-Original-Url" in headers and "X-Forwarded-Url" in headers
+
+
+def _raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send bytes as they are (invalid UTF-8 included); the answer's status line."""
+    host, port = url.rpartition("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                     + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.partition(b"\r\n")[0]
+
+
+def test_hostile_requests_are_an_empty_500_and_a_bounded_report(stack, webhook):
+    """Deep JSON, huge headers, a 5,000-digit number, invalid UTF-8: reporting never breaks."""
+    build, worker = stack
+    _off, _errors, url = build(window=0.2)
+    marker = uuid.uuid4().hex
+    deep = b"[" * 100_000 + b"]" * 100_000
+    big_headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(90))
+    sent = [
+        _raw_request(url, b"POST /json?case=%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     % marker.encode(), deep),
+        _raw_request(url, b"GET /key?case=%s HTTP/1.1\r\nHost: x\r\n%sX-Big: %s\r\n"
+                     % (marker.encode(), big_headers, b"b" * 32_000)),
+        _raw_request(url, b"POST /json?case=%s&n=%s HTTP/1.1\r\nHost: x\r\n" % (marker.encode(), b"9" * 5000),
+                     b"9" * 5000),
+        _raw_request(url, b"GET /bigint?case=%s HTTP/1.1\r\nHost: x\r\n" % marker.encode()),
+        _raw_request(url, b"GET /zero/%%ff%%fe\xff?case=%s&q=%%ff\xfe HTTP/1.1\r\nHost: x\r\nX-Bin: \xff\xfe\x80\r\n"
+                     % marker.encode()),
+    ]
+    assert all(status.startswith(b"HTTP/1.") and b" 500 " in status for status in sent), sent
+    assert wait_until(lambda: len(reports_with(webhook, marker, "request")) >= 5, timeout=30), worker.log_tail()
+    reports = reports_with(webhook, marker, "request")
+    types = sorted(r["exception"]["type"] for r in reports)
+    assert types == ["KeyError", "RecursionError", "ValueError", "ValueError", "ZeroDivisionError"], types
+    for report in reports:
+        assert len(json.dumps(report)) < 100_000
+        assert len(report["request"]["headers"]) <= 64 + 3
+    [bigint] = [r for r in reports if r["request"]["path"] == "/bigint"]
+    assert bigint["exception"]["message"] == "<unprintable ValueError>"
+
+
+def test_two_different_errors_of_one_function_are_two_reports(stack, fogbugz):
+    build, worker = stack
+    _off, _errors, url = build(window=2.0)
+    marker = uuid.uuid4().hex
+    assert request(f"{url}/parse?case={marker}")[0] == 500
+    assert request(f"{url}/parse?case={marker}&currency=XYZ")[0] == 500
+    assert request(f"{url}/parse?case={marker}")[0] == 500
+    assert wait_until(lambda: len(reports_with(fogbugz, marker)) >= 2, timeout=20), worker.log_tail()
+    descriptions = sorted(form["Description"].split(" at ")[0] for form in reports_with(fogbugz, marker))
+    assert descriptions == ["ValueError: missing field 'amount'", "ValueError: unknown currency"]
+    [missing] = [f for f in reports_with(fogbugz, marker) if "missing" in f["Description"]]
+    assert "Occurrences: 2" in missing["Extra"]
 
 
 def test_a_body_that_fails_while_streaming_is_a_500_and_reported(stack, fogbugz):
@@ -187,6 +277,31 @@ def test_failed_tasks_are_reported_with_name_id_and_scrubbed_args(stack, webhook
     assert SECRET not in str(reg)
 
 
+def test_secrets_in_positional_and_nested_task_arguments_are_scrubbed(stack, webhook):
+    build, worker = stack
+    off, _errors, _url = build()
+    options = {"remember": True, "grant": {"refresh_token": SECRET, "scope": "read"},
+               "callback": f"https://app.example/cb?code={SECRET}&next=/home"}
+    future = off.submit(errors_app.login, "bob", SECRET, options)
+    registered = off.celery.tasks["errors_app.registered_fails"]
+    failed = registered.submit("item-9", SECRET)  # password given by position
+    for fut, exc in ((future, PermissionError), (failed, KeyError)):
+        with pytest.raises(exc):
+            fut.result(timeout=30)
+    ids = {future.id, failed.id}
+    assert wait_until(lambda: len([r for r in webhook.received if (r.get("task") or {}).get("id") in ids]) == 2,
+                      timeout=15), worker.log_tail()
+    reports = {r["task"]["id"]: r for r in webhook.received if (r.get("task") or {}).get("id") in ids}
+    submitted, reg = reports[future.id], reports[failed.id]
+    assert submitted["task"]["args"][:2] == ["'bob'", "[Filtered]"]
+    assert "'scope': 'read'" in submitted["task"]["args"][2]
+    assert "'refresh_token': '[Filtered]'" in submitted["task"]["args"][2]
+    assert "next=/home" in submitted["task"]["args"][2]
+    assert reg["task"]["args"] == ["'item-9'", "[Filtered]"]
+    for report in (submitted, reg):
+        assert SECRET not in str(report)
+
+
 def test_a_failed_call_of_a_chunked_map_is_reported_by_its_own_id(stack, webhook):
     build, worker = stack
     off, _errors, _url = build()
@@ -224,7 +339,7 @@ def test_a_busy_sink_is_retried_and_a_refusal_is_logged_not_counted(stack, fogbu
     fogbugz.answers += [(503, "busy"), (200, "<Error>Project Nope does not exist</Error>")]
     errors.submit_error.delay(f"retry me {marker}")
     # 503 -> retried after a backoff; the <Error> answer is a refusal, dropped and logged.
-    assert wait_until(lambda: f"refused it (FogBugz refused the report: Project Nope" in worker.log_tail(200),
+    assert wait_until(lambda: "refused it (FogBugz refused the report: Project Nope" in worker.log_tail(200),
                       timeout=20), worker.log_tail()
     assert "not delivered to fogbugz yet" in worker.log_tail(200)
 

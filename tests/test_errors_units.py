@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -290,7 +291,7 @@ def _fail_here(message="boom"):
 def test_the_report_holds_the_error_and_the_request_with_secrets_scrubbed():
     environ = {
         "REQUEST_METHOD": "PUT", "SCRIPT_NAME": "/app", "PATH_INFO": "/items/3",
-        "QUERY_STRING": "q=shoes&api_key=K1&sessionid=S1&access_token=T1&page=2",
+        "QUERY_STRING": "q=shoes&api_key=K1&sessionid=S1&access_token=TK1&page=2",
         "wsgi.url_scheme": "https", "HTTP_HOST": "shop.example", "REMOTE_ADDR": "192.0.2.1",
         "HTTP_USER_AGENT": "curl/8", "HTTP_AUTHORIZATION": "Basic QQ==", "HTTP_COOKIE": "sid=C1",
         "HTTP_X_CSRF_TOKEN": "X1", "HTTP_X_MY_PASSWORD": "P1", "HTTP_ACCEPT": "*/*",
@@ -306,7 +307,7 @@ def test_the_report_holds_the_error_and_the_request_with_secrets_scrubbed():
     for name in ("Authorization", "Cookie", "X-Csrf-Token", "X-My-Password"):
         assert request["headers"][name] == "[Filtered]"
     text = str(report) + render_extra(report)
-    for secret in ("QQ==", "C1", "X1", "P1", "K1", "S1", "T1"):
+    for secret in ("QQ==", "C1", "X1", "P1", "K1", "S1", "TK1"):
         assert secret not in text
     assert report["description"].startswith("RuntimeError: boom at test_errors_units.py:")
     assert report["description"].endswith("in _fail_here")
@@ -366,12 +367,16 @@ def test_fogbugz_posts_the_bugzscout_form_and_reads_its_answer():
         sink.send(report)  # nothing listens any more
 
 
-def test_fogbugz_answers_that_are_not_bugzscout_xml_are_retried():
+def test_fogbugz_answers_of_another_shape_are_delivered_with_a_warning_never_retried(caplog):
     assert parse_answer("<Success>ok</Success>") == "ok"
-    with pytest.raises(SinkUnavailable, match="not BugzScout XML"):
-        parse_answer("<html><body>proxy error")
-    with pytest.raises(SinkUnavailable, match="unexpected <html>"):
-        parse_answer("<html>hi</html>")
+    with caplog.at_level(logging.WARNING, "offload.errors"):
+        assert parse_answer("<html><body>proxy error") == ""
+        assert parse_answer("<html>hi</html>") == "hi"
+        assert parse_answer("<Response><Case>7</Case></Response>") == ""
+    assert "not BugzScout XML (not posted again)" in caplog.text
+    assert "unexpected <html> document (not posted again)" in caplog.text
+    with pytest.raises(SinkRefused, match="no such area"):
+        parse_answer("<Response><Error>no such area</Error></Response>")
 
 
 def test_log_sink_writes_the_report(caplog):
@@ -554,3 +559,170 @@ def test_huge_requests_make_reports_of_bounded_size():
     report = build_report(_exc_info(lambda: _fail_here("m" * 100_000)), app={"name": "a"}, environ=environ)
     assert len(json.dumps(report)) < 60_000
     assert "t" * 100 not in report["request"]["query"]
+
+
+def test_the_grouping_window_stays_fixed_while_the_broker_is_down(tmp_path):
+    """A publish to a broker that is not there takes seconds: windows must not stretch with it."""
+    from conftest import closed_port
+
+    off = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0",
+                   "OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=0.2)
+    deadline = time.monotonic() + 2.5
+    sent = 0
+    while time.monotonic() < deadline:
+        errors.capture(_exc_info(lambda: _fail_here("same")))
+        sent += 1
+        time.sleep(0.05)  # the pace of the errors under test, not a wait for a result
+    errors.pipeline.spool_pending()
+    assert wait_until(lambda: sum(r["count"] for r in _spooled(errors.spool)) == sent, timeout=15)
+    reports = _spooled(errors.spool)
+    spans = [_seconds(r["last_seen"]) - _seconds(r["first_seen"]) for r in reports]
+    assert len(reports) >= 6, f"{sent} errors in 2.5 s made {len(reports)} reports"
+    assert max(spans) < 0.2 + 0.1, f"a window stretched to {max(spans):.2f}s"
+
+
+def _spooled(spool):
+    reports = []
+    for name in os.listdir(spool.folder):
+        if name.endswith(".json"):
+            with open(os.path.join(spool.folder, name)) as fh:
+                reports.append(json.load(fh))
+    return reports
+
+
+def _seconds(iso):
+    import datetime
+
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def test_one_scrubbing_policy_covers_urls_paths_and_values():
+    scrubber = Scrubber(also=["iban"])
+    # Query parameters, both separators, and names that are secret whole.
+    assert scrubber.query("a=1;pass=p&code=c&state=s&IBAN=x") == (
+        "a=1;pass=%5BFiltered%5D&code=%5BFiltered%5D&state=s&IBAN=%5BFiltered%5D")
+    # URLs: user:password@, query, fragment, token-like path segments, a segment after a secret name.
+    assert scrubber.url("https://u:pw@h.example/reset/eyJhbGciOi.eyJzdWIi.sig?next=/a#access_token=t") == (
+        "https://%5BFiltered%5D@h.example/reset/%5BFiltered%5D?next=/a#access_token=%5BFiltered%5D")
+    assert scrubber.path("/api/token/abc/orders/12345/a8Fq3kZ0pL2mN7xW9vB4") == (
+        "/api/token/%5BFiltered%5D/orders/12345/%5BFiltered%5D")
+    assert scrubber.path("/shop;jsessionid=S1/cart") == "/shop;jsessionid=%5BFiltered%5D/cart"
+    # Headers holding URLs or paths; credentials by their shape.
+    headers = scrubber.headers({"Referer": "https://x/?token=T", "X-Original-URL": "/cb?code=C",
+                                "X-Forwarded-Prefix": "/reset/a8Fq3kZ0pL2mN7xW9vB4", "X-Note": "Bearer abc",
+                                "Accept": "text/html"})
+    assert headers == {"Referer": "https://x/?token=%5BFiltered%5D", "X-Original-URL": "/cb?code=%5BFiltered%5D",
+                       "X-Forwarded-Prefix": "/reset/%5BFiltered%5D", "X-Note": "[Filtered]",
+                       "Accept": "text/html"}
+    # Values: nested dicts, lists, URLs inside strings, positional names.
+    args, kwargs = scrubber.arguments(
+        ["bob", "hunter2", [{"api_key": "K", "n": 1}]],
+        {"profile": {"card": {"number": "4111"}, "name": "Bob"}, "next": "https://x/?sig=S&a=1"},
+        names=["user", "password", "items"])
+    assert args == ["bob", "[Filtered]", [{"api_key": "[Filtered]", "n": 1}]]
+    assert kwargs == {"profile": {"card": "[Filtered]", "name": "Bob"}, "next": "https://x/?sig=%5BFiltered%5D&a=1"}
+
+
+def test_walking_a_value_is_bounded_and_never_raises():
+    class Unprintable:
+        def __repr__(self):
+            raise RuntimeError("no")
+
+    deep: list = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    scrubber = Scrubber()
+    assert scrubber.value(10 ** 5000).startswith("<int of ")
+    assert scrubber.value(Unprintable()) == "<unprintable Unprintable>"
+    assert "nested deeper than" in json.dumps(scrubber.value(deep))
+    assert len(scrubber.value(list(range(10_000)))) == 51
+    assert scrubber.value(b"\xff\xfe ok") == "\ufffd\ufffd ok"
+    assert len(scrubber.value("x" * 100_000)) < 2100
+
+
+def test_grouping_tells_two_errors_of_one_function_apart_but_not_two_values():
+    def parse(which, value):
+        if which == "a":
+            raise ValueError(f"missing field {value!r}")
+        raise ValueError(f"unknown currency {value}")
+
+    first = _exc_info(lambda: parse("a", "amount"))
+    same = _exc_info(lambda: parse("a", "total"))
+    other = _exc_info(lambda: parse("b", 42))
+    prints = [fingerprint(e[0], e[2], e[1]) for e in (first, same, other)]
+    assert prints[0] == prints[1] != prints[2]
+
+
+def test_a_hostile_asgi_scope_makes_a_bounded_report():
+    async def app(scope, receive, send):
+        raise ValueError("bad")
+
+    scope = dict(SCOPE, path="/zero/\udcff\ufffd", query_string=b"q=%ff\xfe&n=" + b"9" * 5000,
+                 headers=[(b"x-dup", b"d" * 5000)] * 5000 + [(b"x-bin", b"\xff\xfe\x80")])
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), scope))
+    assert sent[0]["status"] == 500
+    (exc_info, environ), = recorder.captured
+    assert len(environ["HTTP_X_DUP"]) <= 8192
+    report = build_report(exc_info, app={"name": "a"}, environ=environ)
+    assert len(json.dumps(report)) < 60_000
+    assert "\udcff" not in report["request"]["path"]
+    report["request"]["path"].encode("utf-8")  # a sink can send it
+    # A scope of the wrong shape still answers 500 and is reported, without the request.
+    recorder = Recorder()
+    sent = asyncio.run(_call_asgi(ASGIErrorReporter(app, recorder), dict(SCOPE, headers=[("x", 1)])))
+    assert sent[0]["status"] == 500 and recorder.captured[0][1] is None
+
+
+def test_a_report_naming_its_own_fogbugz_posts_only_to_a_bugzscout_address(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=60)
+    receiver = Receiver()
+    try:
+        report = errors.report_of_call((receiver.url, "u", "p", "a", "it broke"), {"extra": ["x"]})
+        assert errors.deliver(report) == [] and receiver.posts == 1
+        assert receiver.received[0]["Description"] == "it broke"
+        # A forged message aiming the worker at another address of the network.
+        forged = dict(report, fogbugz=dict(report["fogbugz"], url=receiver.url.replace("scoutSubmit.asp", "admin")))
+        with caplog.at_level(logging.ERROR, "offload.errors"):
+            assert errors.deliver(forged) == []
+        assert receiver.posts == 1 and "neither a BugzScout address" in caplog.text
+    finally:
+        receiver.close()
+
+
+def test_a_damaged_spool_file_is_dropped_and_the_rest_sent(tmp_path, caplog):
+    spool = Spool(str(tmp_path))
+    spool.put({"description": "first"})
+    with open(os.path.join(str(tmp_path), "00000000000000000000-1-deep.json"), "w") as fh:
+        fh.write("[" * 100_000 + "]" * 100_000)
+    sent: list[dict] = []
+    with caplog.at_level(logging.WARNING, "offload.errors"):
+        assert spool.drain(sent.append) == 1
+    assert sent == [{"description": "first"}] and os.listdir(str(tmp_path)) == []
+    assert "dropped unreadable 00000000000000000000-1-deep.json" in caplog.text
+
+
+def test_reporting_never_raises_whatever_it_is_given(tmp_path, caplog):
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path)})
+    errors = setup(off, [Log()], window=3600)
+
+    class Hostile:
+        def __str__(self):
+            raise RuntimeError("no str")
+
+        __repr__ = __str__
+
+    with caplog.at_level(logging.ERROR, "offload.errors"):
+        errors.capture("not an exc_info")
+        errors.capture((ValueError, ValueError(Hostile()), None), environ={"HTTP_X": "1", 3: object()})
+        assert errors.submit_error.delay(Hostile(), Hostile()) is None
+        assert errors.submit_error.delay("only", "two", "three") is None
+        assert errors.submit_error.apply_async("not a tuple", 42) is None
+        assert errors.submit_error(b"bytes description", extra=ValueError("as extra")) is None
+    assert "fit neither submit_error(url, user, project, area, description" in caplog.text
+    reports = {group.build()["description"] for group in errors.pipeline._groups.values()}
+    assert {"bytes description", "<unprintable Hostile>", "ValueError: <unprintable ValueError>"} <= reports

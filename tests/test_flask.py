@@ -296,3 +296,22 @@ def test_two_apps_sharing_a_data_folder_are_told_to_use_their_own(data_root, tmp
     finally:
         second_off.stop()
         first_off.stop()
+
+
+def test_submit_on_commit_waits_for_the_flask_sqlalchemy_session(flaskdb):
+    app, module, _kind, _ = flaskdb
+    off, db = module.off, module.db
+    with app.app_context():
+        db.session.add(module.Row(text="rolled back"))
+        lost = off.submit(module.count_rows, "rolled back", on_commit=True)
+        db.session.rollback()
+        db.session.add(module.Row(text="kept"))
+        kept = off.submit(module.count_rows, "kept", on_commit=True)
+        assert kept.state == "PENDING"
+        db.session.commit()
+        # Sent after the commit: the task sees the committed row.
+        assert kept.result(timeout=30) == 1
+    assert off.celery.backend.get_task_meta(lost.id)["status"] == "PENDING"
+    assert not lost.done()
+    with app.app_context():  # no transaction: sent at once
+        assert off.submit(module.count_rows, "rolled back", on_commit=True).result(timeout=30) == 0

@@ -362,3 +362,38 @@ def test_a_registered_task_can_run_on_a_schedule():
     bad.register_task(double, schedule="often")
     with pytest.raises(ConfigurationExecutionError, match="schedule= takes seconds"):
         bad.commit()
+
+
+def test_submit_on_commit_waits_for_pyramid_tm_and_sends_nothing_on_abort(pyramid_worker):
+    from pyramid.response import Response
+
+    from testapp import pyramidtasks
+
+    futures = {}
+
+    def commit(request):
+        futures["commit"] = request.offload.submit(pyramidtasks.plain_greeting, on_commit=True)
+        futures["state inside"] = futures["commit"].state
+        return Response("ok")
+
+    def abort(request):
+        futures["abort"] = request.offload.submit(pyramidtasks.plain_greeting, on_commit=True)
+        request.tm.doom()  # pyramid_tm aborts a doomed transaction
+        return Response("doomed")
+
+    config = pyramidtasks.configure()
+    config.add_route("commit", "/commit")
+    config.add_view(commit, route_name="commit")
+    config.add_route("abort", "/abort")
+    config.add_view(abort, route_name="abort")
+    app = webtest.TestApp(config.make_wsgi_app())
+    assert app.get("/abort").text == "doomed"
+    assert app.get("/commit").text == "ok"
+    assert futures["state inside"] == "PENDING"
+    assert futures["commit"].result(timeout=30) == "hello from the registry"
+    off = app.app.registry.offload
+    # Sent before the committed one, it would have run first: it was never sent.
+    assert off.celery.backend.get_task_meta(futures["abort"].id)["status"] == "PENDING"
+    assert not futures["abort"].done()
+    # Outside a request (no transaction) it leaves at once.
+    assert off.submit(pyramidtasks.plain_greeting, on_commit=True).result(timeout=30) == "hello from the registry"

@@ -14,6 +14,7 @@ from conftest import require_service
 from offload import Offload
 from offload.exceptions import ConfigurationError
 from offload.web import TaskAPI
+from testapp import webtasks
 from testapp.webservers import serve
 
 ALLOWED = "http://app.example:8080"
@@ -113,7 +114,7 @@ def test_malformed_json_is_400_with_a_json_error(client):
     assert answer.status_code == 400
     assert answer.json()["error"]["type"] == "MalformedJSON"
     for body in (b"[1, 2]", b'{"args": [1], "extra": 1}', b'{"args": {"x": 1}}', b"\xff\xfe"):
-        answer = client.post("/offload/tasks/add", content=body)
+        answer = client.post("/offload/tasks/add", content=body, headers={"content-type": "application/json"})
         assert answer.status_code == 400, body
         assert set(answer.json()["error"]) == {"type", "message"}
 
@@ -142,8 +143,8 @@ def test_long_poll_answers_after_the_wait_when_the_task_runs_on(client, tmp_path
     assert final(client, task_id)["result"] == "released"
 
 
-def test_status_without_wait_and_bad_queries(client):
-    task_id = str(uuid.uuid4())
+def test_status_without_wait_and_bad_queries(client, web_off, tmp_path):
+    task_id = web_off.options(expose=True, countdown=300).submit(webtasks.add, 1, 2).id
     assert client.get(f"/offload/tasks/{task_id}").json() == {
         "id": task_id, "state": "PENDING", "progress": None, "result": None}
     for wait in ("abc", "-1", "nan", "inf"):
@@ -243,7 +244,7 @@ def test_a_waiter_that_leaves_never_cancels_the_task(client, tmp_path):
     assert final(client, task_id)["result"] == "released"
 
 
-def test_delete_does_not_kill_running_work_and_revokes_what_has_not_started(client, tmp_path):
+def test_delete_does_not_kill_running_work_and_revokes_what_has_not_started(client, web_off, tmp_path):
     release = tmp_path / "release"
     task_id = start(client, "wait_for_file", str(release))
     sse_events(client, task_id, until=lambda e: e["state"] == "PROGRESS")
@@ -251,8 +252,8 @@ def test_delete_does_not_kill_running_work_and_revokes_what_has_not_started(clie
     assert answer.status_code == 200 and answer.json()["cancelled"] is False
     release.touch()
     assert final(client, task_id)["result"] == "released"
-    never_sent = str(uuid.uuid4())
-    answer = client.delete(f"/offload/tasks/{never_sent}").json()
+    not_started = web_off.options(expose=True, countdown=300).submit(webtasks.add, 1, 2).id
+    answer = client.delete(f"/offload/tasks/{not_started}").json()
     assert answer["cancelled"] is True and answer["state"] == "REVOKED"
 
 
@@ -291,7 +292,8 @@ def test_rpc_task_failure_and_not_finished_are_server_errors(client, tmp_path):
 
 
 def test_rpc_spec_errors(client):
-    parse = client.post("/offload/rpc", content=b'{"jsonrpc": "2.0", "method"').json()
+    parse = client.post("/offload/rpc", content=b'{"jsonrpc": "2.0", "method"',
+                        headers={"content-type": "application/json"}).json()
     assert parse == {"jsonrpc": "2.0", "error": {"code": -32700, "message": parse["error"]["message"]}, "id": None}
     assert rpc(client, [])["error"]["code"] == -32600
     assert rpc(client, {"jsonrpc": "1.0", "method": "add", "id": 1})["error"]["code"] == -32600
@@ -320,9 +322,9 @@ def test_rpc_batches_and_notifications(client):
     assert rpc(client, {"jsonrpc": "2.0", "method": "add", "params": [1, 2]}, status=204) is None
 
 
-def test_rpc_cancel(client):
-    never_sent = str(uuid.uuid4())
-    answer = rpc(client, {"jsonrpc": "2.0", "method": "task.cancel", "params": [never_sent], "id": 1})
+def test_rpc_cancel(client, web_off):
+    not_started = web_off.options(expose=True, countdown=300).submit(webtasks.add, 1, 2).id
+    answer = rpc(client, {"jsonrpc": "2.0", "method": "task.cancel", "params": [not_started], "id": 1})
     assert answer["result"]["cancelled"] is True and answer["result"]["state"] == "REVOKED"
 
 
@@ -350,7 +352,7 @@ def test_preflight_of_an_allowed_origin(client, path, method):
 def test_a_disallowed_origin_gets_no_allow_origin(client):
     answer = preflight(client, "/offload/rpc", OTHER)
     assert "access-control-allow-origin" not in answer.headers
-    answer = client.get(f"/offload/tasks/{uuid.uuid4()}", headers={"Origin": OTHER})
+    answer = client.get(f"/offload/tasks/{start(client, 'add', 1)}", headers={"Origin": OTHER})
     assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
     assert "Origin" in answer.headers["vary"]
 

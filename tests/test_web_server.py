@@ -107,9 +107,9 @@ def test_the_task_api_over_offloads_protocols(url):
         too_big = client.post("/offload/tasks/add", content=b"x" * (2 << 20))
         assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "TooLarge"
     # The head and the body of an answer leave together.
-    answer = raw_exchange(url, b"GET /offload/tasks/no-such-id HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = raw_exchange(url, f"GET /offload/tasks/{task_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["state"] == "PENDING"
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["state"] == "SUCCESS"
     assert raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
 
 

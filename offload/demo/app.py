@@ -133,9 +133,15 @@ class _BadRequest(Exception):
 StartResponse = Callable[..., Any]
 
 _INDEX = """<!doctype html>
-<html><head><meta charset="utf-8"><title>offload demo: the ledger</title></head>
-<body>
-<h1>offload demo: the ledger</h1>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>offload demo: the ledger</title>
+<link rel="stylesheet" href="/offload/static/offload.css"></head>
+<body class="offload-ui">
+<header class="topbar"><a class="brand" href="/"><span class="logo" aria-hidden="true">◆</span> offload demo</a>
+<a href="/offload/dashboard" id="dashboard-link">Dashboard</a></header>
+<main class="page">
+<h1>The ledger</h1>
 <p>A ledger of integers, totalled by a background task on a local Celery
 worker (embedded broker, data in <code>{data_dir}</code>).</p>
 <ul>
@@ -157,6 +163,10 @@ task API at <code>/offload</code>, its progress followed as it runs.</p>
 <button id="start">Start a total</button></p>
 <div id="bar"></div>
 <p id="total"></p>
+<h2>Watch it</h2>
+<p>The <a href="/offload/dashboard">dashboard</a> shows the worker, the queue and every
+task as it runs, live; <a href="/offload/metrics">/offload/metrics</a> the same numbers for Prometheus.</p>
+</main>
 <script src="/offload/static/offload.js"></script>
 <script>
   const api = new Offload("/offload");
@@ -240,8 +250,9 @@ def _respond(start_response: StartResponse, status: str, body: str,
     return [data]
 
 
-#: The task API (offload.web) under /offload: the live total of the index page.
-api = TaskAPI(off, prefix="/offload")
+#: The task API (offload.web) under /offload: the live total of the index page,
+#: and the dashboard (loopback clients only, as the demo itself listens).
+api = TaskAPI(off, prefix="/offload", dashboard=True)
 
 
 def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

@@ -25,6 +25,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATUS = "500 Internal Server Error"
+#: What of an ASGI scope's headers a report reads.
+MAX_SCOPE_HEADERS = 256
+MAX_HEADER_VALUE = 8192
 
 
 class Capturing(Protocol):
@@ -41,7 +44,7 @@ def _reporting(off: OffloadLike | Capturing, sinks: list[Sink] | None,
         return off
     if not hasattr(off, "celery") or not hasattr(off, "task"):
         raise TypeError(f"ErrorReporter takes an Offload (or offload.errors.setup(off, ...)), got {off!r}")
-    return setup(off, sinks, **options)
+    return setup(off, sinks, **options)  # type: ignore[arg-type]  # an Offload, checked above
 
 
 def _body(body: bytes | str) -> bytes:
@@ -175,7 +178,12 @@ class ASGIErrorReporter:
         try:
             await self.app(scope, receive, watch)
         except Exception:
-            self.reporting.capture(sys.exc_info(), environ_of(scope))
+            exc_info = sys.exc_info()
+            try:
+                environ = environ_of(scope)
+            except Exception:  # noqa: BLE001 - a scope of the wrong shape: report without it
+                environ = None
+            self.reporting.capture(exc_info, environ)
             if started:
                 raise
             await send({"type": "http.response.start", "status": 500, "headers": list(self.headers)})
@@ -195,9 +203,13 @@ def environ_of(scope: Scope) -> dict[str, Any]:
     server = scope.get("server")
     if server:
         environ["SERVER_NAME"] = str(server[0])
-    for name, value in scope.get("headers") or ():
-        key = name.decode("latin-1").upper().replace("-", "_")
+    # Bounded: a report keeps the first headers and a cut of each value, so
+    # a request of thousands of repeated headers costs no more than that.
+    for name, value in list(scope.get("headers") or ())[:MAX_SCOPE_HEADERS]:
+        key = bytes(name).decode("latin-1").upper().replace("-", "_")
         key = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
-        value = value.decode("latin-1")
-        environ[key] = f"{environ[key]}, {value}" if key in environ else value
+        value = bytes(value)[:MAX_HEADER_VALUE].decode("latin-1")
+        if key in environ:
+            value = f"{environ[key]}, {value}"[:MAX_HEADER_VALUE]
+        environ[key] = value
     return environ

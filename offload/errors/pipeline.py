@@ -67,6 +67,8 @@ class Pipeline:
         self.max_groups = max_groups
         self.broker_backoff = float(broker_backoff)
         self._groups: dict[str, _Group] = {}
+        #: Groups whose window ended before the thread took them.
+        self._closed: list[_Group] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pid = 0
@@ -85,16 +87,23 @@ class Pipeline:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._groups = {}
+        self._closed = []
         self._thread = None
 
     def offer(self, fingerprint: str, build: Callable[[], dict[str, Any]]) -> None:
         """Count one error; the first of its group is built (by ``build``) off the request's path."""
         with self._lock:
             group = self._groups.get(fingerprint)
-            if group is not None:
+            if group is not None and time.monotonic() < group.due:
                 group.count += 1
                 group.last_seen = now_iso()
                 return
+            if group is not None:
+                # Its window is over but the thread has not taken it yet (it
+                # waits on a slow publish, the broker being away): it closes
+                # with the count it has, and this error starts the next one,
+                # so a window stays `window` seconds whatever the broker does.
+                self._closed.append(self._groups.pop(fingerprint))
             if len(self._groups) >= self.max_groups:
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -117,14 +126,15 @@ class Pipeline:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._groups:
+                while not self._groups and not self._closed:
                     self._wake.wait()
                 now = time.monotonic()
                 due = [fp for fp, group in self._groups.items() if group.due <= now]
-                if not due:
+                if not due and not self._closed:
                     self._wake.wait(min(g.due for g in self._groups.values()) - now)
                     continue
-                groups = [self._groups.pop(fp) for fp in due]
+                groups = self._closed + [self._groups.pop(fp) for fp in due]
+                self._closed = []
             for group in groups:
                 try:
                     report = group.build()
@@ -159,8 +169,9 @@ class Pipeline:
     def spool_pending(self) -> int:
         """Write the groups still inside their window to the spool now; how many."""
         with self._lock:
-            groups = list(self._groups.values())
+            groups = self._closed + list(self._groups.values())
             self._groups.clear()
+            self._closed = []
         for group in groups:
             try:
                 report = group.build()

@@ -3,8 +3,8 @@
 A report is a plain JSON-safe dict, so it travels as a task argument and is
 written to the spool as is. It carries the stack trace as frames (file, line,
 function, source line) but never local variables, whose values are the
-likeliest place for a password. Headers and query values whose names look
-secret are replaced before the report leaves the process.
+likeliest place for a password. Secrets are replaced before the report leaves
+the process, by the one policy of :mod:`.scrub`.
 """
 
 from __future__ import annotations
@@ -14,24 +14,14 @@ import hashlib
 import re
 import socket
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, unquote_plus
 
-__all__ = ["FILTERED", "Scrubber", "build_report", "fingerprint", "render_extra"]
+from .scrub import FILTERED, SECRET_HEADERS, SECRET_NAME_PARTS, SECRET_NAMES, Scrubber, repr_safe
 
-#: What a scrubbed value is replaced with.
-FILTERED = "[Filtered]"
-_FILTERED_QUERY = quote(FILTERED)
-
-#: Headers that always carry credentials, whatever the name patterns say.
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-#: Parts of a name that mark its value as secret (headers, query and form fields).
-#: (Sentry's default deny-list, as substrings: ``key`` covers api_key and
-#: private_key, ``session`` covers sessionid, ``signature`` a presigned URL's.)
-SECRET_NAME_PARTS = ("password", "passwd", "pwd", "secret", "token", "key", "session", "sessid",
-                     "auth", "credential", "csrf", "xsrf", "signature", "jwt")
+__all__ = ["FILTERED", "SECRET_HEADERS", "SECRET_NAMES", "SECRET_NAME_PARTS", "Scrubber",
+           "build_report", "fingerprint", "render_extra"]
 
 #: The CGI variables of a WSGI environ that a report reads (besides HTTP_*).
 REQUEST_KEYS = frozenset({"REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_NAME",
@@ -42,66 +32,18 @@ MAX_FRAMES = 100
 MAX_TEXT = 2000
 MAX_DESCRIPTION = 250
 MAX_TRACEBACK = 32_000
+#: Headers a report keeps (the first ones; a request may carry hundreds).
+MAX_HEADERS = 64
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
-class Scrubber:
-    """Replaces the values of secret-looking names with ``[Filtered]``.
-
-    Parameters:
-        names: the parts of a name that make it secret (case-insensitive
-            substrings); default :data:`SECRET_NAME_PARTS`.
-        headers: header names that are always secret; default
-            :data:`SECRET_HEADERS`.
-
-    >>> Scrubber().query("q=shoes&api_key=abc&page=2")
-    'q=shoes&api_key=%5BFiltered%5D&page=2'
-    >>> Scrubber(names=["pin"]).headers({"X-Pin": "1234", "Accept": "*/*"})
-    {'X-Pin': '[Filtered]', 'Accept': '*/*'}
-    """
-
-    def __init__(self, names: Iterable[str] = SECRET_NAME_PARTS,
-                 headers: Iterable[str] = SECRET_HEADERS) -> None:
-        if isinstance(names, str) or isinstance(headers, str):
-            raise TypeError("Scrubber takes lists of names, not a single string")
-        parts = [re.escape(str(name)) for name in names if str(name)]
-        self._pattern = re.compile("|".join(parts), re.I) if parts else None
-        self._headers = frozenset(str(name).lower() for name in headers)
-
-    def is_secret(self, name: str) -> bool:
-        """Whether a header, query or field name holds a secret."""
-        lowered = name.lower()
-        return lowered in self._headers or (
-            self._pattern is not None and self._pattern.search(lowered) is not None)
-
-    def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
-        return {name: FILTERED if self.is_secret(name) else _cut(value)
-                for name, value in headers.items()}
-
-    def query(self, query: str) -> str:
-        """The query string with secret values replaced; the rest kept as sent."""
-        if not query:
-            return ""
-        parts = []
-        for part in query.split("&"):
-            name, sep, _value = part.partition("=")
-            if not sep:
-                # A bare token (``?abc123``) has no name saying it is harmless.
-                parts.append(_FILTERED_QUERY if part else part)
-            elif self.is_secret(unquote_plus(name)):
-                parts.append(f"{name}={_FILTERED_QUERY}")
-            else:
-                parts.append(part)
-        return "&".join(parts)
-
-    def mapping(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        return {str(k): FILTERED if self.is_secret(str(k)) else v for k, v in values.items()}
-
-
 def _cut(text: Any, limit: int = MAX_TEXT) -> str:
-    text = text if isinstance(text, str) else repr(text)
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if isinstance(text, str) else repr_safe(text)
+    text = text if len(text) <= limit else text[:limit] + "..."
+    # A lone surrogate (bytes a server decoded with surrogateescape) cannot
+    # be sent as UTF-8 to a sink: it becomes "?".
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _cut_head(text: str, limit: int = MAX_TRACEBACK) -> str:
@@ -110,38 +52,78 @@ def _cut_head(text: str, limit: int = MAX_TRACEBACK) -> str:
 
 
 def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
-    summary = traceback.extract_tb(tb)
+    summary: list[traceback.FrameSummary] = list(traceback.extract_tb(tb))
     if len(summary) > MAX_FRAMES:  # the innermost frames say the most
         summary = summary[-MAX_FRAMES:]
     return [{"file": frame.filename, "line": frame.lineno, "function": frame.name,
              "context": (frame.line or "")[:MAX_TEXT]} for frame in summary]
 
 
-def fingerprint(exc_type: type[BaseException], tb: TracebackType | None) -> str:
-    """A stable id for "the same error": its type and where it was raised.
+def message_shape(message: str) -> str:
+    """A message with what varies between occurrences of one bug taken out.
 
-    Built from the exception's type and each frame's file and function, not
-    line numbers or the message, so the same bug still groups after an edit
-    above it or with other values in its message.
+    Numbers, hex ids, quoted values and anything after the first line become
+    placeholders, so ``no such user 42`` and ``no such user 7`` have one
+    shape while ``connection refused`` and ``disk full`` have two.
+
+    >>> message_shape("no such user 42 in 'shop-eu' (0x7f3a)")
+    "no such user # in '_' (#)"
+    """
+    first = (message.splitlines() or [""])[0][:500]
+    first = _QUOTED.sub(lambda m: m.group(0)[0] + "_" + m.group(0)[-1], first)
+    return _NUMBER.sub("#", first)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\b0x[0-9a-fA-F]+\b|[0-9a-fA-F]{8}-[0-9a-fA-F-]{27}|\d+(\.\d+)?")
+
+
+def fingerprint(exc_type: type[BaseException], tb: TracebackType | None, exc: BaseException | None = None) -> str:
+    """A stable id for "the same error": its type, its message's shape and where it was raised.
+
+    Built from the exception's type, the shape of its message
+    (:func:`message_shape`), each frame's file and function, and where in
+    the innermost function it was raised (the line counted from the
+    function's first line): two different errors raised in one function are
+    two reports, and the same bug still groups after an edit above its
+    function or with other values in its message.
     """
     digest = hashlib.sha1(f"{exc_type.__module__}.{exc_type.__qualname__}".encode())
+    if exc is not None:
+        digest.update(b"|" + message_shape(text_of(exc)).encode("utf-8", "replace"))
+    last = None
     while tb is not None:
         code = tb.tb_frame.f_code
-        digest.update(f"|{code.co_filename}:{code.co_name}".encode())
+        digest.update(f"|{code.co_filename}:{code.co_name}".encode("utf-8", "replace"))
+        last = tb
         tb = tb.tb_next
+    if last is not None:
+        digest.update(f"+{last.tb_lineno - last.tb_frame.f_code.co_firstlineno}".encode())
     return digest.hexdigest()[:16]
+
+
+def text_of(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder for an exception that cannot be printed."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - e.g. ValueError(10**5000): str() refuses it
+        return f"<unprintable {type(exc).__name__}>"
 
 
 def request_info(environ: Mapping[str, Any], scrubber: Scrubber) -> dict[str, Any]:
     """The request part of a report from a WSGI environ (or an ASGI scope made into one)."""
-    headers = {key[5:].replace("_", "-").title(): str(value)
-               for key, value in environ.items() if key.startswith("HTTP_")}
+    headers: dict[str, str] = {}
+    names = [key for key in environ if key.startswith("HTTP_")]
+    for key in names[:MAX_HEADERS]:
+        headers[_cut(key[5:].replace("_", "-").title(), 200)] = str(environ[key])
+    if len(names) > MAX_HEADERS:
+        headers["..."] = f"{len(names) - MAX_HEADERS} more headers"
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if environ.get(key):
             headers[key.replace("_", "-").title()] = str(environ[key])
     # Scrubbed whole, then cut: a cut must not split a secret from its name.
     query = _cut(scrubber.query(str(environ.get("QUERY_STRING") or "")))
-    path = _cut(str(environ.get("SCRIPT_NAME") or "") + str(environ.get("PATH_INFO") or ""))
+    path = _cut(scrubber.path(str(environ.get("SCRIPT_NAME") or "") + str(environ.get("PATH_INFO") or "")))
     host = str(environ.get("HTTP_HOST") or environ.get("SERVER_NAME") or "")
     scheme = str(environ.get("wsgi.url_scheme") or "http")
     return {
@@ -169,7 +151,7 @@ def build_report(exc_info: ExcInfo, *, app: Mapping[str, Any], environ: Mapping[
     exc_type, exc, tb = exc_info
     scrubber = scrubber or Scrubber()
     frames = _frames(tb)
-    message = _cut(str(exc), MAX_TEXT)
+    message = _cut(text_of(exc), MAX_TEXT)
     name = exc_type.__qualname__
     description = f"{name}: {message}" if message else name
     description = (description.splitlines() or [name])[0][:MAX_DESCRIPTION - 80] + _where(frames)
@@ -177,11 +159,11 @@ def build_report(exc_info: ExcInfo, *, app: Mapping[str, Any], environ: Mapping[
         "description": description[:MAX_DESCRIPTION],
         "exception": {"type": name, "module": exc_type.__module__, "message": message},
         "frames": frames,
-        "traceback": _cut_head("".join(traceback.format_exception(exc_type, exc, tb, limit=-MAX_FRAMES))),
+        "traceback": _cut_head(_format(exc_type, exc, tb)),
         "app": dict(app),
         "hostname": socket.gethostname(),
         "timestamp": now_iso(),
-        "fingerprint": fingerprint_ or fingerprint(exc_type, tb),
+        "fingerprint": fingerprint_ or fingerprint(exc_type, tb, exc),
         "count": 1,
     }
     if environ is not None:
@@ -189,6 +171,14 @@ def build_report(exc_info: ExcInfo, *, app: Mapping[str, Any], environ: Mapping[
     if task is not None:
         report["task"] = dict(task)
     return report
+
+
+def _format(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> str:
+    try:
+        return "".join(traceback.format_exception(exc_type, exc, tb, limit=-MAX_FRAMES))
+    except Exception:  # noqa: BLE001 - an exception whose str() fails, a cycle in its chain
+        frames = "".join(traceback.format_list(traceback.extract_tb(tb, limit=-MAX_FRAMES)))
+        return f"Traceback (most recent call last):\n{frames}{exc_type.__qualname__}: {text_of(exc)}\n"
 
 
 def now_iso() -> str:

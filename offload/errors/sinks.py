@@ -17,10 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 from ..exceptions import OffloadError
 from .report import render_extra
 
+logger = logging.getLogger("offload.errors")
+
 __all__ = ["FogBugz", "Log", "Sink", "SinkRefused", "SinkUnavailable", "Webhook"]
 
 #: Seconds for connecting to and hearing from a sink's server.
 DEFAULT_TIMEOUT = 10.0
+#: Characters of a FogBugz answer that are parsed.
+MAX_ANSWER = 64 * 1024
 
 
 class SinkUnavailable(OffloadError):
@@ -69,9 +73,10 @@ class FogBugz:
     document, ``<Success>...</Success>`` or ``<Error>...</Error>``; an
     ``<Error>`` (unknown user, project or area) is a refusal, not a delivery.
 
-    >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
-    ...         project="Inbox", area="Undecided")
-    <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
+    Examples:
+        >>> FogBugz("https://example.fogbugz.com/scoutSubmit.asp", user="Bug Reporter",
+        ...         project="Inbox", area="Undecided")
+        <FogBugz https://example.fogbugz.com/scoutSubmit.asp project='Inbox' area='Undecided'>
     """
 
     name = "fogbugz"
@@ -113,28 +118,40 @@ class FogBugz:
         return form
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post BugzScout's form; SinkRefused for FogBugz's ``<Error>`` answer."""
         response = _post(self.url, self.timeout, data=self.form(report))
         parse_answer(response.text)
 
 
 def parse_answer(text: str) -> str:
-    """The message of a BugzScout ``<Success>`` answer; SinkRefused for ``<Error>``.
+    """The message of a BugzScout answer; SinkRefused for ``<Error>``.
+
+    Any other answer that came with a 2xx status (XML of another shape, a
+    proxy's page, nothing) is taken as delivered, with a warning: the server
+    had the form, and posting it again would file it again. Only a failed
+    connection, a timeout or a 5xx is retried (see :func:`_post`).
 
     >>> parse_answer("<?xml version='1.0'?><Success>Case 42 updated</Success>")
     'Case 42 updated'
     """
     try:
-        root = ET.fromstring(text.strip())
+        # BugzScout's answer is a line; a bigger one is not worth parsing.
+        root = ET.fromstring(text.strip()[:MAX_ANSWER])
     except ET.ParseError:
-        # A proxy's HTML page or a truncated answer: the report may not have
-        # arrived, and BugzScout counts duplicates, so sending again is safe.
-        raise SinkUnavailable(f"FogBugz answered something that is not BugzScout XML: {text[:200]!r}") from None
+        logger.warning("FogBugz answered something that is not BugzScout XML (not posted again): %r",
+                       text[:200])
+        return ""
     message = (root.text or "").strip()
     if root.tag == "Success":
         return message
     if root.tag == "Error":
         raise SinkRefused(f"FogBugz refused the report: {message}")
-    raise SinkUnavailable(f"FogBugz answered an unexpected <{root.tag}> document: {text[:200]!r}")
+    for child in root.iter():
+        if child.tag == "Error":
+            raise SinkRefused(f"FogBugz refused the report: {(child.text or '').strip()}")
+    logger.warning("FogBugz answered an unexpected <%s> document (not posted again): %r",
+                   root.tag, text[:200])
+    return message
 
 
 class Webhook:
@@ -152,6 +169,7 @@ class Webhook:
         return f"<Webhook {self.url}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Post the report as JSON; SinkRefused for a 4xx, SinkUnavailable for a 5xx or no answer."""
         _post(self.url, self.timeout, json=dict(report), headers=self.headers)
 
 
@@ -170,4 +188,5 @@ class Log:
         return f"<Log {self.logger.name}>"
 
     def send(self, report: Mapping[str, Any]) -> None:
+        """Log the report's description and details at ``level``."""
         self.logger.log(self.level, "%s\n%s", report.get("description"), render_extra(report))

@@ -77,7 +77,7 @@ class Spool:
         try:
             with open(claimed, encoding="utf-8") as fh:
                 report = json.load(fh)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # a damaged or hand-made file
             logger.warning("error spool: dropped unreadable %s (%s)", name, exc)
             report = None
         os.unlink(claimed)

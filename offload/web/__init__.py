@@ -1,9 +1,14 @@
 """``offload.web``: the HTTP task API of an Offload, as WSGI and ASGI.
 
->>> from offload.web import TaskAPI                          # doctest: +SKIP
->>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])  # doctest: +SKIP
+Examples:
+    >>> from offload import Offload
+    >>> from offload.web import TaskAPI
+    >>> off = Offload()
+    >>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])
+    >>> callable(api.wsgi), callable(api.asgi)
+    (True, True)
 
-See README.md, "The web task API".
+The guide: docs/guide/web-api.md.
 """
 
 from .app import RequestInfo, TaskAPI

@@ -12,7 +12,7 @@ written once and the ASGI side holds no thread while a request waits.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import re
@@ -22,9 +22,12 @@ from importlib import resources
 from typing import Any, Union
 from urllib.parse import quote
 
+from celery import exceptions as celery_exceptions
 from celery import states
 
 from ..exceptions import BrokerUnavailable, ConfigurationError
+from ..exposure import Exposure
+from . import strict_json
 from .names import ArgumentsError, ExposedTasks
 from .waiting import TaskSnapshot, compact_json, lookup
 
@@ -35,6 +38,18 @@ logger = logging.getLogger("offload.web")
 #: A task id as Celery makes them (a UUID) or as a user may choose them.
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
+#: A Content-Length header as HTTP defines it: digits only (no sign, no ``_``).
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+
+#: The media types a request body may be sent as: JSON, and for JSON-RPC also
+#: ``application/json-rpc`` (older clients' type). Anything else is 415: a
+#: page on another origin can POST ``text/plain`` without a preflight.
+JSON_TYPES = ("application/json",)
+RPC_TYPES = ("application/json", "application/json-rpc")
+
+#: Celery's own failures, whose messages carry nothing of the task's data.
+_CELERY_PUBLIC = (celery_exceptions.TaskRevokedError, celery_exceptions.TimeLimitExceeded,
+                  celery_exceptions.SoftTimeLimitExceeded, celery_exceptions.WorkerLostError)
 
 Authorize = Callable[["RequestInfo", str], bool]
 
@@ -45,6 +60,8 @@ class RequestInfo:
 
     ``headers`` has lowercase names. ``raw`` is the WSGI environ or the ASGI
     scope, for an ``authorize`` that needs a framework's session or user.
+    When ``authorize`` is asked about an existing task (a read or a cancel),
+    ``task_id`` and ``task_name`` name it.
     """
 
     method: str
@@ -53,6 +70,8 @@ class RequestInfo:
     headers: Mapping[str, str]
     client: str | None = None
     raw: Any = None
+    task_id: str | None = None
+    task_name: str | None = None
 
 
 @dataclass
@@ -66,9 +85,16 @@ class Response:
 
 @dataclass(frozen=True)
 class EventStream:
-    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`)."""
+    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`).
+
+    ``source``, when given, makes the events instead: an object with
+    ``sync()`` (an iterator of bytes, for WSGI) and ``async_()`` (an async
+    one, for ASGI), as the dashboard's live stream.
+    """
 
     task_id: str
+    exposure: Exposure | None = None
+    source: Any = None
 
 
 @dataclass(frozen=True)
@@ -126,11 +152,26 @@ def error_response(status: int, kind: str, message: str,
 
 
 def parse_json(body: bytes) -> Any:
-    """The JSON document in ``body``, or HTTPError 400."""
+    """The JSON document in ``body``, or HTTPError 400 (limits: :mod:`offload.web.strict_json`)."""
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPError(400, "MalformedJSON", f"the body is not valid JSON: {exc}") from None
+        return strict_json.loads(body)
+    except strict_json.JSONError as exc:
+        raise HTTPError(400, "MalformedJSON", str(exc)) from None
+
+
+def require_json(request: RequestInfo, accepted: Sequence[str] = JSON_TYPES) -> None:
+    """HTTPError 415 unless the body is sent as one of ``accepted`` (UTF-8)."""
+    raw = request.headers.get("content-type", "")
+    media, _, parameters = raw.partition(";")
+    charset_ok = True
+    for parameter in parameters.split(";"):
+        key, _, value = parameter.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            charset_ok = False
+    if media.strip().lower() not in accepted or not charset_ok:
+        shown = " or ".join(accepted)
+        raise HTTPError(415, "UnsupportedMediaType",
+                        f"send the body as Content-Type: {shown} (UTF-8), not {raw or 'no Content-Type'!r}")
 
 
 class TaskAPI:
@@ -146,22 +187,36 @@ class TaskAPI:
         cors_credentials: allow cookies and HTTP auth on cross-origin calls.
         cors_max_age: how long a browser may cache a preflight answer (s).
         authorize: ``authorize(request_info, task_name) -> bool``, asked before
-            a task is started (``task_name`` is its full Celery name) or
-            cancelled (``"task.cancel"``); False answers 403.
+            a task is started and before one is read (its state, result or
+            events): ``task_name`` is its full Celery name; and before one is
+            cancelled, with ``"task.cancel"``. For a read or a cancel,
+            ``request_info.task_id`` and ``request_info.task_name`` name the
+            task, so an app can tie a task to its user. False answers 403.
         max_body: the largest request body accepted (bytes); larger is 413.
         max_wait: the cap of ``?wait=`` and of JSON-RPC ``task.result`` (s).
         max_stream: how long one event stream may stay open (s); the browser
             reconnects after it. Under WSGI each open stream holds a thread.
         keepalive: seconds between keep-alive comments of an event stream.
+        dashboard: also serve ``{prefix}/dashboard`` and ``{prefix}/metrics``
+            (:mod:`offload.web.dashboard`): loopback clients only, unless
+            ``authorize`` decides (actions ``"dashboard"``,
+            ``"dashboard.revoke"``, ``"dashboard.retry"``,
+            ``"dashboard.dismiss"``, ``"metrics"``).
+        failed_retention: how long the dashboard lists a failed task that
+            nobody dismissed (s; default a week).
 
-    >>> api = TaskAPI(off, prefix="/offload", cors_origins=["https://app.example"])  # doctest: +SKIP
-    >>> api.wsgi, api.asgi                                                           # doctest: +SKIP
+    Examples:
+        >>> from offload import Offload
+        >>> api = TaskAPI(Offload(), prefix="/offload", cors_origins=["https://app.example"])
+        >>> api.prefix, api.location("c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5")
+        ('/offload', '/offload/tasks/c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5')
     """
 
     def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
                  cors_credentials: bool = False, cors_max_age: int = 600,
                  authorize: Authorize | None = None, max_body: int = 1 << 20,
-                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0) -> None:
+                 max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0,
+                 dashboard: bool = False, failed_retention: float | None = None) -> None:
         from .cors import CorsConfig
 
         if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/") or prefix.endswith("/"))):
@@ -173,18 +228,38 @@ class TaskAPI:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize must be callable(request_info, task_name), got {authorize!r}")
+        from ..hub import stores_results
+
+        if not stores_results(off.celery.backend):
+            raise ConfigurationError(
+                f"the task API needs results every web process can read, and the result backend "
+                f"{off.celery.conf.result_backend!r} keeps none (rpc:// sends a result only to the "
+                "process that sent the task). Set CELERY_RESULT_BACKEND: 'redis://...', a "
+                "database ('db+postgresql://...'), or the embedded 'sqlite://' (one machine).")
         self.off = off
+        """The Offload whose exposed tasks this API serves."""
         self.prefix = prefix
+        """The public path the API is mounted at (``/offload``)."""
         self.cors = CorsConfig(cors_origins, credentials=cors_credentials, max_age=cors_max_age)
         self.authorize = authorize
+        """The hook ``authorize(request_info, task_name) -> bool``, or None."""
         self.max_body = int(max_body)
+        """The largest request body, in bytes (larger: 413)."""
         self.max_wait = float(max_wait)
+        """The cap, in seconds, of ``?wait=`` and of ``task.result``."""
         self.max_stream = float(max_stream)
+        """How long, in seconds, an event stream stays open under WSGI."""
         self.keepalive = float(keepalive)
+        """Seconds between an event stream's keep-alive comments."""
         self.tasks = ExposedTasks(off)
         self._wsgi: Any = None
         self._asgi: Any = None
         self._openapi: tuple[frozenset[str], dict[str, Any]] | None = None
+        self.dashboard: Any = None
+        if dashboard:
+            from .dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, failed_retention=failed_retention)
 
     def __repr__(self) -> str:
         return f"<TaskAPI {self.prefix or '/'} of {self.off!r}>"
@@ -271,17 +346,29 @@ class TaskAPI:
             return (yield from self._status(request, task_id))
         if len(parts) == 3 and parts[0] == "tasks" and parts[2] == "events":
             self._allow(method, ("GET",))
-            return EventStream(self.parse_task_id(parts[1]))
+            task_id = self.parse_task_id(parts[1])
+            exposure = yield from self.find_exposed(request, task_id)
+            return EventStream(task_id, exposure)
         if parts == ["rpc"]:
             self._allow(method, ("POST",))
             from .jsonrpc import handle_rpc
 
+            require_json(request, RPC_TYPES)
             return (yield from handle_rpc(self, request, body))
         if parts == ["openapi.json"]:
             self._allow(method, ("GET",))
             return json_response(200, self.openapi())
+        if self.dashboard is not None and parts[0] in ("dashboard", "metrics"):
+            return (yield from self.dashboard.route(request, parts, body))
+        if len(parts) == 2 and parts[0] == "static" and parts[1] in ("offload.css", "dashboard.js"):
+            from .dashboard import static_file
+
+            self._allow(method, ("GET",))
+            return static_file(parts[1])
         if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
             self._allow(method, ("GET",))
+            # Public: the same for everyone. The adapters add "Vary: Origin"
+            # where CORS is configured, so a cache keeps each origin's copy.
             return Response(200, offload_js(), [
                 ("Content-Type", "text/javascript; charset=utf-8"), ("Cache-Control", "public, max-age=300")])
         raise HTTPError(404, "NotFound", f"no route {method} {request.path}; see {self.prefix}/openapi.json")
@@ -297,11 +384,13 @@ class TaskAPI:
 
     @staticmethod
     def parse_task_id(raw: str) -> str:
+        """``raw`` if it can be a task id, else HTTPError 400 (``BadTaskId``)."""
         if not TASK_ID.fullmatch(raw):
             raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
         return raw
 
     def location(self, task_id: str) -> str:
+        """The path of a task's state under this API (the ``Location`` header)."""
         return f"{self.prefix}/tasks/{quote(task_id)}"
 
     # Tasks ----------------------------------------------------------------
@@ -316,15 +405,78 @@ class TaskAPI:
         return task
 
     def check_authorized(self, request: RequestInfo, name: str) -> Generator[Step, Any, None]:
+        """Ask the ``authorize`` hook about ``name`` (steps); HTTPError 403 when it says no."""
         # A Call: the hook may read a session store, so under ASGI it runs
         # in a worker thread, not on the event loop.
         if self.authorize is not None and not (yield Call(self.authorize, (request, name))):
             raise HTTPError(403, "Forbidden", f"not allowed to call {name!r}")
 
+    def find_exposed(self, request: RequestInfo, task_id: str, cancel: bool = False) -> Generator[Step, Any, Exposure]:
+        """The mark of a task the request may read (or cancel), or HTTPError 404/403.
+
+        Only tasks marked for the web (:mod:`offload.exposure`) are served:
+        any other id, whether a task of the server's own or no task at all,
+        answers the same 404.
+        """
+        exposure = self.off.exposures.known(task_id)  # no step for an id seen lately
+        if exposure is None or self.authorize is not None:
+            exposure, allowed = yield Call(self._exposed_and_allowed, (request, task_id, exposure, cancel))
+            if exposure is None:
+                raise HTTPError(404, "UnknownTaskId",
+                                f"no task {task_id!r} is served here (tasks started through this API "
+                                "or submitted with expose=True only)")
+            if not allowed:
+                raise HTTPError(403, "Forbidden", f"not allowed to {'cancel' if cancel else 'read'} "
+                                                  f"task {task_id!r}")
+        return exposure
+
+    def _exposed_and_allowed(self, request: RequestInfo, task_id: str, exposure: Exposure | None,
+                             cancel: bool) -> tuple[Exposure | None, bool]:
+        # One Call for both: under ASGI, one trip to the thread pool.
+        if exposure is None:
+            exposure = self.off.exposures.find(task_id)
+        if exposure is None or self.authorize is None:
+            return exposure, True
+        info = dataclasses.replace(request, task_id=task_id, task_name=exposure.name)
+        return exposure, bool(self.authorize(info, "task.cancel" if cancel else exposure.name))
+
+    def present(self, snap: TaskSnapshot, exposure: Exposure) -> tuple[dict[str, Any], bytes]:
+        """What a client is shown of a snapshot, as an object and as JSON text.
+
+        A failure's message is shown only for an exception type the task
+        declared public (``public_errors``, :class:`offload.TaskError`);
+        any other answers a generic message with the task id, its details
+        left to the server's log and error reports. A result or progress
+        holding NaN or an infinity, which standard JSON cannot carry,
+        becomes an error saying so.
+        """
+        data = snap.to_json()
+        if snap.exception is not None and not _is_public(snap.exception, exposure):
+            data["error"] = {"type": "TaskFailed",
+                             "message": f"the task failed; the details are in the server's error reports "
+                                        f"(task {snap.id})"}
+        try:
+            return data, compact_json(data).encode()
+        except ValueError:
+            pass
+        where = strict_json.non_finite(snap.result, "result")
+        if where is not None:
+            data = {"id": snap.id, "state": snap.state, "error": {
+                "type": "NonFiniteResult",
+                "message": f"the task's {where} is NaN or an infinity, which standard JSON cannot carry"}}
+        elif "progress" in data:
+            data["progress"] = None  # progress with NaN: none shown rather than non-JSON
+        return data, compact_json(data).encode()
+
     def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Handler:
         """Check the arguments, then send the task; its id (steps: one Call)."""
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise HTTPError(400, "BadArguments", 'the body is {"args": [...], "kwargs": {...}}')
+        where = strict_json.non_finite(args, "args") or strict_json.non_finite(kwargs, "kwargs")
+        if where is not None:
+            raise HTTPError(422, "BadArguments",
+                            f"{where} is NaN or an infinity: the API takes finite numbers only "
+                            "(standard JSON has no NaN or Infinity; 1e999999 overflows to one)")
         try:
             self.tasks.check_arguments(task, args, kwargs)
         except ArgumentsError as exc:
@@ -336,6 +488,7 @@ class TaskAPI:
         return future.id
 
     def _submit(self, request: RequestInfo, name: str, body: bytes) -> Handler:
+        require_json(request)
         task = yield from self.find_task(request, name)
         data = parse_json(body) if body.strip() else {}
         if not isinstance(data, dict) or set(data) - {"args", "kwargs"}:
@@ -347,6 +500,7 @@ class TaskAPI:
                              [("Location", location)])
 
     def wait_seconds(self, raw: str | None) -> float:
+        """The ``?wait=`` query value in seconds, capped by ``max_wait``; HTTPError 400 for a bad one."""
         if raw is None or raw == "":
             return 0.0
         try:
@@ -367,13 +521,17 @@ class TaskAPI:
 
     def _status(self, request: RequestInfo, task_id: str) -> Handler:
         wait = self.wait_seconds(request.query.get("wait"))
+        exposure = yield from self.find_exposed(request, task_id)
         snap: TaskSnapshot = yield from self.snapshot(task_id, wait)
-        return json_response(200, snap.to_json(), [("Cache-Control", "no-store")])
+        _, body = self.present(snap, exposure)
+        return Response(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
 
     def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
-        yield from self.check_authorized(request, "task.cancel")
+        """Revoke a task, as ``Future.cancel`` does (``terminate`` also kills it if running); its snapshot."""
+        exposure = yield from self.find_exposed(request, task_id, cancel=True)
         cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
-        return {**snap.to_json(), "cancelled": cancelled}
+        data, _ = self.present(snap, exposure)
+        return {**data, "cancelled": cancelled}
 
     def _cancel(self, request: RequestInfo, task_id: str) -> Handler:
         raw = request.query.get("terminate", "false")
@@ -399,6 +557,15 @@ def _cancel(off: Any, task_id: str, terminate: bool) -> tuple[bool, TaskSnapshot
     if cancelled and not snap.final:
         snap = TaskSnapshot(task_id, states.REVOKED, error=("TaskRevokedError", "the task was revoked"))
     return cancelled, snap
+
+
+def _is_public(exc: Any, exposure: Exposure) -> bool:
+    """Whether a client may read a failure's type and message."""
+    if not isinstance(exc, BaseException):
+        return False  # a failure stored as some other value: its text is the task's data
+    if isinstance(exc, _CELERY_PUBLIC):
+        return True
+    return exposure.is_public(exc)
 
 
 _OFFLOAD_JS: bytes | None = None

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from .app import Answer, EventStream, Handler, RequestInfo, Response, TaskAPI, Wait, error_response
+from .app import CONTENT_LENGTH, Answer, EventStream, Handler, RequestInfo, Response, TaskAPI, Wait, error_response
 from .sse import HEADERS as SSE_HEADERS
 from .sse import async_events
 from .waiting import wait_final
@@ -92,13 +92,13 @@ class ASGIApp:
         except _TooLarge:
             response = error_response(413, "TooLarge", f"the body is over {self.api.max_body} bytes")
         except ValueError:
-            response = error_response(400, "BadContentLength", "Content-Length is not a number")
+            response = error_response(400, "BadContentLength", "Content-Length is not a number of bytes (digits only)")
         except ClientDisconnect:
             return
         else:
             response = await self._answer(scope, request, body)
         if isinstance(response, EventStream):
-            response = _EventStreamResponse(self.api, response.task_id, cors.simple(origin))
+            response = _EventStreamResponse(self.api, response, cors.simple(origin))
         else:
             response = _PlainResponse(response, cors.simple(origin))
         await response(scope, receive, send)
@@ -123,7 +123,7 @@ class ASGIApp:
         limit = self.api.max_body
         raw = request.headers.get("content-length")
         if raw is not None:
-            if not raw.strip().isdigit():
+            if not CONTENT_LENGTH.fullmatch(raw.strip()):
                 raise ValueError(raw)
             if int(raw) > limit:
                 raise _TooLarge
@@ -145,8 +145,8 @@ class _EventStreamResponse:
     beside the stream.
     """
 
-    def __init__(self, api: TaskAPI, task_id: str, extra: list[tuple[str, str]]) -> None:
-        self.api, self.task_id, self.extra = api, task_id, extra
+    def __init__(self, api: TaskAPI, stream: EventStream, extra: list[tuple[str, str]]) -> None:
+        self.api, self.stream, self.extra = api, stream, extra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.current_task()
@@ -161,7 +161,9 @@ class _EventStreamResponse:
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async for chunk in async_events(self.api, self.task_id):
+            source = self.stream.source
+            chunks = source.async_() if source is not None else async_events(self.api, self.stream.task_id, self.stream.exposure)
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

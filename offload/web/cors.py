@@ -9,7 +9,9 @@ longer kept. The rules are few: a preflight, and the headers of an answer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError
 
@@ -20,6 +22,34 @@ METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 #: Response headers a page may read besides the safelisted ones.
 EXPOSE = ("Location", "Retry-After")
 _PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_problem(origin: object) -> str | None:
+    """Why ``origin`` can never equal a browser's ``Origin`` header, or None when it can.
+
+    A browser sends ``scheme://host[:port]``: scheme and host in lower
+    case, no path, no trailing slash, no default port. The API compares
+    origins exactly (a pattern would be easy to get wrong), so anything
+    else would silently match no one.
+    """
+    if not isinstance(origin, str):
+        return "it is not a string"
+    parts = urlsplit(origin)
+    if (not _SCHEME.fullmatch(parts.scheme) or not parts.netloc or parts.path or parts.query
+            or parts.fragment or "@" in parts.netloc or origin.endswith(("?", "#"))):
+        return "an origin is 'scheme://host[:port]', with no path (not even a trailing slash)"
+    if origin != origin.lower():
+        return f"browsers send the scheme and host in lower case: use {origin.lower()!r}"
+    try:
+        port = parts.port
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if port is not None and _DEFAULT_PORTS.get(parts.scheme) == port:
+        return (f"browsers leave the default port out of an origin: use "
+                f"{parts.scheme}://{parts.hostname!s}")
+    return None
 
 
 class CorsConfig:
@@ -28,7 +58,7 @@ class CorsConfig:
     Raises:
         ConfigurationError: ``"*"`` together with credentials (a browser
             refuses it, and it would hand every site the user's cookies), or
-            an origin that is not ``scheme://host[:port]``.
+            an origin no browser ever sends (see :func:`origin_problem`).
     """
 
     def __init__(self, origins: Sequence[str], *, credentials: bool = False, max_age: int = 600) -> None:
@@ -36,9 +66,9 @@ class CorsConfig:
             raise ConfigurationError(f"cors_origins is a list of origins, got the string {origins!r}")
         origins = tuple(origins)
         for origin in origins:
-            if origin != "*" and (not isinstance(origin, str) or "://" not in origin or origin.endswith("/")):
-                raise ConfigurationError(
-                    f"a CORS origin is 'scheme://host[:port]' with no path or trailing slash, got {origin!r}")
+            problem = None if origin == "*" else origin_problem(origin)
+            if problem is not None:
+                raise ConfigurationError(f"cors_origins: {origin!r} would never match a browser's origin: {problem}")
         self.allow_all = "*" in origins
         if self.allow_all and credentials:
             raise ConfigurationError(
@@ -49,6 +79,10 @@ class CorsConfig:
         self.origins = frozenset(o for o in origins if o != "*")
         self.credentials = bool(credentials)
         self.max_age = max_age
+        # Where CORS is on, every answer varies by Origin, also one to a
+        # request without it: else a shared cache could hand a page of an
+        # allowed origin the copy made for no origin (no Allow-Origin).
+        self._no_origin = [("Vary", "Origin")] if origins else []
 
     def is_allowed(self, origin: str) -> bool:
         return self.allow_all or origin in self.origins
@@ -72,7 +106,7 @@ class CorsConfig:
     def simple(self, origin: str | None) -> list[tuple[str, str]]:
         """Headers added to an actual answer (never an allow for a disallowed origin)."""
         if origin is None:
-            return []
+            return self._no_origin
         out = [("Vary", "Origin")]
         if self.is_allowed(origin):
             out.append(("Access-Control-Allow-Origin",

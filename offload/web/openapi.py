@@ -101,6 +101,9 @@ def _task_body(task: Any) -> dict[str, Any]:
     except Exception:  # a hint naming something not importable here
         hints = {}
     positional, named, required, prefix = [], {}, [], []
+    # Each argument without a default must come positionally (args holds
+    # enough items) or by name (kwargs has it): one anyOf per argument.
+    needed: list[dict[str, Any]] = []
     var_args = var_kwargs = False
     for param in sig.parameters.values():
         schema = schema_of(hints.get(param.name, param.annotation))
@@ -118,19 +121,30 @@ def _task_body(task: Any) -> dict[str, Any]:
                 named[param.name] = schema
             if param.default is inspect.Parameter.empty:
                 required.append(param.name)
-    args_schema: dict[str, Any] = {"type": "array", "prefixItems": prefix}
+                ways = []
+                if param.kind is not param.KEYWORD_ONLY:
+                    ways.append({"required": ["args"], "properties": {"args": {"minItems": len(prefix)}}})
+                if param.kind is not param.POSITIONAL_ONLY:
+                    ways.append({"required": ["kwargs"], "properties": {"kwargs": {"required": [param.name]}}})
+                needed.append(ways[0] if len(ways) == 1 else {"anyOf": ways})
+    args_schema: dict[str, Any] = {"type": "array"}
+    if prefix:  # an empty prefixItems is not a valid schema
+        args_schema["prefixItems"] = prefix
     if not var_args:
         args_schema["maxItems"] = len(prefix)
     kwargs_schema: dict[str, Any] = {"type": "object", "properties": named}
     if not var_kwargs:
         kwargs_schema["additionalProperties"] = False
-    return {
+    body: dict[str, Any] = {
         "type": "object",
         "properties": {"args": args_schema, "kwargs": kwargs_schema},
         "additionalProperties": False,
         "description": f"Arguments of {sig}: positional in args, by name in kwargs. Required: "
                        + (", ".join(required) or "none") + ".",
     }
+    if needed:
+        body["allOf"] = needed
+    return body
 
 
 def _jsonable(value: Any) -> bool:
@@ -143,7 +157,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Malformed request", 403: "Refused by authorize", 404: "No such task or route",
-            405: "Method not allowed", 413: "Body too large", 422: "Arguments do not fit the signature",
+            405: "Method not allowed", 411: "A chunked body this server cannot read", 413: "Body too large",
+            415: "The body is not sent as application/json", 422: "Arguments do not fit the signature",
             503: "Broker or result store unreachable"}
     return {str(code): _json(_ERROR, text[code]) for code in codes}
 
@@ -156,17 +171,18 @@ def openapi_document(api: Any) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for short, task in api.tasks:
         doc = inspect.getdoc(task.run) or ""
+        body = _task_body(task)
         paths[f"{p}/tasks/{short}"] = {"post": {
             "operationId": f"start_{short}".replace(".", "_"),
             "summary": doc.splitlines()[0] if doc else f"Start {task.name}",
             "description": doc,
             "tags": ["tasks"],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": _task_body(task)}}},
+            "requestBody": {"required": "allOf" in body, "content": {"application/json": {"schema": body}}},
             "responses": {
                 "202": {**_json({"type": "object", "required": ["id"], "properties": {
                     "id": {"type": "string"}, "state": {"type": "string"}, "location": {"type": "string"}}},
                     "Started"), "headers": {"Location": {"schema": {"type": "string"}}}},
-                **_errors(400, 403, 404, 413, 422, 503),
+                **_errors(400, 403, 404, 411, 413, 415, 422, 503),
             },
         }}
     paths[f"{p}/tasks/{{id}}"] = {
@@ -176,7 +192,7 @@ def openapi_document(api: Any) -> dict[str, Any]:
                                      "description": f"wait up to this many seconds (at most {api.max_wait:g}) "
                                                     "for the task to end",
                                      "schema": {"type": "number", "minimum": 0}}],
-            "responses": {"200": _json(_SNAPSHOT, "The task's snapshot"), **_errors(400, 503)},
+            "responses": {"200": _json(_SNAPSHOT, "The task's snapshot"), **_errors(400, 403, 404, 503)},
         },
         "delete": {
             "operationId": "task_cancel", "summary": "Revoke a task (running work only with terminate=true)",
@@ -184,7 +200,7 @@ def openapi_document(api: Any) -> dict[str, Any]:
                                      "schema": {"type": "boolean"}}],
             "responses": {"200": _json({**_SNAPSHOT, "properties": {
                 **_SNAPSHOT["properties"], "cancelled": {"type": "boolean"}}}, "Revoked, or too late"),
-                **_errors(400, 403, 503)},
+                **_errors(400, 403, 404, 503)},
         },
     }
     paths[f"{p}/tasks/{{id}}/events"] = {"get": {
@@ -197,13 +213,14 @@ def openapi_document(api: Any) -> dict[str, Any]:
                                                "contentSchema": _SNAPSHOT},
                                       "event": {"type": "string"}, "id": {"type": "string"},
                                       "retry": {"type": "integer"}}}}}},
-                      **_errors(400)},
+                      **_errors(400, 403, 404, 503)},
     }}
     paths[f"{p}/rpc"] = {"post": {
         "operationId": "jsonrpc", "summary": "JSON-RPC 2.0: the exposed tasks, task.status, task.result, task.cancel",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {}},
+                                                      "application/json-rpc": {"schema": {}}}},
         "responses": {"200": _json({"type": ["object", "array"]}, "JSON-RPC answer(s)"),
-                      "204": {"description": "Only notifications"}, **_errors(413)},
+                      "204": {"description": "Only notifications"}, **_errors(411, 413, 415)},
     }}
     paths[f"{p}/openapi.json"] = {"get": {
         "operationId": "openapi", "summary": "This document",

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from celery import states
 
 from ..futures import loop_inbox
 from ..hub import LOST, READY_STATES, TaskEvent
+from .strict_json import dumps as compact_json
 
 __all__ = [
     "TaskSnapshot",
@@ -45,12 +45,6 @@ __all__ = [
     "wait_final",
     "wait_final_sync",
 ]
-
-
-#: The JSON text of an answer: compact, a value JSON has no type for (a
-#: datetime from a custom serializer) shown as text. One encoder for every
-#: answer: json.dumps with options makes a new one per call.
-compact_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class HubLike(Protocol):
@@ -71,7 +65,10 @@ class TaskSnapshot:
     """A task's state at one moment, as the web API shows it.
 
     ``error`` is ``(type name, message)`` for a failed, revoked or lost task;
-    it never carries a traceback.
+    it never carries a traceback. ``exception`` is what the error was made
+    from (the task's exception, or the backend's value for a failure that
+    is none), None for an error of offload's own (revoked, lost): the web
+    task API decides from it whether a client may read the message.
     """
 
     id: str
@@ -79,6 +76,7 @@ class TaskSnapshot:
     progress: Any = None
     result: Any = None
     error: tuple[str, str] | None = None
+    exception: Any = field(default=None, compare=False, repr=False)
 
     @property
     def final(self) -> bool:
@@ -108,10 +106,10 @@ def snapshot_of(event: TaskEvent) -> TaskSnapshot:
             "TaskLost", "nothing was heard of this task for too long (an unknown or expired id?)"))
     if state in READY_STATES:
         if isinstance(result, BaseException):
-            return TaskSnapshot(task_id, state, error=error_of(result))
+            return TaskSnapshot(task_id, state, error=error_of(result), exception=result)
         if state == states.REVOKED:
             return TaskSnapshot(task_id, state, error=("TaskRevokedError", "the task was revoked"))
-        return TaskSnapshot(task_id, state, error=(state.title(), str(result)))
+        return TaskSnapshot(task_id, state, error=(state.title(), str(result)), exception=result)
     return TaskSnapshot(task_id, state, progress=result if state == "PROGRESS" else None)
 
 
@@ -334,9 +332,9 @@ def lookup(off: Any, task_id: str) -> TaskSnapshot:
         return TaskSnapshot(task_id, state, result=info)
     if state in states.EXCEPTION_STATES and state != states.RETRY:
         if isinstance(info, BaseException):
-            return TaskSnapshot(task_id, state, error=error_of(info))
+            return TaskSnapshot(task_id, state, error=error_of(info), exception=info)
         if state == states.REVOKED:
             return TaskSnapshot(task_id, state, error=("TaskRevokedError", "the task was revoked"))
-        return TaskSnapshot(task_id, state, error=(state.title(), str(info)))
+        return TaskSnapshot(task_id, state, error=(state.title(), str(info)), exception=info)
     progress = info if state == "PROGRESS" else None
     return TaskSnapshot(task_id, state, progress=progress)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .app import EventStream, RequestInfo, Response, TaskAPI, drive_sync, error_response
+from .app import CONTENT_LENGTH, EventStream, RequestInfo, Response, TaskAPI, drive_sync, error_response
 from .sse import HEADERS as SSE_HEADERS
 from .sse import sync_events
 
@@ -23,8 +23,9 @@ logger = logging.getLogger("offload.web")
 
 StartResponse = Callable[..., Any]
 
-_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 303: "See Other", 400: "Bad Request",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
             422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -41,6 +42,10 @@ def _headers(environ: dict[str, Any]) -> dict[str, str]:
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _LengthRequired(Exception):
     pass
 
 
@@ -66,7 +71,10 @@ class WSGIApp:
         except _TooLarge:
             answer: Any = error_response(413, "TooLarge", f"the body is over {self.api.max_body} bytes")
         except ValueError:
-            answer = error_response(400, "BadContentLength", "Content-Length is not a number")
+            answer = error_response(400, "BadContentLength", "Content-Length is not a number of bytes (digits only)")
+        except _LengthRequired:
+            answer = error_response(411, "LengthRequired",
+                                    "this server does not read chunked request bodies; send Content-Length")
         else:
             path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or "/"
             query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
@@ -78,7 +86,7 @@ class WSGIApp:
                 answer = error_response(500, "InternalError", "the server could not answer; see its log")
         if isinstance(answer, EventStream):
             start_response("200 OK", [*SSE_HEADERS, *cors.simple(origin)])
-            return sync_events(self.api, answer.task_id)
+            return answer.source.sync() if answer.source is not None else sync_events(self.api, answer.task_id, answer.exposure)
         if method == "HEAD":
             answer.body = b""
         return self._send(start_response, answer, cors.simple(origin))
@@ -89,10 +97,11 @@ class WSGIApp:
         stream = environ.get("wsgi.input")
         raw_length = environ.get("CONTENT_LENGTH") or ""
         limit = self.api.max_body
-        if raw_length.strip():
-            length = int(raw_length)
-            if length < 0:
+        if raw_length:
+            # int() would take "+14", "1_4" and " 14": HTTP allows digits only.
+            if not CONTENT_LENGTH.fullmatch(raw_length):
                 raise ValueError(raw_length)
+            length = int(raw_length)
             if length > limit:
                 raise _TooLarge
             return stream.read(length) if stream is not None and length else b""
@@ -103,6 +112,10 @@ class WSGIApp:
             if len(data) > limit:
                 raise _TooLarge
             return data
+        if environ.get("HTTP_TRANSFER_ENCODING"):
+            # A body this server hands over still chunked (or not at all):
+            # read as empty, it would start a task with no arguments.
+            raise _LengthRequired
         return b""
 
     @staticmethod

@@ -47,8 +47,9 @@ def settings(kind: str) -> dict:
     elif kind == "rabbitmq":
         common["CELERY_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:5672//"
         common["CELERY_RESULT_BACKEND"] = f"redis://127.0.0.1:6379/{redis_db}"
-    elif kind == "rpc":  # RabbitMQ with its default result backend, rpc://
+    elif kind == "rpc":  # RabbitMQ with Celery's rpc:// result backend
         common["CELERY_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:5672//"
+        common["CELERY_RESULT_BACKEND"] = "rpc://"
         common["CELERY_TASK_DEFAULT_QUEUE"] = f"offload-test-rpc-{wid}"
     elif kind != "embedded":
         raise ValueError(kind)

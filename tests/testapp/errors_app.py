@@ -9,6 +9,7 @@ The test process builds it with :func:`make`; a worker process started with
 
 from __future__ import annotations
 
+import json
 import os
 
 import offload.errors
@@ -36,8 +37,8 @@ def make(broker: str, fogbugz: str, webhook: str | None = None, window: float = 
     if webhook:
         sinks.append(Webhook(webhook, headers={"X-Hook": "yes"}, timeout=5))
     errors = offload.errors.setup(off, sinks, window=window, retry_delay=0.2, max_retry_delay=1,
-                                  give_up_after=3, sweep_interval=0.5, scrub=["password", "secret",
-                                  "token", "key", "session", "pin"], app_version="1.2.3")
+                                  give_up_after=3, sweep_interval=0.5, scrub_also=["pin"],
+                                  app_version="1.2.3")
 
     @off.task(name="errors_app.registered_fails")
     def registered_fails(x, password=None):
@@ -52,10 +53,21 @@ def boom(environ, start_response):
     if path == "/ok":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"fine"]
-    if path == "/zero":
+    if path == "/zero" or path.startswith("/zero/"):
         return [str(1 / 0).encode()]
+    if path == "/parse":
+        # Two different errors of one type in one function: two reports.
+        if "currency" in environ.get("QUERY_STRING", ""):
+            raise ValueError("unknown currency")
+        raise ValueError("missing field 'amount'")
     if path == "/key":
         return [{}["missing"]]
+    if path == "/json":
+        # An app that parses its body: nested 100,000 deep, json raises RecursionError.
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        return [json.dumps(json.loads(environ["wsgi.input"].read(size))).encode()]
+    if path == "/bigint":
+        raise ValueError(10 ** 5000)  # str() of it raises: Python refuses 5,000 digits
     if path == "/value":
         raise ValueError("bad value")
     if path == "/stream":
@@ -77,6 +89,11 @@ def _stream(start_response, first: bytes):
 def divide(x, y):
     """Sent with off.submit by the task-failure tests."""
     return x / y
+
+
+def login(username, password, options):
+    """Sent with off.submit: fails with a secret in a positional argument and a nested dict."""
+    raise PermissionError(f"login refused for {username}")
 
 
 if os.environ.get("ERRORS_TEST_BROKER"):

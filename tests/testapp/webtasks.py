@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from offload import Offload, progress
+from offload import Offload, TaskError, progress
 from testapp import settings
 
 
@@ -20,11 +20,15 @@ def make(kind: str, expose: tuple[str, ...] | None = None) -> Offload:
     config["CELERY_CONTROL_EXCHANGE"] += "-web"
     off = Offload(config)
     tasks = {"add": add, "fail": fail, "slow": slow, "steps": steps, "echo": echo_text,
-             "wait_for_file": wait_for_file}
+             "wait_for_file": wait_for_file, "leak": leak, "refuse": refuse, "non_finite": non_finite,
+             "nothing": nothing}
     for short, fn in tasks.items():
         shown = expose is None or short in expose
-        off.task(name="echo" if short == "echo" else None, expose=shown)(fn)
+        public = (ValueError,) if short == "fail" else ()
+        off.task(name="echo" if short == "echo" else None, expose=shown, public_errors=public)(fn)
     off.task(private_mul)  # registered, never exposed
+    off.task(secret_probe)  # the server's own, never exposed
+    off.task(mask_args=True)(sign)  # its arguments never shown on the dashboard
     return off
 
 
@@ -71,3 +75,42 @@ def wait_for_file(path: str, timeout: float = 60.0) -> str:
 
 def private_mul(x, y):
     return x * y
+
+
+def leak(text: str) -> None:
+    """Fail with a message a client must not read (not a public error type)."""
+    raise RuntimeError(f"could not connect to postgresql://app:{text}@db.internal/app")
+
+
+class OutOfStock(TaskError):
+    """A failure meant for the client to read."""
+
+
+def refuse(item: str) -> None:
+    """Fail with an offload.TaskError subclass."""
+    raise OutOfStock(f"{item} is sold out")
+
+
+def non_finite(kind: str, where: str = "result") -> object:
+    """A result (or progress) holding NaN or an infinity."""
+    value = float(kind)
+    if where == "progress":
+        progress(1, 2, message="odd", extra=value)
+        time.sleep(0.5)
+        return "done"
+    return {"values": [1.0, value]}
+
+
+def nothing() -> str:
+    """A task without parameters."""
+    return "nothing"
+
+
+def secret_probe() -> str:
+    """A task the server submits for itself; its result must not be readable over HTTP."""
+    return "api-key-0123456789"
+
+
+def sign(secret: str, text: str) -> str:
+    """A task whose arguments are secret (``mask_args=True``)."""
+    return f"signed {len(text)} characters"

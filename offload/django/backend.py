@@ -1,0 +1,324 @@
+"""``offload.django.TaskBackend``: Django's Tasks framework on offload's workers.
+
+::
+
+    TASKS = {"default": {"BACKEND": "offload.django.TaskBackend"}}
+
+    @task
+    def send_welcome(user_id): ...
+
+    result = send_welcome.enqueue(user.pk)      # runs on `manage.py offload worker`
+    send_welcome.get_result(result.id).status   # from any process
+
+One class serves ``django.tasks`` (Django 6) and the ``django_tasks``
+backport (Django 4.2/5.2): see :mod:`offload.django._compat`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import traceback
+import uuid
+from typing import Any
+
+from celery import states
+
+from ..exceptions import NotAllowedError
+from . import _compat as fw
+from .records import RecordStore, UnsupportedResultBackend
+from .runner import RUN_TASK, resolve_task
+
+__all__ = ["TaskBackend"]
+
+#: kombu's priorities run 0..9.
+_LEVELS = 9
+
+_RUNNING_STATES = frozenset({states.STARTED, "PROGRESS", states.RETRY})
+
+
+def _now() -> datetime.datetime:
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    from django.conf import settings
+
+    if settings.USE_TZ and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    elif not settings.USE_TZ and moment.tzinfo is not None:
+        from django.utils import timezone
+
+        moment = timezone.make_naive(moment)
+    return moment
+
+
+def _iso(moment: datetime.datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _reference(task: Any) -> str:
+    func = task.func
+    return f"{func.__module__}:{func.__qualname__}"
+
+
+def _class_path(exc: BaseException) -> str:
+    kind = type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _status(state: str, record: dict[str, Any]) -> Any:
+    status = fw.TaskResultStatus
+    if state == states.SUCCESS:
+        return status.SUCCESSFUL
+    if state in states.PROPAGATE_STATES:  # FAILURE, REVOKED
+        return status.FAILED
+    if state in _RUNNING_STATES or (record.get("started_at") and not record.get("finished_at")):
+        return status.RUNNING
+    return status.READY
+
+
+def _result(task: Any, task_id: str, status: Any, record: dict[str, Any], alias: str,
+            errors: list[Any] | None = None, finished_at: Any = None) -> Any:
+    return fw.TaskResult(
+        task=task, id=task_id, status=status,
+        enqueued_at=_parse_time(record.get("enqueued_at")),
+        started_at=_parse_time(record.get("started_at")),
+        finished_at=_parse_time(finished_at if finished_at is not None else record.get("finished_at")),
+        last_attempted_at=_parse_time(record.get("last_attempted_at")),
+        args=list(record.get("args", [])), kwargs=dict(record.get("kwargs", {})), backend=alias,
+        errors=errors if errors is not None else [
+            fw.TaskError(exception_class_path=e["exception_class_path"], traceback=e["traceback"])
+            for e in record.get("errors", [])],
+        worker_ids=list(record.get("worker_ids", [])),
+    )
+
+
+def _task_as_enqueued(task: Any, options: dict[str, Any]) -> Any:
+    """The declared ``task`` with what ``.using()`` changed when it was enqueued."""
+    changes: dict[str, Any] = {}
+    if options.get("priority") is not None and options["priority"] != task.priority:
+        changes["priority"] = options["priority"]
+    if options.get("queue_name") and options["queue_name"] != task.queue_name:
+        changes["queue_name"] = options["queue_name"]
+    run_after = _parse_time(options.get("run_after"))
+    if run_after is not None:
+        changes["run_after"] = run_after
+    if options.get("backend") and options["backend"] != task.backend:
+        changes["backend"] = options["backend"]
+    return task.using(**changes) if changes else task
+
+
+def _normalize(task: Any, value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists), as Django's backends store it."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the return value of {task.module_path} must be JSON-serializable "
+                        f"(str, int, float, bool, None, list, dict): {exc}") from None
+
+
+def run_attempt(off: Any, task: Any, request: Any, args: list[Any], kwargs: dict[str, Any],
+                options: dict[str, Any]) -> Any:
+    """Run one attempt of ``task`` on a worker, keeping its record (see :mod:`.records`)."""
+    task = _task_as_enqueued(task, options)
+    records = RecordStore(off.celery)
+    task_id = request.id
+    started = _now()
+    record = records.read(task_id) or {"args": args, "kwargs": kwargs, "options": options}
+    record.setdefault("started_at", _iso(started))
+    record["last_attempted_at"] = _iso(started)
+    record["worker_ids"] = [*record.get("worker_ids", []), str(request.hostname or "worker")]
+    record.pop("finished_at", None)
+    records.write(task_id, record)
+    backend = task.get_backend()
+    result = _result(task, task_id, fw.TaskResultStatus.RUNNING, record, task.backend)
+    fw.task_started.send(sender=type(backend), task_result=result)
+    try:
+        if task.takes_context:
+            value = task.call(fw.TaskContext(task_result=result), *args, **kwargs)
+        else:
+            value = task.call(*args, **kwargs)
+        value = _normalize(task, value)
+    except BaseException as exc:
+        error = {"exception_class_path": _class_path(exc), "traceback": traceback.format_exc()}
+        record = records.update(task_id, finished_at=_iso(_now()),
+                                errors=[*record.get("errors", []), error])
+        failed = _result(task, task_id, fw.TaskResultStatus.FAILED, record, task.backend)
+        fw.task_finished.send(sender=type(backend), task_result=failed)
+        raise
+    record = records.update(task_id, finished_at=_iso(_now()))
+    done = _result(task, task_id, fw.TaskResultStatus.SUCCESSFUL, record, task.backend)
+    object.__setattr__(done, "_return_value", value)
+    fw.task_finished.send(sender=type(backend), task_result=done)
+    return value
+
+
+class TaskBackend(fw.BaseTaskBackend):
+    """Run Django's tasks on offload's workers (``manage.py offload worker``).
+
+    ``TASKS = {"default": {"BACKEND": "offload.django.TaskBackend"}}``, with
+    the broker and result store of the project's offload settings (the
+    embedded one under ``BASE_DIR/instance`` when none is set).
+
+    ``QUEUES``: the queue names tasks may use (Django's default: only
+    ``"default"``, which is offload's default queue). ``OPTIONS``:
+    ``{"enqueue_on_commit": True}`` sends a task only once the current
+    transaction commits, and never if it rolls back.
+
+    Supported: ``priority`` (-100..100, mapped onto the broker's 0..9),
+    ``run_after``, ``takes_context``, ``async def`` tasks, ``get_result`` from
+    any process. What cannot run raises the framework's ``InvalidTask``.
+    """
+
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        options = dict(self.options or {})
+        unknown = set(options) - {"enqueue_on_commit"}
+        if unknown:
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(
+                f"TASKS[{alias!r}]['OPTIONS'] has unknown option(s) {sorted(unknown)}; "
+                "offload.django.TaskBackend knows 'enqueue_on_commit'")
+        self.enqueue_on_commit = bool(options.get("enqueue_on_commit", False))
+
+    @property
+    def offload(self) -> Any:
+        """The project's Offload (:func:`offload.django.get_offload`)."""
+        from . import get_offload
+
+        return get_offload()
+
+    def validate_task(self, task: Any) -> None:
+        super().validate_task(task)
+        if task.func.__module__ == "__main__":
+            raise fw.InvalidTask(
+                f"{task.name!r} is defined in the script being run (__main__), which a worker "
+                "cannot import; define tasks in a module of an installed app (myapp/tasks.py)")
+
+    # Sending ------------------------------------------------------------------
+
+    def celery_queue(self, queue_name: str) -> str:
+        """The broker queue of Django's ``queue_name`` ("default" is offload's default queue)."""
+        if queue_name == fw.DEFAULT_TASK_QUEUE_NAME:
+            return str(self.offload.celery.conf.task_default_queue)
+        return queue_name
+
+    def celery_priority(self, priority: int) -> int:
+        """Django's -100..100 (higher first) as the broker's 0..9.
+
+        kombu's Redis transports take 0 first; the embedded broker and
+        RabbitMQ take 9 first.
+        """
+        span = fw.TASK_MAX_PRIORITY - fw.TASK_MIN_PRIORITY
+        level = int((priority - fw.TASK_MIN_PRIORITY) * _LEVELS / span + 0.5)
+        scheme = str(self.offload.celery.conf.broker_url or "").partition("://")[0]
+        transport = str(self.offload.celery.conf.broker_transport or "")
+        if scheme in ("redis", "rediss") or "redis" in transport:
+            return _LEVELS - level
+        return level
+
+    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+        """Send ``task(*args, **kwargs)`` to a worker; its ``TaskResult`` (READY)."""
+        self.validate_task(task)
+        off = self.offload
+        records = RecordStore(off.celery)
+        try:
+            records.backend
+        except UnsupportedResultBackend as exc:
+            raise fw.InvalidTask(str(exc)) from None
+        task_id = str(uuid.uuid4())
+        result = fw.TaskResult(
+            task=task, id=task_id, status=fw.TaskResultStatus.READY, enqueued_at=None, started_at=None,
+            finished_at=None, last_attempted_at=None, args=list(args), kwargs=dict(kwargs),
+            backend=self.alias, errors=[], worker_ids=[])
+        options = {"priority": task.priority, "queue_name": task.queue_name, "backend": self.alias,
+                   "run_after": _iso(task.run_after)}
+        send_options: dict[str, Any] = {"task_id": task_id, "queue": self.celery_queue(task.queue_name),
+                                        "priority": self.celery_priority(task.priority)}
+        if task.run_after is not None:
+            send_options["eta"] = task.run_after
+        runner = off.celery.tasks[RUN_TASK]
+
+        def send() -> None:
+            enqueued = _now()
+            object.__setattr__(result, "enqueued_at", enqueued)
+            # The record first: a worker fast enough to finish before this
+            # returns finds it, and an id without one was never enqueued.
+            records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
+                                    "options": options, "enqueued_at": _iso(enqueued)})
+            off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
+            fw.task_enqueued.send(sender=type(self), task_result=result)
+
+        if self.enqueue_on_commit:
+            from django.db import transaction
+
+            transaction.on_commit(send, robust=True)
+        else:
+            send()
+        return result
+
+    # Reading ------------------------------------------------------------------
+
+    def get_result(self, result_id: str) -> Any:
+        """The ``TaskResult`` of ``result_id``, read from the result store (any process).
+
+        Raises:
+            TaskResultDoesNotExist: no task was enqueued (and committed) under this id.
+        """
+        if not isinstance(result_id, str) or not 0 < len(result_id) <= 255 or not result_id.isprintable():
+            raise fw.TaskResultDoesNotExist(repr(result_id)[:80])
+        off = self.offload
+        try:
+            record = RecordStore(off.celery).read(result_id)
+        except UnsupportedResultBackend as exc:
+            raise fw.TaskResultDoesNotExist(str(exc)) from None
+        if record is None or "ref" not in record:
+            raise fw.TaskResultDoesNotExist(result_id)
+        options = record.get("options") or {}
+        try:
+            task = _task_as_enqueued(resolve_task(record["ref"]), options)
+        except NotAllowedError as exc:
+            raise fw.TaskResultDoesNotExist(f"{result_id}: {exc}") from None
+        meta = off.celery.backend.get_task_meta(result_id)
+        state = meta.get("status", states.PENDING)
+        status = _status(state, record)
+        errors = None
+        if status == fw.TaskResultStatus.FAILED and not record.get("errors"):
+            # Failed before the task's own code ran (refused, revoked, a
+            # worker lost): Celery's exception is all there is.
+            exc = meta.get("result")
+            path = _class_path(exc) if isinstance(exc, BaseException) else "builtins.Exception"
+            errors = [fw.TaskError(exception_class_path=path, traceback=str(meta.get("traceback") or exc or ""))]
+        finished = record.get("finished_at") or (meta.get("date_done") if status in (
+            fw.TaskResultStatus.SUCCESSFUL, fw.TaskResultStatus.FAILED) else None)
+        result = _result(task, result_id, status, record, options.get("backend") or self.alias,
+                         errors=errors, finished_at=finished)
+        if status == fw.TaskResultStatus.SUCCESSFUL:
+            object.__setattr__(result, "_return_value", meta.get("result"))
+        return result
+
+    def check(self, **kwargs: Any) -> Any:
+        from django.core import checks
+
+        try:
+            RecordStore(self.offload.celery).backend
+        except UnsupportedResultBackend as exc:
+            yield checks.Error(str(exc), id="offload.E001")
