@@ -58,6 +58,9 @@ RELIABILITY_DEFAULTS: dict[str, Any] = {
     "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
     "worker_cancel_long_running_tasks_on_connection_loss": True,
+    # A worker checks each message before Celery reads it, and dead-letters
+    # what offload never sends: one forged message cannot stop it.
+    "worker_consumer": "offload.intake:Consumer",
     # A dead broker must make submit() fail in seconds, not hang.
     "broker_connection_timeout": 2.0,
     "task_publish_retry_policy": {

@@ -9,6 +9,8 @@ context their tasks should run in.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -24,8 +26,8 @@ from kombu.utils.url import maybe_sanitize_url, parse_url
 from .config import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS, CELERY_OPTIONS, Settings
 from .config import default_data_dir as _default_data_dir
 from .config import translate
-from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
-                       reference)
+from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
+                       install_dispatcher, reference)
 from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
@@ -138,6 +140,10 @@ class _CeleryApp(Celery):
 
     amqp_cls = _AMQP
 
+    #: The file where this app's workers record the messages they refuse
+    #: (:class:`offload.intake.DeadLetters`); set by :meth:`Offload.configure`.
+    dead_letters_path: str | None = None
+
     def _get_backend(self) -> Any:
         backend = super()._get_backend()
         try:
@@ -151,6 +157,15 @@ class _CeleryApp(Celery):
 
 def _no_subscription(producer: Any, task_id: str) -> None:
     return None
+
+
+def _awaited(value: Any) -> Any:
+    """A task's return value; an ``async def`` task's coroutine run to its end (offload.aio)."""
+    if inspect.iscoroutine(value):
+        from .aio import run
+
+        return run(value)
+    return value
 
 
 def _delay_of(options: Mapping[str, Any]) -> float:
@@ -289,6 +304,8 @@ class Offload:
         self._allow.packages = settings.allow or ()
         self.settings = settings
         self.configured_from = {k: v for k, v in (config or {}).items() if isinstance(k, str)}
+        self.celery.dead_letters_path = (os.path.join(settings.data_dir, "dead-letters.jsonl")
+                                         if settings.data_dir else None)
         # A second configure (Offload() at import, init_app(app) in a factory)
         # must not keep what the first one set and the second does not.
         for key in self._configured_keys - set(celery_settings):
@@ -339,11 +356,13 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
+            #: Bounds how often one task may kill its pool process (offload.intake).
+            Request = "offload.intake:Request"
             #: Exception types whose message the HTTP task API shows (see offload.TaskError).
             public_errors: tuple[type[BaseException], ...] = ()
 
             def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-                            **options: Any) -> Any:
+                            *more: Any, **options: Any) -> Any:
                 # An exposed task's calls are marked before they are sent,
                 # however they are sent (.delay, .submit, the web API), so
                 # that the web task API may answer for them.
@@ -355,7 +374,7 @@ class Offload:
                 # .delay() too: a dead broker is offload's BrokerUnavailable,
                 # as for submit (still a kombu OperationalError).
                 try:
-                    return super().apply_async(args, kwargs, task_id=task_id, **options)
+                    return super().apply_async(args, kwargs, task_id, *more, **options)
                 except CONNECTION_ERRORS as exc:
                     if isinstance(exc, BrokerUnavailable):
                         raise
@@ -364,9 +383,9 @@ class Offload:
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
                 if not off._contexts or self.name == CHUNK_TASK:
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
                 with off.task_context():
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
 
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""
@@ -723,8 +742,7 @@ class Offload:
                       public: tuple[type[BaseException], ...]) -> None:
         """Mark calls for the web task API before they leave (a plain function: by its reference)."""
         name = options.get("shadow") or task.name
-        if name.endswith("[chunk]"):
-            name = name[:-len("[chunk]")]
+        name = name.removesuffix("[chunk]")
         try:
             self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
         except CONNECTION_ERRORS as exc:
@@ -909,15 +927,18 @@ class _Submitter:
                    **{key: value for key, value in prepared[0][2].items() if key != "shadow"}}
         options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
         hub = off.hub
-        call_ids = hub.new_task_ids(len(prepared))
+        # A call's id is its chunk's id and its index there (chunk_call_ids):
+        # a chunk's worker writes results to no id the message could choose.
+        chunk_ids = hub.new_task_ids(len(sizes))
+        call_ids = [call_id for chunk_id, size in zip(chunk_ids, sizes)
+                    for call_id in chunk_call_ids(chunk_id, size)]
         if self._exposed is not None:
             off._mark_exposed(off._dispatcher, call_ids, prepared[0][2], self._exposed)
         name, queue = prepared[0][2]["shadow"], options.get("queue")
         futures = [Future(call_id, app=off.celery, name=name, queue=queue) for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
         Future.follow_all(futures, hub, grace=_delay_of(options))
-        calls = [[call_id, args, kwargs]
-                 for call_id, (_task, ((_ref, args, kwargs),), _options) in zip(call_ids, prepared)]
+        calls = [[args, kwargs] for _task, ((_ref, args, kwargs),), _options in prepared]
         chunks: list[list[list[Any]]] = []
         start = 0
         for size in sizes:
@@ -929,12 +950,12 @@ class _Submitter:
                 # The first chunk at once (workers start on it); the rest in
                 # one round trip where the transport can (offload-redis).
                 dispatch = off._chunk_dispatcher.apply_async
-                dispatch((ref, chunks[0]), producer=producer, **options)
+                dispatch((ref, chunks[0]), producer=producer, task_id=chunk_ids[0], **options)
                 sent = len(chunks[0])
                 pipelined = getattr(producer.channel, "pipelined_puts", None)
                 with pipelined() if pipelined is not None else contextlib.nullcontext():
-                    for chunk in chunks[1:]:
-                        dispatch((ref, chunk), producer=producer, **options)
+                    for chunk_id, chunk in zip(chunk_ids[1:], chunks[1:]):
+                        dispatch((ref, chunk), producer=producer, task_id=chunk_id, **options)
                 sent = len(calls)
         except BaseException as exc:
             for future in futures[sent:]:

@@ -25,6 +25,17 @@ class NotAllowedError(OffloadError):
     """
 
 
+class RejectedMessage(OffloadError):
+    """A worker refused a task message and put it in its dead-letter record.
+
+    The message could not be what offload sends (a content type or
+    compression it does not use, too large, nested too deep, a non-finite
+    number, the wrong shape), or it killed the worker process running it
+    too many times. It is acknowledged, never delivered again, logged and
+    recorded (``dead-letters.jsonl`` in the worker's ``OFFLOAD_DATA_DIR``).
+    """
+
+
 class BrokerUnavailable(OffloadError, ConnectionError, OperationalError):
     """The broker could not be reached in time (to send a task, ping the workers, ...).
 

@@ -52,6 +52,8 @@ class _Configurable(Protocol):
 
     def remove_task_context(self, factory: Any) -> None: ...
 
+    def add_commit_hook(self, hook: Any) -> None: ...
+
 
 def is_flask_app(obj: Any) -> bool:
     """Whether ``obj`` is a Flask app (duck-typed: Flask need not be installed).

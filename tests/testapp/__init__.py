@@ -59,6 +59,12 @@ def settings(kind: str) -> dict:
 def make(kind: str) -> Offload:
     off = Offload(settings(kind))
     off.task(name="testapp.mul")(mul)
+    from testapp.coroutines import add_later
+
+    off.task(name="testapp.async_add")(add_later)
+    from testapp.hostile import leave
+
+    off.task(name="testapp.leave")(leave)  # sys.exit() in a task: its pool process ends
     return off
 
 
