@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 
@@ -35,8 +36,13 @@ class RejectedMessage(OffloadError):
     """
 
 
-class BrokerUnavailable(OffloadError, ConnectionError):
-    """The broker could not be reached in time to send a task."""
+class BrokerUnavailable(OffloadError, ConnectionError, OperationalError):
+    """The broker could not be reached in time (to send a task, ping the workers, ...).
+
+    Raised by ``submit`` and ``map``, by a registered task's ``.delay()`` and
+    ``.apply_async()`` too; it is a kombu ``OperationalError``, so that an
+    ``except OperationalError`` written for Celery still catches it.
+    """
 
 
 def broker_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:

@@ -84,6 +84,11 @@ def mul(x, y):
     return x * y
 
 
+def time_out(message):
+    """A task whose own error is a TimeoutError."""
+    raise TimeoutError(message)
+
+
 def sleep_then(seconds, value=None):
     time.sleep(seconds)
     return value
