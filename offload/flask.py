@@ -30,7 +30,7 @@ installed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class _Configurable(Protocol):
     def add_task_context(self, factory: Any) -> None: ...
 
     def remove_task_context(self, factory: Any) -> None: ...
+
+    def add_commit_hook(self, hook: Callable[[Callable[[], None]], bool]) -> None: ...
 
 
 def is_flask_app(obj: Any) -> bool:

@@ -403,7 +403,7 @@ class ResultHub:
         """
         with self._lock:
             strategy = self._get_strategy()
-        prefix = getattr(strategy, "batch_prefix", None) or getattr(strategy, "prefix", "")
+        prefix = getattr(strategy, "batch_prefix", "") or getattr(strategy, "prefix", "")
         return random_task_ids(count, prefix)
 
     def refresh(self, task_id: str) -> TaskEvent | None:
@@ -463,7 +463,7 @@ class ResultHub:
         """
         return self.deliver_many([(task_id, meta)]) > 0
 
-    def deliver_many(self, metas: list[tuple[str, dict[str, Any]]]) -> int:
+    def deliver_many(self, metas: list[tuple[str, dict[str, Any] | None]]) -> int:
         """:meth:`deliver` for each ``(task_id, meta)``, in order, under one lock."""
         news = 0
         with self._lock:
@@ -780,7 +780,7 @@ class _RedisPush:
         return task_id.startswith(self.prefix) or (
             self.batch_prefix is not None and task_id.startswith(self.batch_prefix))
 
-    def _unpack_batch(self, data: bytes, into: list[tuple[str, dict[str, Any]]]) -> None:
+    def _unpack_batch(self, data: bytes, into: list[tuple[str, dict[str, Any] | None]]) -> None:
         # One JSON array of stored metas (dispatch.store_results): one
         # decoding for the whole flush of a chunk.
         try:
@@ -811,9 +811,9 @@ class _RedisPush:
         self.listening = True
         self._read_stored(hub, hub._ids())
 
-    def _unpack(self, hub: ResultHub, replies: list[Any]) -> list[tuple[str, dict[str, Any]]]:
-        """The (task id, meta) pairs in a bulk read; a confirmation on the way."""
-        metas: list[tuple[str, dict[str, Any]]] = []
+    def _unpack(self, hub: ResultHub, replies: list[Any]) -> list[tuple[str, dict[str, Any] | None]]:
+        """The (task id, meta) pairs in a bulk read (None: undecodable); a confirmation on the way."""
+        metas: list[tuple[str, dict[str, Any] | None]] = []
         decode = self._decode
         id_from = len(self.pattern_prefix) - len(self.prefix)  # where a key's task id starts
         for reply in replies:

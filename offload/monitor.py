@@ -187,7 +187,7 @@ class Poller:
                 except OperationalError as exc:
                     raise broker_unreachable(self.app, exc, "reach the workers") from exc
             for replies in tasks.pop("active_queues").values():
-                queues.update(q.get("name") for q in replies or () if isinstance(q, Mapping) and q.get("name"))
+                queues.update(q["name"] for q in replies or () if isinstance(q, Mapping) and q.get("name"))
         now = time.time()
         for node, info in stats.items():
             pool = info.get("pool") or {}

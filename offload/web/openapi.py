@@ -24,7 +24,7 @@ _ERROR = {
         "type": {"type": "string"}, "message": {"type": "string"}}}},
 }
 
-_SNAPSHOT = {
+_SNAPSHOT: dict[str, Any] = {
     "type": "object",
     "required": ["id", "state"],
     "properties": {
