@@ -12,7 +12,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import FrameType
-from typing import Any, overload
+from typing import Any, Concatenate, Literal, overload
 
 from celery import Celery
 from celery import Task as _CeleryTask
@@ -356,6 +356,13 @@ class Offload:
     def task(self, fn: Callable[P, R], /, *, name: str | None = None, queue: str | None = None,
              expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (), **options: Any) -> Task[P, R]: ...
+
+    # bind=True: Celery passes the task itself first, which no caller gives.
+    @overload
+    def task(self, fn: None = None, /, *, bind: Literal[True], name: str | None = None,
+             queue: str | None = None, expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (),
+             **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     @overload
     def task(self, fn: None = None, /, *, name: str | None = None, queue: str | None = None,

@@ -7,6 +7,8 @@ message).
 
 from __future__ import annotations
 
+from typing import Any
+
 from offload import Future, Offload
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
@@ -20,6 +22,11 @@ def add(x: int, y: int) -> int:
 @off.task(expose=True)
 def greet(name: str) -> str:
     return f"hello {name}"
+
+
+@off.task(bind=True)
+def fetch(self: Any, url: str) -> bytes:
+    return url.encode()
 
 
 def square(x: float) -> float:
@@ -38,6 +45,7 @@ off.submit(square, "x")  # E: No overload variant of "submit" of "Offload" match
 off.submit(square)  # E: No overload variant of "submit" of "Offload" matches argument type "Callable[[float], float]"
 off.options(countdown=1).submit(square, "x")  # E: No overload variant of "submit" of "_Submitter"
 off.executor().submit(square, "x")  # E: Argument 2 to "submit" of "Executor" has incompatible type "str"; expected "float"
+fetch.submit(None, "https://example.org/")  # E: No overload variant of "submit" of "Task" matches argument types "None", "str"
 add("a", 2)  # E: Argument 1 to "__call__" of "Task" has incompatible type "str"; expected "int"
 
 # The result type flows into the future.

@@ -26,6 +26,11 @@ def greet(name: str, *, punctuation: str = "!") -> str:
     return f"hello {name}{punctuation}"
 
 
+@off.task(bind=True, max_retries=3)
+def fetch(self: Any, url: str) -> bytes:
+    return url.encode()
+
+
 def square(x: float) -> float:
     return x * x
 
@@ -37,6 +42,7 @@ assert_type(add.submit(1, 2), Future[int])
 assert_type(add.submit(x=1, y=2), Future[int])
 assert_type(greet.submit("ada", punctuation="?"), Future[str])
 assert_type(add.run(1, 2), int)
+assert_type(fetch.submit("https://example.org/"), Future[bytes])  # bind=True: no self to give
 assert_type(add.name, str)
 
 # The reserved keywords: the result type is kept.
