@@ -370,6 +370,9 @@ def dashboard(ctx: click.Context, host: str, port: int, prefix: str) -> None:
         server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port")
+    # Receive task events from now on, not from the first page view.
+    off.monitor.ensure_started()
+    off.monitor.listener.ready.wait(5)
     shown = f"[{host}]" if ":" in host else host
     _say(f"offload dashboard on http://{shown}:{server.server_address[1]}{prefix}/dashboard "
          f"(metrics: {prefix}/metrics); Ctrl-C stops it")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import collections
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -191,12 +192,13 @@ class TaskLog:
         follow = None
         with self._lock:
             record = self._record(event["uuid"])
-            for key in ("name", "args", "kwargs", "eta", "queue"):
+            for key in ("args", "kwargs", "eta", "queue"):
                 value = event.get(key)
-                # The sender calls a submitted function "offload.dispatch";
-                # the worker's "received" names the function itself.
-                if value not in (None, "") and not (key == "name" and record.name and value.startswith("offload.")):
+                if value not in (None, ""):
                     setattr(record, key, str(value))
+            name = _shown_name(event.get("name"), record.args)
+            if name and not (record.name and name.startswith("offload.")):
+                record.name = name
             if event.get("hostname") and verb != "sent":
                 record.worker = str(event["hostname"])
             if "runtime" in event:
@@ -341,6 +343,26 @@ def _take(items: Iterator[TaskRecord] | Any, limit: int) -> Iterator[TaskRecord]
         yield item
 
 
+#: The head of the dispatcher's arguments: ``('package.module:qualname', ...``.
+_DISPATCHED = re.compile(r"""[\[(]'([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)'""")
+
+
+def _shown_name(name: Any, args: str | None) -> str | None:
+    """A task's name as users know it.
+
+    The sender's event names a submitted function's task "offload.dispatch"
+    (the worker's names the function): the function is the head of its
+    arguments.
+    """
+    if not isinstance(name, str) or not name:
+        return None
+    if name in ("offload.dispatch", "offload.dispatch_chunk") and args:
+        found = _DISPATCHED.match(args)
+        if found:
+            return f"{found.group(1)}.{found.group(2)}"
+    return name
+
+
 def _rank(state: str) -> int:
     """Celery's precedence: a later state of a run ranks higher (PROGRESS is a running task's)."""
     state = states.STARTED if state == "PROGRESS" else state
@@ -411,19 +433,30 @@ class EventListener:
             self._thread.join(5)
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 with self.celery.connection_for_read() as connection:
-                    self._receiver = self.celery.events.Receiver(
+                    connection.ensure_connection(max_retries=1)
+                    receiver = self._receiver = self.celery.events.Receiver(
                         connection, handlers={"*": self._on_event})
-                    self.connected = True
-                    self.ready.set()
-                    self._receiver.capture(limit=None, timeout=None, wakeup=False)
+                    # Connected once its queue is bound and consumed, not
+                    # before: an event sent in between would be missed.
+                    receiver.on_consume_ready = self._consuming
+                    failing = False
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
             except Exception as exc:  # the broker went away: try again shortly
-                logger.warning("dashboard: event receiver lost the broker (%r); reconnecting", exc)
+                # Once per outage in the log, not once per attempt.
+                (logger.debug if failing else logger.warning)(
+                    "dashboard: event receiver cannot reach the broker (%r); retrying", exc)
+                failing = True
             finally:
                 self.connected = False
             self._stop.wait(self.retry)
+
+    def _consuming(self, *args: Any, **kwargs: Any) -> None:
+        self.connected = True
+        self.ready.set()
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
         try:

@@ -165,7 +165,9 @@ class Poller:
             try:
                 self.latest = self.poll()
             except Exception as exc:  # the broker is down: say so, keep the last workers
-                logger.warning("dashboard: inspect round failed: %s", exc)
+                # Once per outage in the log, not once per round.
+                log = logger.debug if self.latest.get("error") else logger.warning
+                log("dashboard: inspect round failed: %s", exc)
                 self.latest = {**self.latest, "error": str(exc)}
             self.rounds += 1
             self.changes.bump()
@@ -187,7 +189,7 @@ class Poller:
                 except OperationalError as exc:
                     raise broker_unreachable(self.app, exc, "reach the workers") from exc
             for replies in tasks.pop("active_queues").values():
-                queues.update(q["name"] for q in replies or () if isinstance(q, Mapping) and q.get("name"))
+                queues.update(str(q["name"]) for q in replies or () if isinstance(q, Mapping) and q.get("name"))
         now = time.time()
         for node, info in stats.items():
             pool = info.get("pool") or {}

@@ -265,6 +265,12 @@ def test_a_post_without_the_pages_csrf_token_is_refused(web_off):
         assert stranger.post(revoke, {"csrf": token})[0] == 403
         assert browser.post(revoke, {})[0] == 403
         assert browser.post(revoke, {"csrf": token[:-1] + "x"})[0] == 403
+        # The right token, but sent by another site's page.
+        forged = urllib.request.Request(base + revoke, data=urlencode({"csrf": token}).encode(), method="POST",
+                                        headers={"Origin": "https://evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            browser.opener.open(forged, timeout=20)
+        assert refused.value.code == 403
         assert not scheduled.cancelled()
         status, location, _ = browser.post(revoke, {"csrf": token})
         assert status == 303 and location.endswith(f"/dashboard/tasks/{scheduled.id}")
@@ -331,10 +337,15 @@ def test_one_record_and_one_receiver_per_process_however_many_mounts(web_off):
     first = TaskAPI(web_off, dashboard=True)
     second = TaskAPI(web_off, prefix="/other", dashboard=True)
     assert first.dashboard.monitor is second.dashboard.monitor is web_off.monitor
+    listener = web_off.monitor.listener
+    before = {t for t in threading.enumerate() if t.name == "offload-events"}
     web_off.monitor.ensure_started()
+    thread = listener._thread  # the receiver's one thread (a test's look inside)
     web_off.monitor.ensure_started()
-    receivers = [t for t in threading.enumerate() if t.name == "offload-events"]
-    assert len(receivers) == 1
+    first.dashboard.monitor.ensure_started()
+    assert listener._thread is thread and thread.is_alive()
+    after = {t for t in threading.enumerate() if t.name == "offload-events"}
+    assert after - before <= {thread}
 
 
 def test_failed_tasks_filter_by_task_name_and_exception_type():
@@ -363,6 +374,99 @@ def test_a_task_with_mask_args_never_shows_its_arguments(web_off):
         page = browser.get(f"/offload/dashboard/tasks/{signed.id}")
         assert "data-masked" in page and "hunter2" not in page  # ... the page does not
         assert "hunter2" not in browser.get("/offload/dashboard/fragments")
+
+
+# Bad input and bad luck -------------------------------------------------------------
+
+
+def test_malformed_requests_get_clear_4xx(web_off):
+    api = TaskAPI(web_off, dashboard=True)
+    for method, path, status in (("GET", "/offload/dashboard/tasks/bad%20id!", 400),
+                                 ("GET", "/offload/dashboard/nothing", 404),
+                                 ("DELETE", "/offload/dashboard", 405),
+                                 ("GET", "/offload/dashboard/tasks/abc/revoke", 405),
+                                 ("POST", "/offload/metrics", 405),
+                                 ("GET", "/offload/dashboard/live?task=x", 200)):
+        path, _, query = path.partition("?")
+        request = RequestInfo(method, path, dict([query.split("=")]) if query else {}, {}, "127.0.0.1")
+        got = drive_sync(api, api.handle(request, b""))
+        assert getattr(got, "status", 200) == status, (method, path)
+    bad_live = RequestInfo("GET", "/offload/dashboard/live", {"task": "no good!"}, {}, "127.0.0.1")
+    assert drive_sync(api, api.handle(bad_live, b"")).status == 400
+
+
+def test_an_unreachable_broker_shows_on_the_page_without_hanging(tmp_path):
+    from conftest import dead_broker_url
+    from offload import Offload
+
+    off = Offload({"CELERY_BROKER_URL": dead_broker_url("redis"), "OFFLOAD_DATA_DIR": str(tmp_path)})
+    api = TaskAPI(off, dashboard=True)
+    try:
+        with serve("wsgi", api) as base:
+            began = time.monotonic()
+            with urllib.request.urlopen(base + "/offload/dashboard", timeout=30) as response:
+                page = response.read().decode()
+            assert response.status == 200 and time.monotonic() - began < 15
+            assert "Not receiving task events" in page or "unreachable" in page
+            assert wait_until(lambda: "Workers unreachable" in urllib.request.urlopen(
+                base + "/offload/dashboard/fragments", timeout=30).read().decode(), timeout=60)
+            with urllib.request.urlopen(base + "/offload/metrics", timeout=30) as response:
+                assert response.status == 200
+    finally:
+        off.monitor.stop()
+
+
+def test_the_event_receiver_reconnects_when_the_broker_comes_back(tmp_path):
+    """A Redis of this test's own vanishes under the dashboard and returns; events flow again."""
+    import shutil
+    import subprocess
+
+    from conftest import closed_port
+    from offload import Offload
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("redis-server is not installed")
+    port = closed_port()
+
+    def start():
+        proc = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: _listening(port), timeout=10)
+        return proc
+
+    redis = start()
+    off = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    monitor = off.monitor
+    monitor.listener.retry = 0.2
+    try:
+        monitor.ensure_started()
+        assert wait_until(lambda: monitor.listener.connected, timeout=20)
+        # No worker needed: the sender reports each task it sends (task_send_sent_event).
+        first = off.submit(webtasks.add, 1, 1)
+        assert wait_until(lambda: monitor.log.get(first.id) is not None, timeout=20)
+        redis.kill()
+        redis.wait(10)
+        assert wait_until(lambda: not monitor.listener.connected, timeout=30)
+        redis = start()
+        assert wait_until(lambda: monitor.listener.connected, timeout=30)
+        second = off.submit(webtasks.add, 2, 2)
+        assert wait_until(lambda: monitor.log.get(second.id) is not None, timeout=20)
+        assert monitor.log.get(second.id).name == f"{webtasks.__name__}.add"
+    finally:
+        monitor.stop()
+        redis.kill()
+        redis.wait(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 # Metrics --------------------------------------------------------------------------
@@ -410,16 +514,22 @@ def test_the_dashboard_command_serves_it_standalone(web_off, tmp_path):
     server = Spawned(command, tmp_path / "dashboard.log", env=worker_env())
     base = f"http://127.0.0.1:{port}"
 
-    def answers() -> bool:
+    def started() -> bool:
         assert server.proc.poll() is None, server.text()
-        try:
-            return urllib.request.urlopen(base + "/", timeout=5).status == 200
-        except OSError:
-            return False
+        return "offload dashboard on" in server.text()
 
     try:
-        assert wait_until(answers, timeout=60), server.text()
-        page = urllib.request.urlopen(base + "/", timeout=20).read().decode()  # redirected
+        assert wait_until(started, timeout=60), server.text()
+        # Sent before anyone looked: the command receives events from its start.
+        early = web_off.submit(webtasks.add, 3, 4)
+        assert early.result(timeout=30) == 7
+
+        def shown() -> bool:
+            page = urllib.request.urlopen(base + "/", timeout=20).read().decode()  # redirected
+            return f'data-task-id="{early.id}" data-state="SUCCESS"' in page
+
+        assert wait_until(shown, timeout=30, interval=0.5)
+        page = urllib.request.urlopen(base + "/", timeout=20).read().decode()
         assert "data-worker=" in page and 'data-status="online"' in page
         assert urllib.request.urlopen(base + "/offload/metrics", timeout=20).status == 200
         assert f"{base}/offload/dashboard" in server.text()

@@ -86,3 +86,19 @@ def test_reference_examples_run(snippet_folder):  # noqa: F811
     assert results.failed == 0, f"{results.failed} docstring example(s) failed (see output above)"
     assert results.attempted >= 20, results
     assert not (DOCS.parent / "offload" / "instance").exists(), "an example wrote into the package"
+
+
+def test_reference_shows_every_public_name():
+    """Each name of a documented module's ``__all__`` has its entry (or, for a
+    name made on first use, a section) on its reference page."""
+    import importlib
+    import re
+
+    for page in sorted((DOCS / "reference").glob("*.md")):
+        text = page.read_text()
+        module = importlib.import_module(re.search(r"^# `([\w.]+)`", text, re.M).group(1))
+        shown = set(re.findall(r"^::: ([\w.]+)$", text, re.M))
+        missing = [name for name in module.__all__
+                   if f"{module.__name__}.{name}" not in shown
+                   and f"## `{module.__name__}.{name}`" not in text]
+        assert not missing, f"{page.name} lacks {missing}"

@@ -49,10 +49,10 @@ __all__ = [
     "submit_error",
 ]
 
-#: BugzScout's task: ``offload.errors.submit_error.delay(url, user, project,
-#: area, description, extra)``, through the reporting set up last (or
-#: :func:`.reporting.default`). Never raises.
 submit_error = SubmitError(current)
+"""BugzScout's task: ``offload.errors.submit_error.delay(url, user, project,
+area, description, extra)``, through the reporting set up last (or
+:func:`.reporting.default`). Never raises."""
 
 
 def __getattr__(name: str) -> Any:

@@ -90,10 +90,11 @@ class Scrubber:
         exact: whole names that are secret; default :data:`SECRET_NAMES`.
         also: names added to ``names`` (what an app adds to the defaults).
 
-    >>> Scrubber().query("q=shoes&api_key=abc;page=2")
-    'q=shoes&api_key=%5BFiltered%5D;page=2'
-    >>> Scrubber(also=["pin"]).headers({"X-Pin": "1234", "Referer": "https://x/?token=t", "Accept": "*/*"})
-    {'X-Pin': '[Filtered]', 'Referer': 'https://x/?token=%5BFiltered%5D', 'Accept': '*/*'}
+    Examples:
+        >>> Scrubber().query("q=shoes&api_key=abc;page=2")
+        'q=shoes&api_key=%5BFiltered%5D;page=2'
+        >>> Scrubber(also=["pin"]).headers({"X-Pin": "1234", "Referer": "https://x/?token=t", "Accept": "*/*"})
+        {'X-Pin': '[Filtered]', 'Referer': 'https://x/?token=%5BFiltered%5D', 'Accept': '*/*'}
     """
 
     def __init__(self, names: Iterable[str] = SECRET_NAME_PARTS,

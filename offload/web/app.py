@@ -65,13 +65,21 @@ class RequestInfo:
     """
 
     method: str
+    """The HTTP method, uppercase (``POST``)."""
     path: str
+    """The request's path, the prefix included (``/offload/tasks/add``)."""
     query: Mapping[str, str]
+    """The query string's parameters (the last value of each name)."""
     headers: Mapping[str, str]
+    """The request's headers, with lowercase names."""
     client: str | None = None
+    """The client's address (``127.0.0.1``), when the server gives it."""
     raw: Any = None
+    """The WSGI environ or the ASGI scope, for a framework's session or user."""
     task_id: str | None = None
+    """The task an ``authorize`` hook is asked about (a read or a cancel), else None."""
     task_name: str | None = None
+    """That task's full Celery name, when it is known."""
 
 
 @dataclass
@@ -364,7 +372,7 @@ class TaskAPI:
             from .dashboard import static_file
 
             self._allow(method, ("GET",))
-            return static_file(parts[1])
+            return static_file(parts[1]) or error_response(404, "NotFound", f"no file {parts[1]}")
         if len(parts) == 2 and parts[0] == "static" and parts[1] == "offload.js":
             self._allow(method, ("GET",))
             # Public: the same for everyone. The adapters add "Vary: Origin"

@@ -22,11 +22,11 @@ import hmac
 import ipaddress
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from http.cookies import SimpleCookie
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from celery import states
 
@@ -133,7 +133,7 @@ class Dashboard:
                 return (yield from getattr(self, f"_{rest[2]}")(request, task_id, body))
         raise HTTPError(404, "NotFound", f"no dashboard page at {request.path}")
 
-    def check(self, request: RequestInfo, action: str) -> Iterator[Step]:
+    def check(self, request: RequestInfo, action: str) -> Generator[Step, Any, None]:
         """403 unless the request may see (or do) ``action``."""
         if self.api.authorize is None:
             if not is_loopback(request):
@@ -145,6 +145,10 @@ class Dashboard:
 
     def check_csrf(self, request: RequestInfo, body: bytes) -> None:
         """A POST must send back the token its page's cookie holds (a cross-site form cannot read it)."""
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            # A browser names the page a form came from: another site's is refused.
+            raise HTTPError(403, "CrossOrigin", "this form was sent from another site")
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         cookie = _cookie(request, CSRF_COOKIE)
         sent = form.get("csrf", "")
@@ -168,7 +172,7 @@ class Dashboard:
                               token, self.in_failed(task_id))
         return _html(html, cookie)
 
-    def _find(self, task_id: str) -> Iterator[Step]:
+    def _find(self, task_id: str) -> Generator[Step, Any, TaskRecord | None]:
         """The task's record from events, else what the result backend knows of it."""
         record = self.monitor.log.get(task_id)
         if record is None:
@@ -239,9 +243,8 @@ class Dashboard:
         return _see_other(f"{self.base}/tasks/{quote(new_id)}")
 
     def _dismiss(self, request: RequestInfo, task_id: str, body: bytes) -> Handler:
-        self.monitor.log.dismiss(task_id)
-        return _see_other(f"{self.base}#failed")
-        yield  # a generator like the others
+        found = yield Call(self.monitor.log.dismiss, (task_id,))
+        return _see_other(f"{self.base}#failed" if found else f"{self.base}/tasks/{quote(task_id)}")
 
 
 class _LiveStream:

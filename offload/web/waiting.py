@@ -72,11 +72,17 @@ class TaskSnapshot:
     """
 
     id: str
+    """The task's id."""
     state: str
+    """Celery's state name (``PENDING``, ``PROGRESS``, ``SUCCESS``, ...)."""
     progress: Any = None
+    """The latest ``progress()`` report (``current``, ``total``, ``percent``, ``message``), or None."""
     result: Any = None
+    """The task's return value, once it succeeded."""
     error: tuple[str, str] | None = None
+    """``(type name, message)`` for a failed, revoked or lost task; never a traceback."""
     exception: Any = field(default=None, compare=False, repr=False)
+    """What ``error`` was made from (the task's exception), None for offload's own errors."""
 
     @property
     def final(self) -> bool:
