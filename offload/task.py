@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 if TYPE_CHECKING:
     from .futures import Future
 
-__all__ = ["P", "R", "Task"]
+__all__ = ["Task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
