@@ -259,6 +259,9 @@ class ResultHub:
         # Everything a forked child must not share with its parent.
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
+        #: When the backend stopped answering (monotonic), None while it answers.
+        self._outage_since: float | None = None
+        self._outage_retries = 0
         self._new: list[str] = []
         self._thread: threading.Thread | None = None
         self._strategy: Any = None
@@ -583,18 +586,37 @@ class ResultHub:
             except Exception as exc:
                 # A run that lasted a while ended an earlier streak of errors.
                 failures = failures + 1 if time.monotonic() - started < self._RETRY_MAX else 1
-                # The whole traceback once per outage, then one line per retry:
-                # a backend that stays down must not flood the log.
-                if failures == 1:
-                    logger.warning("result hub: backend error, retrying", exc_info=True)
+                if self._outage_since is None:
+                    # One line per outage, and one when it ends (_answered):
+                    # a store that stays down must not flood the log.
+                    self._outage_since, self._outage_retries = time.monotonic(), 0
+                    logger.warning("result hub: the result backend %s is unreachable (%s); retrying "
+                                   "until it answers", _where(strategy), exc)
+                    logger.debug("result hub: backend error", exc_info=True)
                 else:
-                    logger.warning("result hub: backend still unreachable (%s), retry %d",
-                                   exc, failures)
+                    self._outage_retries += 1
+                    logger.debug("result hub: backend still unreachable (%s), retry %d", exc, failures)
                 strategy.reset()
                 self._wakeup.wait(min(0.5 * 2 ** (failures - 1), self._RETRY_MAX))
                 self._wakeup.clear()
                 with self._lock:
                     self._new = list(self._entries)
+
+    def _answered(self) -> None:
+        """The strategy reached the backend: log the end of an outage, once."""
+        since = self._outage_since
+        if since is not None:
+            self._outage_since = None
+            logger.warning("result hub: the result backend %s answers again, after %.1f s (%d retries)",
+                           _where(self._strategy), time.monotonic() - since, self._outage_retries)
+
+
+def _where(strategy: Any) -> str:
+    """The strategy's backend as a URL without its password, for the log."""
+    try:
+        return str(strategy.backend.as_uri())
+    except Exception:
+        return type(getattr(strategy, "backend", strategy)).__name__
 
 
 def random_task_ids(count: int, prefix: str = "") -> list[str]:
@@ -677,6 +699,7 @@ class _BatchPoll:
             for start in range(0, len(ids), 500):
                 for task_id, meta in self.fetch(hub, ids[start:start + 500]).items():
                     changed = hub.deliver(task_id, meta) or changed
+            hub._answered()
             # Only news keeps the poll fast: a task sitting in PROGRESS with
             # the same meta backs off like any other.
             delay = ResultHub._MIN_POLL if changed else min(delay * 1.5, ResultHub._MAX_POLL)
@@ -858,6 +881,7 @@ class _RedisPush:
             # stored meanwhile, then comes after this one's.
             self.pubsub.subscribe(self.batch_channel)
         self.pubsub.psubscribe(self.pattern_prefix + b"*")
+        hub._answered()
         last_safety = time.monotonic()
         window_start = next_tick = 0.0
         window_count = 0
@@ -963,6 +987,7 @@ class _RpcPush:
     def run(self, hub: ResultHub) -> None:
         if self.connection is None:
             self._connect()
+        hub._answered()
         self._hub = hub
         while True:
             hub._take_new()  # nothing to subscribe: every reply comes here

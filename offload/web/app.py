@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Union
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from celery import exceptions as celery_exceptions
 from celery import states
@@ -157,6 +157,22 @@ def json_response(status: int, data: Any, headers: Iterable[tuple[str, str]] = (
 def error_response(status: int, kind: str, message: str,
                    headers: Iterable[tuple[str, str]] = ()) -> Response:
     return json_response(status, {"error": {"type": kind, "message": message}}, headers)
+
+
+#: The most query parameters a request may carry (the API reads two).
+MAX_QUERY_FIELDS = 32
+
+
+def parse_query(raw: str) -> dict[str, str] | None:
+    """The query string's parameters, or None when it has over :data:`MAX_QUERY_FIELDS`."""
+    try:
+        return dict(parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS))
+    except ValueError:
+        return None
+
+
+def too_many_fields() -> Response:
+    return error_response(400, "BadQuery", f"a query has at most {MAX_QUERY_FIELDS} parameters")
 
 
 def parse_json(body: bytes) -> Any:
