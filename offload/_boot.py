@@ -107,7 +107,8 @@ def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> A
             made = obj()
         except Exception as exc:
             # The factory's own bug: shown as it is, with its traceback.
-            exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
+            if sys.version_info >= (3, 11):  # no notes on Python 3.10: the traceback still shows where
+                exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
             raise
         return _from_object(made, f"{where}()", tried, call=False)
     tried.append(f"{where} is {type(obj).__name__}, not an Offload, a Flask app or an app factory")

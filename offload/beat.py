@@ -245,6 +245,8 @@ class Scheduler(celery_beat.PersistentScheduler):
     _lock_fd: int | None = None
     _lease: RedisLease | QueueLease | None = None
     _renewed_at = 0.0
+    #: Celery's (seconds beat sleeps at most between ticks); Celery ships no types.
+    max_interval: float
 
     def setup_schedule(self) -> None:
         lease = scheduler_lease(self.app)

@@ -228,7 +228,7 @@ def coerce(name: str, value: Any) -> Any:
             return int(text) if text.lstrip("-").isdigit() else value
         if kind == "string":
             return value
-        if text.lower() in ("", "none", "null") and option.default is None:
+        if text.lower() in ("", "none", "null") and option is not None and option.default is None:
             return None
         if kind == "bool":
             return strtobool(text)
@@ -493,10 +493,11 @@ def _read_old_broker_settings(celery_settings: dict[str, Any]) -> None:
     scheme = "amqp" if amqp else transport
     vhost = str(parts.get("broker_vhost", "/" if amqp else "")).strip()
     path = vhost if vhost in ("", "/") else quote(vhost, safe="")
-    celery_settings["broker_url"] = as_url(
-        scheme, host=str(parts.get("broker_host") or "localhost"),
-        port=parts.get("broker_port") or (5672 if amqp else None),
-        user=parts.get("broker_user"), password=parts.get("broker_password"), path=path or None)
+    # Any: kombu's type comment says int and str, yet None is its own default for each.
+    fields: dict[str, Any] = {"port": parts.get("broker_port") or (5672 if amqp else None),
+                              "user": parts.get("broker_user"), "password": parts.get("broker_password"),
+                              "path": path or None}
+    celery_settings["broker_url"] = as_url(scheme, host=str(parts.get("broker_host") or "localhost"), **fields)
 
 
 def _serializer_name(value: Any) -> str:

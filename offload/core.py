@@ -116,12 +116,13 @@ class _Connection(Connection):
     read ``redis://:**@host`` for a broker without a password.
     """
 
-    def as_uri(self, include_password: bool = False, mask: str = "**", **kwargs: Any) -> str:
-        uri = super().as_uri(include_password, mask, **kwargs)
+    def as_uri(self, include_password: bool = False, mask: str = "**", *args: Any, **kwargs: Any) -> str:
+        # *args: kombu's getfields may come by position too.
+        uri = super().as_uri(include_password, mask, *args, **kwargs)
         if include_password or self.password or not mask:
             return uri
         # A transport's default password (amqp's guest) is a password too.
-        if parse_url(super().as_uri(True, mask, **kwargs)).get("password"):
+        if parse_url(super().as_uri(True, mask, *args, **kwargs)).get("password"):
             return uri
         return uri.replace(f":{mask}@", "@", 1).replace("://@", "://", 1)
 

@@ -507,11 +507,11 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         """Run calls of an allowed function by its ``module:qualname`` reference."""
         request = task.request
         chunk_id = request.id
-        calls = _checked_calls(calls)
-        if calls is None:
+        pairs = _checked_calls(calls)
+        if pairs is None:
             raise TypeError(_CHUNK_SHAPE)
         checked = [(call_id, args, kwargs) for call_id, (args, kwargs)
-                   in zip(chunk_call_ids(chunk_id, len(calls)), calls)]
+                   in zip(chunk_call_ids(chunk_id, len(pairs)), pairs)]
         backend = app.backend
         try:
             fn = allow.resolve(ref)
@@ -557,7 +557,9 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         # waited, or its own id revoked): Celery marks the chunk's id, which
         # no future follows; each call's own id is marked here, so that its
         # future ends REVOKED instead of waiting until the hub gives up.
-        if getattr(sender, "name", None) != CHUNK_TASK or getattr(sender, "app", None) is not app:
+        # Typed Any: compared with getattr(..., None), mypy would narrow app to "Any | None".
+        sender_app: Any = getattr(sender, "app", None)
+        if getattr(sender, "name", None) != CHUNK_TASK or sender_app is not app:
             return
         call_ids = _call_ids_of(request)
         if not call_ids:
@@ -672,7 +674,6 @@ def store_results(backend: Any, results: list[tuple[str, str, Any, str | None]])
     if not results:
         return
     set_many = getattr(backend, "set_many", None)
-    client = getattr(backend, "client", None)
     if not hasattr(backend, "get_key_for_task") or (set_many is None and not _is_redis(backend)):
         for task_id, state, result, tb in results:
             backend.store_result(task_id, result, state, traceback=tb)
@@ -695,7 +696,7 @@ def store_results(backend: Any, results: list[tuple[str, str, Any, str | None]])
     # No MULTI/EXEC: each SET and PUBLISH stands alone (a reader sees each
     # result whole either way), and a transaction costs the pipeline two
     # more commands and the server a queue of all of them.
-    with client.pipeline(transaction=False) as pipe:
+    with backend.client.pipeline(transaction=False) as pipe:  # a Redis backend here
         for (key, value), (task_id, _state, _result, _tb) in zip(items, results):
             if expires:
                 pipe.set(key, value, ex=int(expires))

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 from urllib.parse import parse_qsl, quote
 
 from celery import exceptions as celery_exceptions
@@ -137,7 +137,11 @@ _BACKEND_ERRORS = _backend_errors()
 
 Step = Union[Wait, Call]
 Answer = Union[Response, EventStream]
-Handler = Generator[Step, Any, Answer]
+T = TypeVar("T")
+#: A route, or a part of one: a generator of steps that returns a ``T``.
+Steps = Generator[Step, Any, T]
+#: A whole route: its steps, then the answer.
+Handler = Steps[Answer]
 
 
 class HTTPError(Exception):
@@ -492,7 +496,7 @@ class TaskAPI:
             data["progress"] = None  # progress with NaN: none shown rather than non-JSON
         return data, compact_json(data).encode()
 
-    def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Handler:
+    def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Steps[str]:
         """Check the arguments, then send the task; its id (steps: one Call)."""
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise HTTPError(400, "BadArguments", 'the body is {"args": [...], "kwargs": {...}}')
@@ -535,7 +539,7 @@ class TaskAPI:
             raise HTTPError(400, "BadWait", f"wait is a number of seconds >= 0, got {raw!r}")
         return min(seconds, self.max_wait)
 
-    def snapshot(self, task_id: str, wait: float) -> Handler:
+    def snapshot(self, task_id: str, wait: float) -> Steps[TaskSnapshot]:
         """The task's snapshot, waiting up to ``wait`` seconds for its end."""
         if wait > 0:
             snap = yield Wait(task_id, wait)
@@ -550,7 +554,7 @@ class TaskAPI:
         _, body = self.present(snap, exposure)
         return Response(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
 
-    def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
+    def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Steps[dict[str, Any]]:
         """Revoke a task, as ``Future.cancel`` does (``terminate`` also kills it if running); its snapshot."""
         exposure = yield from self.find_exposed(request, task_id, cancel=True)
         cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
