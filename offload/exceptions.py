@@ -6,13 +6,8 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-
-class OffloadError(Exception):
-    """Base class of every error offload raises itself."""
-
-
-class ConfigurationError(OffloadError, ValueError):
-    """A setting has a value offload cannot use."""
+# Defined with the transports, which raise them and import nothing of offload outside offload.transport.
+from .transport.errors import ConfigurationError, OffloadError  # noqa: F401 (re-exported)
 
 
 class NotAllowedError(OffloadError):

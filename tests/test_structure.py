@@ -123,7 +123,6 @@ def test_imports_flow_one_way() -> None:
     assert not cycles, "import circles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="the circles are broken next")
 def test_the_transports_import_nothing_of_offload_outside_offload_transport() -> None:
     graph = import_graph()
     transports = [name for name in graph if name == "offload.transport" or name.startswith("offload.transport.")]
@@ -134,7 +133,6 @@ def test_the_transports_import_nothing_of_offload_outside_offload_transport() ->
     assert not {name: targets for name, targets in outside.items() if targets}
 
 
-@pytest.mark.xfail(strict=True, reason="the circles are broken next")
 def test_the_embedded_transport_imports_without_celery_or_the_core() -> None:
     # A fresh interpreter: the test process has long imported everything.
     probe = ("import sys, offload.transport.sqlite\n"

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from ..datadir import create_private_file, make_private_dirs
-from ..exceptions import ConfigurationError
+from .errors import ConfigurationError
+from .files import create_private_file, make_private_dirs
 
 __all__ = ["DatabaseLocked", "SQLiteFileError", "connect", "is_busy", "parse_url", "require_sqlite",
            "retrying", "url_options", "LocalConnections"]
