@@ -219,8 +219,7 @@ class BeatProcess:
             return False
         path = state_file(self._off)
         make_private_dirs(path.parent)
-        from .supervise import start_process
-        from .workers import BOOT_APP
+        from .supervise import BOOT_APP, start_process
 
         # The workers' own environment: the app imported as they import it,
         # and the watchdog on this process (see offload._boot).

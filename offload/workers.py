@@ -62,17 +62,14 @@ from kombu.exceptions import OperationalError
 from .exceptions import ConfigurationError, OffloadError, broker_unreachable
 from .monitor import INSPECT_TARGETS, inspect, status
 from .specs import WorkerSpec, worker_specs
-from .supervise import (Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
+from .supervise import (BOOT_APP, Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
                         describe_exit, start_process)
 
 __all__ = ["BOOT_APP", "INSPECT_TARGETS", "Backoff", "LocalWorkers", "WorkerExited", "WorkerSpec",
            "WorkerStarted", "WorkersNotReady", "inspect", "status", "worker_specs"]
 
-if TYPE_CHECKING:  # offload.beat imports this module's BOOT_APP when it starts a scheduler
+if TYPE_CHECKING:  # the scheduler is imported only when something is scheduled
     from .beat import BeatProcess
-
-#: The app spec a worker process imports; it reads ``OFFLOAD_APP``.
-BOOT_APP = "offload._boot:app"
 
 #: Where each exit of a local worker is reported (a warning with its log's tail).
 logger = logging.getLogger("offload.workers")
