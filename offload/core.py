@@ -27,6 +27,7 @@ from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispa
 from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
+from .frameworks import is_flask_app
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .reliability import RedisLeaseRenewal
@@ -214,10 +215,6 @@ class Offload:
         """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
         """The translated settings (:func:`offload.config.translate`)."""
-        # The Flask integration is imported only to recognise a Flask app; it
-        # imports no Flask itself (core stays framework-free).
-        from .flask import is_flask_app
-
         if config is not None and is_flask_app(config):
             self.init_app(config)
         else:
