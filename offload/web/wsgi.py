@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .app import CONTENT_LENGTH, EventStream, RequestInfo, Response, TaskAPI, drive_sync, error_response
+from .steps import API, CONTENT_LENGTH, EventStream, RequestInfo, Response, drive_sync, error_response
 from .sse import HEADERS as SSE_HEADERS
 from .sse import sync_events
 
@@ -52,7 +52,7 @@ class _LengthRequired(Exception):
 class WSGIApp:
     """``api.wsgi``: serve a :class:`TaskAPI` to any WSGI server or framework."""
 
-    def __init__(self, api: TaskAPI) -> None:
+    def __init__(self, api: API) -> None:
         self.api = api
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
