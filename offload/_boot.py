@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import inspect
+import json
 import os
 import signal
 import sys
@@ -94,10 +96,18 @@ def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> A
         return None
     if call and callable(obj) and not isinstance(obj, type):
         try:
-            made = obj()
+            inspect.signature(obj).bind()
         except TypeError as exc:
             tried.append(f"{where}() could not be called without arguments: {exc}")
             return None
+        except ValueError:  # no signature to read (a builtin): let the call say
+            pass
+        try:
+            made = obj()
+        except Exception as exc:
+            # The factory's own bug: shown as it is, with its traceback.
+            exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
+            raise
         return _from_object(made, f"{where}()", tried, call=False)
     tried.append(f"{where} is {type(obj).__name__}, not an Offload, a Flask app or an app factory")
     return None
@@ -296,19 +306,58 @@ def _start_watchdog() -> None:
                      daemon=True).start()
 
 
+def apply_starter_settings(off: Any) -> Any:
+    """Configure ``off`` with the settings of the process that started this worker.
+
+    :class:`offload.workers.LocalWorkers` names a file of them in
+    ``OFFLOAD_SETTINGS_FILE``: the config of the Offload that called
+    ``off.start()``, which replaces what importing the app here built (a
+    factory knows nothing of what a script set in ``app.config``). Only the
+    settings JSON could not carry (``kept``) stay as the import made them.
+    A Flask app's config gets the starter's values too, so that
+    ``current_app.config`` in a task reads what the script set. Without the
+    variable ``off`` is left as is.
+    """
+    from .config import is_setting
+
+    path = os.environ.pop("OFFLOAD_SETTINGS_FILE", "")
+    if not path:
+        return off
+    try:
+        with open(path, encoding="utf-8") as file:
+            payload = json.load(file)
+        values, kept = dict(payload["settings"]), set(payload["kept"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(
+            f"cannot read the settings of the process that started this worker ({path}): {exc}") from exc
+    app = off.flask_app
+    if app is not None:
+        for key in [k for k in app.config if isinstance(k, str) and is_setting(k)]:
+            if key not in values and key not in kept:
+                del app.config[key]
+        app.config.update(values)
+        off.init_app(app)
+    else:
+        own = {k: v for k, v in off.configured_from.items() if k in kept or not is_setting(k)}
+        off.configure({**own, **values})
+    return off
+
+
 _state: dict[str, Any] = {}
+
+
+def _loaded() -> Any:
+    if "offload" not in _state:
+        _state["offload"] = apply_starter_settings(load_default())
+    return _state["offload"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that importing this module (the CLI does) loads no user app.
     if name in ("app", "celery"):
-        if "offload" not in _state:
-            _state["offload"] = load_default()
-        return _state["offload"].celery
+        return _loaded().celery
     if name == "offload":
-        if "offload" not in _state:
-            _state["offload"] = load_default()
-        return _state["offload"]
+        return _loaded()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -33,7 +33,7 @@ from ._boot import AppNotFound, find_offload, load_default, spec_from_env
 from .exceptions import OffloadError
 from .flask import offload_of
 from .supervise import start_process
-from .workers import BOOT_APP, INSPECT_TARGETS, WorkerExited, WorkerSpec, inspect, status
+from .workers import BOOT_APP, INSPECT_TARGETS, WorkerExited, WorkerSpec, check_broker, inspect, status
 
 __all__ = ["flask_group", "group_for", "main"]
 
@@ -145,6 +145,8 @@ def worker(ctx: click.Context, name: str | None, queues: str | None, concurrency
             args[args.index(flag) + 1] = str(value)
         else:
             args += [flag, str(value)]
+    # Celery would retry a dead broker for minutes, saying so only in its log.
+    check_broker(off.celery, "start a worker")
     # A task that submits must not start local workers from inside a worker.
     os.environ["OFFLOAD_IN_WORKER"] = "1"
     off.celery.worker_main(["worker", *args])
@@ -194,6 +196,7 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
     off = _offload(ctx)
     workers = off.workers
     specs = workers.specs
+    check_broker(off.celery, "start the workers")
     if not workers.acquire():
         raise click.ClickException(
             f"the workers of this app are already run by process {workers.owner_pid()} "
@@ -216,6 +219,10 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
         _emit(as_json, "starting", f"starting {len(specs)} worker(s): "
               + ", ".join(s.nodename for s in specs) + f" (logs in {workers.folder})",
               workers=[s.nodename for s in specs], logs=str(workers.folder))
+        unconsumed = workers.unconsumed_message()
+        if unconsumed:
+            _emit(as_json, "unconsumed", f"warning: {unconsumed}", queues=workers.unconsumed_queues(),
+                  message=unconsumed)
         workers.supervise()
         if as_json:
             workers.wait_ready(timeout)
@@ -387,13 +394,20 @@ def dashboard(ctx: click.Context, host: str, port: int, prefix: str) -> None:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def demo(host: str, port: int) -> None:
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the broker, results and ledger (default: $OFFLOAD_DEMO_DATA_DIR, "
+                   "else a per-user temp folder).")
+@click.option("--keep-ledger", is_flag=True, help="Keep the ledger of the last run (default: an empty one).")
+def demo(host: str, port: int, data_dir: str | None, keep_ledger: bool) -> None:
     """Run offload's demo web app (with its own local worker)."""
     try:
         from .demo import run
     except ImportError as exc:
         raise click.ClickException(f"the demo is not available: {exc}") from None
-    run(host=host, port=port)
+    try:
+        run(host=host, port=port, data_dir=data_dir, keep_ledger=keep_ledger)
+    except OSError as exc:
+        raise click.ClickException(exc.strerror or str(exc)) from None
 
 
 _COMMANDS = (worker, beat, cluster, status_command, inspect_command, flower, dashboard, demo)

@@ -22,19 +22,20 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from celery.app.defaults import NAMESPACES, Option, _TO_NEW_KEY, flatten
 from celery.utils.serialization import strtobool
 from kombu import Queue
 from kombu.serialization import registry as serializers
-from kombu.utils.url import maybe_sanitize_url
+from kombu.utils.url import as_url, maybe_sanitize_url
 
 from .dispatch import refusal
 from .exceptions import ConfigurationError
 
 __all__ = [
     "AMQP_PUBLISH_RETRY_POLICY", "AMQP_TRANSPORT_DEFAULTS", "REDIS_TRANSPORT_DEFAULTS",
-    "RELIABILITY_DEFAULTS", "Settings", "default_data_dir", "read_settings", "translate",
+    "RELIABILITY_DEFAULTS", "Settings", "default_data_dir", "is_setting", "read_settings", "translate",
 ]
 
 #: Offload's reliability defaults; any of them can be overridden in config.
@@ -57,6 +58,9 @@ RELIABILITY_DEFAULTS: dict[str, Any] = {
     "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
     "worker_cancel_long_running_tasks_on_connection_loss": True,
+    # A worker checks each message before Celery reads it, and dead-letters
+    # what offload never sends: one forged message cannot stop it.
+    "worker_consumer": "offload.intake:Consumer",
     # A dead broker must make submit() fail in seconds, not hang.
     "broker_connection_timeout": 2.0,
     "task_publish_retry_policy": {
@@ -109,6 +113,15 @@ _SERIALIZER_SETTINGS = ("task_serializer", "result_serializer", "accept_content"
 #: ``CONTROL_EXCHANGE``) are a web app's own keys too often to be taken from
 #: a shared config: they are read only with a prefix (``CELERY_S3_BUCKET``).
 _OLD_NAME_PREFIXES = ("CELERY", "BROKER_")
+
+#: Celery 2's broker settings (``BROKER_HOST``, ...). Celery 3 built the broker
+#: URL from them; Celery 5 keeps the names but a URL always wins, and with
+#: no URL offload would run on its embedded broker: offload builds the URL.
+_BROKER_PARTS = ("broker_host", "broker_port", "broker_user", "broker_password", "broker_vhost")
+#: Celery 2's names of RabbitMQ transports (``BROKER_BACKEND``), some gone from kombu.
+_AMQP_TRANSPORTS = frozenset({"amqp", "amqplib", "pyamqp", "py-amqp", "librabbitmq", "amqps"})
+#: Celery 2's names that Celery's own table of old names lacks.
+_CELERY2_NAMES = {"BROKER_BACKEND": "broker_transport"}
 
 #: Celery's setting definitions, by their current lowercase name.
 CELERY_OPTIONS: dict[str, Option] = dict(flatten(NAMESPACES))
@@ -164,6 +177,8 @@ def celery_key(key: str) -> str | None:
     """
     if key in CELERY_OPTIONS:
         return key
+    if key in _CELERY2_NAMES:
+        return _CELERY2_NAMES[key]
     if key in _TO_NEW_KEY and key.startswith(_OLD_NAME_PREFIXES):
         return _TO_NEW_KEY[key]
     for prefix in _PREFIXES:
@@ -175,6 +190,19 @@ def celery_key(key: str) -> str | None:
             if rest.upper() in _TO_NEW_KEY:
                 return _TO_NEW_KEY[rest.upper()]
     return None
+
+
+def is_setting(key: str) -> bool:
+    """Whether offload or Celery reads ``key`` (in any of its spellings).
+
+    >>> is_setting("CELERY_BROKER_URL"), is_setting("celery.workers"), is_setting("SECRET_KEY")
+    (True, True, False)
+    """
+    return _own_key(key) in OFFLOAD_KEYS or celery_key(key) is not None
+
+
+def _own_key(key: str) -> str:
+    return key.upper().replace(".", "_") if key.lower().startswith(("celery", "offload")) else key
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -232,11 +260,24 @@ def _coerce_bool(key: str, value: Any) -> bool:
     return bool(value)
 
 
+#: Counts spelled out: ``CELERY_WORKERS = "two"`` means a count, not one worker named ``two``.
+_NUMBER_WORDS = frozenset(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())
+
+_WORKERS_FORMS = ("a count (2, or \"2\" in an ini file), a list of names (['foo', 'bar'], or "
+                  "\"foo, bar\") or a dict of name -> options ({'foo': {'queues': ['high']}})")
+
+
 def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
             return int(text)
+        if text.lower() in _NUMBER_WORDS:
+            raise ConfigurationError(
+                f"CELERY_WORKERS = {value!r} is a count in words: write it as a number. "
+                f"CELERY_WORKERS takes {_WORKERS_FORMS}")
         if text[:1] in "[{":
             try:
                 value = json.loads(text)
@@ -245,10 +286,7 @@ def _coerce_workers(value: Any) -> int | list[str] | dict[str, dict[str, Any]]:
         else:
             return [name for name in text.replace(",", " ").split() if name]
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, Mapping)):
-        raise ConfigurationError(
-            "CELERY_WORKERS takes a count (2), a list of names (['foo', 'bar']) "
-            f"or a dict of name -> options, got {value!r}"
-        )
+        raise ConfigurationError(f"CELERY_WORKERS takes {_WORKERS_FORMS}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigurationError(f"CELERY_WORKERS must not be negative, got {value}")
@@ -304,7 +342,7 @@ def read_settings(mapping: Mapping[str, Any] | None) -> Settings:
     for key, value in mapping.items():
         if not isinstance(key, str):
             continue
-        own = key.upper().replace(".", "_") if key.lower().startswith(("celery", "offload")) else key
+        own = _own_key(key)
         if own in OFFLOAD_KEYS:
             _read_own(settings, own, value)
             continue
@@ -365,6 +403,7 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
     settings = read_settings(mapping)
     celery_settings = dict(RELIABILITY_DEFAULTS)
     celery_settings.update(settings.celery)
+    _read_old_broker_settings(celery_settings)
     if not settings.allow_pickle:
         _refuse_pickle(celery_settings)
     allow = settings.allow if settings.allow is not None else list(default_allow)
@@ -381,7 +420,15 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
         for key, value in default_settings(settings.data_dir).items():
             celery_settings.setdefault(key, value)
     expand_sqlite_urls(celery_settings, settings.data_dir)
+    removed_backend = None
+    if str(celery_settings.get("result_backend") or "").strip().lower() in ("amqp", "amqp://"):
+        removed_backend = celery_settings.pop("result_backend")
     scheme = str(celery_settings["broker_url"]).partition("://")[0]
+    if scheme in ("offload+redis", "offload+rediss"):
+        # Another spelling of offload-redis:// (kombu reads "a+b://" as transport "a").
+        scheme = scheme.partition("+")[2]
+        celery_settings["broker_url"] = scheme + str(celery_settings["broker_url"])[len("offload+" + scheme):]
+        celery_settings["broker_transport"] = "offload-redis"
     if scheme in ("redis", "rediss"):
         options = dict(REDIS_TRANSPORT_DEFAULTS)
         options.update(celery_settings.get("broker_transport_options") or {})
@@ -401,6 +448,12 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
         # long-poll) never sees it. The embedded store is readable by every
         # process of this machine; across machines, set a shared backend.
         celery_settings.setdefault("result_backend", default_settings(settings.data_dir)["result_backend"])
+    if removed_backend is not None:
+        warnings.warn(
+            f"CELERY_RESULT_BACKEND = {removed_backend!r} (the AMQP result backend of Celery 2 and 3) "
+            f"was removed in Celery 5: offload uses {celery_settings.get('result_backend')!r} instead. "
+            "Set CELERY_RESULT_BACKEND to 'rpc://', a 'redis://' URL or 'sqlite://' (the embedded store).",
+            UserWarning, stacklevel=3)
     if settings.queues:
         default = celery_settings.get("task_default_queue", "celery")
         names = [default] + [q for q in settings.queues if q != default]
@@ -411,6 +464,39 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
     celery_settings["task_routes"] = tuple(routes)
     settings.celery = celery_settings
     return settings
+
+
+def _read_old_broker_settings(celery_settings: dict[str, Any]) -> None:
+    """Put Celery 2's ``BROKER_HOST``, ``BROKER_USER``, ... together into ``broker_url``.
+
+    As Celery 2 and 3 did: RabbitMQ (``amqp``) unless ``BROKER_BACKEND`` /
+    ``BROKER_TRANSPORT`` names another transport, on ``localhost``, port 5672
+    and vhost ``/`` by default. With a ``BROKER_URL`` given too, the URL says
+    where the broker is, and a warning names the settings left unused.
+    """
+    parts = {key: celery_settings.pop(key) for key in _BROKER_PARTS if key in celery_settings}
+    parts = {key: value for key, value in parts.items() if value not in (None, "")}
+    if not parts:
+        return
+    names = ", ".join(f"BROKER_{key[len('broker_'):].upper()}" for key in parts)
+    if celery_settings.get("broker_url"):
+        warnings.warn(
+            f"{names} ignored: the broker URL ({maybe_sanitize_url(str(celery_settings['broker_url']))}) "
+            "says where the broker is. Put them in CELERY_BROKER_URL, or drop them.",
+            UserWarning, stacklevel=4)
+        return
+    transport = str(celery_settings.get("broker_transport") or "amqp").strip().lower()
+    amqp = transport in _AMQP_TRANSPORTS
+    # The transport goes by the URL's scheme ("amqplib" is gone from kombu,
+    # and redis gets offload's own transport as any redis:// URL does).
+    celery_settings.pop("broker_transport", None)
+    scheme = "amqp" if amqp else transport
+    vhost = str(parts.get("broker_vhost", "/" if amqp else "")).strip()
+    path = vhost if vhost in ("", "/") else quote(vhost, safe="")
+    celery_settings["broker_url"] = as_url(
+        scheme, host=str(parts.get("broker_host") or "localhost"),
+        port=parts.get("broker_port") or (5672 if amqp else None),
+        user=parts.get("broker_user"), password=parts.get("broker_password"), path=path or None)
 
 
 def _serializer_name(value: Any) -> str:

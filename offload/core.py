@@ -9,22 +9,26 @@ context their tasks should run in.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery
 from celery import Task as _CeleryTask
-from kombu.exceptions import EncodeError, OperationalError
+from celery.app.amqp import AMQP
+from kombu import Connection
+from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
-from kombu.utils.url import maybe_sanitize_url
+from kombu.utils.url import maybe_sanitize_url, parse_url
 
 from .config import REDIS_TRANSPORT_DEFAULTS, RELIABILITY_DEFAULTS, CELERY_OPTIONS, Settings
 from .config import default_data_dir as _default_data_dir
 from .config import translate
-from .dispatch import (CHUNK_TASK, AllowList, default_allow, install_chunk_dispatcher, install_dispatcher,
-                       reference)
-from .exceptions import ConfigurationError, ResultBackendLimit, broker_unreachable
+from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
+                       install_dispatcher, reference)
+from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
 from .frameworks import is_flask_app
@@ -87,20 +91,26 @@ def _caller_module() -> str:
     return "__main__"
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
-    try:
-        import redis.exceptions
+class _Connection(Connection):
+    """kombu's Connection, whose URL shows no password mask where there is no password.
 
-        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
-    except ImportError:
-        pass
-    return tuple(errors)
+    kombu masks the password of a transport that does not parse its own URL
+    (Redis, offload-redis) whether there is one or not: the worker's banner
+    read ``redis://:**@host`` for a broker without a password.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**", **kwargs: Any) -> str:
+        uri = super().as_uri(include_password, mask, **kwargs)
+        if include_password or self.password or not mask:
+            return uri
+        # A transport's default password (amqp's guest) is a password too.
+        if parse_url(super().as_uri(True, mask, **kwargs)).get("password"):
+            return uri
+        return uri.replace(f":{mask}@", "@", 1).replace("://@", "://", 1)
 
 
-#: What sending to an unreachable broker (or reading an unreachable result
-#: store) raises: kombu's, the standard library's and redis-py's errors.
-CONNECTION_ERRORS = _connection_errors()
+class _AMQP(AMQP):
+    Connection = _Connection
 
 
 class _CeleryApp(Celery):
@@ -112,6 +122,12 @@ class _CeleryApp(Celery):
     subscribes when it is called; the eager subscription only costs a round
     trip per submit and piles up unread messages on a connection nobody reads.
     """
+
+    amqp_cls = _AMQP
+
+    #: The file where this app's workers record the messages they refuse
+    #: (:class:`offload.intake.DeadLetters`); set by :meth:`Offload.configure`.
+    dead_letters_path: str | None = None
 
     def _get_backend(self) -> Any:
         backend = super()._get_backend()
@@ -126,6 +142,15 @@ class _CeleryApp(Celery):
 
 def _no_subscription(producer: Any, task_id: str) -> None:
     return None
+
+
+def _awaited(value: Any) -> Any:
+    """A task's return value; an ``async def`` task's coroutine run to its end (offload.aio)."""
+    if inspect.iscoroutine(value):
+        from .aio import run
+
+        return run(value)
+    return value
 
 
 def _delay_of(options: Mapping[str, Any]) -> float:
@@ -195,6 +220,9 @@ class Offload:
         self._has_routes = False
         self._publish_options: dict[str, Any] = {}
         self._configured_keys: set[str] = set()
+        #: A copy of the mapping the last :meth:`configure` read (local
+        #: workers are started with it, :mod:`offload.workers`).
+        self.configured_from: dict[str, Any] = {}
         self._references: dict[Any, str] = {}
         self._commit_hooks: list[CommitHook] = []
         self._allow = AllowList(())
@@ -256,6 +284,9 @@ class Offload:
             {"confirm_timeout": timeout} if transport_options.get("confirm_publish") and timeout else {})
         self._allow.packages = settings.allow or ()
         self.settings = settings
+        self.configured_from = {k: v for k, v in (config or {}).items() if isinstance(k, str)}
+        self.celery.dead_letters_path = (os.path.join(settings.data_dir, "dead-letters.jsonl")
+                                         if settings.data_dir else None)
         # A second configure (Offload() at import, init_app(app) in a factory)
         # must not keep what the first one set and the second does not.
         for key in self._configured_keys - set(celery_settings):
@@ -306,11 +337,13 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
+            #: Bounds how often one task may kill its pool process (offload.intake).
+            Request = "offload.intake:Request"
             #: Exception types whose message the HTTP task API shows (see offload.TaskError).
             public_errors: tuple[type[BaseException], ...] = ()
 
             def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-                            **options: Any) -> Any:
+                            *more: Any, **options: Any) -> Any:
                 # An exposed task's calls are marked before they are sent,
                 # however they are sent (.delay, .submit, the web API), so
                 # that the web task API may answer for them.
@@ -319,14 +352,21 @@ class Offload:
 
                     task_id = task_id or uuid()
                     off.exposures.mark([task_id], self.name, self.public_errors)
-                return super().apply_async(args, kwargs, task_id=task_id, **options)
+                # .delay() too: a dead broker is offload's BrokerUnavailable,
+                # as for submit (still a kombu OperationalError).
+                try:
+                    return super().apply_async(args, kwargs, task_id, *more, **options)
+                except CONNECTION_ERRORS as exc:
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
+                    raise broker_unreachable(self.app, exc, f"send the task {self.name}") from exc
 
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 # A chunk enters the contexts once per call (_call_context).
                 if not off._contexts or self.name == CHUNK_TASK:
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
                 with off.task_context():
-                    return super().__call__(*args, **kwargs)
+                    return _awaited(super().__call__(*args, **kwargs))
 
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""
@@ -439,6 +479,11 @@ class Offload:
         raise ConfigurationError(
             f"a task named {task_name!r} is already registered (by {where}); give one of them "
             "another name: @off.task(name='...')")
+
+    @property
+    def task_queues(self) -> dict[str, str]:
+        """The queues given to ``@off.task(queue=...)``, by task name."""
+        return dict(self._task_queues)
 
     @property
     def exposed_tasks(self) -> dict[str, Any]:
@@ -632,7 +677,10 @@ class Offload:
         if not eager:
             # The id (and rpc://'s reply queue) comes first, and the future
             # listens before the message leaves: a fast result is never missed.
-            options = {**self._publish_options, **self.hub.submit_options(), **options}
+            try:
+                options = {**self._publish_options, **self.hub.submit_options(), **options}
+            except CONNECTION_ERRORS as exc:  # rpc://'s reply queue is on the broker
+                raise broker_unreachable(self.celery, exc, "send the task") from exc
         if exposed is not None:
             from celery.utils import uuid
 
@@ -643,6 +691,7 @@ class Offload:
         given = future is not None
         if future is None:
             future = Future(options.get("task_id") or "", app=self.celery)
+        future.describe(options.get("shadow") or task.name, options.get("queue"))
         if follow:
             future.follow(self.hub, grace=_delay_of(options))
         try:
@@ -653,6 +702,10 @@ class Offload:
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
+        except BrokerUnavailable as exc:  # from Task.apply_async: said here as submit says it
+            future.unfollow()
+            cause = exc.__cause__ or exc
+            raise broker_unreachable(self.celery, cause, "send the task") from cause
         except CONNECTION_ERRORS as exc:
             future.unfollow()
             raise broker_unreachable(self.celery, exc, "send the task") from exc
@@ -662,6 +715,7 @@ class Offload:
         if eager:
             if not given:
                 future = Future(result.id, app=self.celery)
+                future.describe(options.get("shadow") or task.name, options.get("queue"))
             future.on_event(TaskEvent(result.id, result.state, result.result))
         return future
 
@@ -669,8 +723,7 @@ class Offload:
                       public: tuple[type[BaseException], ...]) -> None:
         """Mark calls for the web task API before they leave (a plain function: by its reference)."""
         name = options.get("shadow") or task.name
-        if name.endswith("[chunk]"):
-            name = name[:-len("[chunk]")]
+        name = name.removesuffix("[chunk]")
         try:
             self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
         except CONNECTION_ERRORS as exc:
@@ -855,14 +908,18 @@ class _Submitter:
                    **{key: value for key, value in prepared[0][2].items() if key != "shadow"}}
         options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
         hub = off.hub
-        call_ids = hub.new_task_ids(len(prepared))
+        # A call's id is its chunk's id and its index there (chunk_call_ids):
+        # a chunk's worker writes results to no id the message could choose.
+        chunk_ids = hub.new_task_ids(len(sizes))
+        call_ids = [call_id for chunk_id, size in zip(chunk_ids, sizes)
+                    for call_id in chunk_call_ids(chunk_id, size)]
         if self._exposed is not None:
             off._mark_exposed(off._dispatcher, call_ids, prepared[0][2], self._exposed)
-        futures = [Future(call_id, app=off.celery) for call_id in call_ids]
+        name, queue = prepared[0][2]["shadow"], options.get("queue")
+        futures = [Future(call_id, app=off.celery, name=name, queue=queue) for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
         Future.follow_all(futures, hub, grace=_delay_of(options))
-        calls = [[call_id, args, kwargs]
-                 for call_id, (_task, ((_ref, args, kwargs),), _options) in zip(call_ids, prepared)]
+        calls = [[args, kwargs] for _task, ((_ref, args, kwargs),), _options in prepared]
         chunks: list[list[list[Any]]] = []
         start = 0
         for size in sizes:
@@ -874,18 +931,19 @@ class _Submitter:
                 # The first chunk at once (workers start on it); the rest in
                 # one round trip where the transport can (offload-redis).
                 dispatch = off._chunk_dispatcher.apply_async
-                dispatch((ref, chunks[0]), producer=producer, **options)
+                dispatch((ref, chunks[0]), producer=producer, task_id=chunk_ids[0], **options)
                 sent = len(chunks[0])
                 pipelined = getattr(producer.channel, "pipelined_puts", None)
                 with pipelined() if pipelined is not None else contextlib.nullcontext():
-                    for chunk in chunks[1:]:
-                        dispatch((ref, chunk), producer=producer, **options)
+                    for chunk_id, chunk in zip(chunk_ids[1:], chunks[1:]):
+                        dispatch((ref, chunk), producer=producer, task_id=chunk_id, **options)
                 sent = len(calls)
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()
             if isinstance(exc, CONNECTION_ERRORS):
-                raise broker_unreachable(off.celery, exc, "send the tasks") from exc
+                cause = (exc.__cause__ or exc) if isinstance(exc, BrokerUnavailable) else exc
+                raise broker_unreachable(off.celery, cause, "send the tasks") from cause
             raise
         return futures
 

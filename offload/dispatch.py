@@ -13,9 +13,16 @@ run nothing but such a function:
   inside an allowed package (never ``__main__``, never anything else);
 * attributes are read with :func:`inspect.getattr_static`, so no property,
   descriptor or module ``__getattr__`` runs while looking;
-* only functions come out: a class (whose constructor would run), an
-  instance, a module or a property is refused, as :func:`reference` refuses
-  them at submit.
+* only functions come out: a module-level function, or a static or class
+  method. A class (whose constructor would run), a plain method (it would
+  run with a forged ``self``: ``Klass.__init__``, ``Klass.method``), an
+  instance, a module or a property is refused, as :func:`reference`
+  refuses them at submit; so is any ``__main__`` module (importing one
+  runs a program's entry point).
+
+A chunk's calls (``off.map``) get their ids from the chunk message's own id
+(:func:`chunk_call_ids`), and a chunk writes only results that have not
+ended: a forged chunk cannot write over another task's result.
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from .exceptions import ConfigurationError, NotAllowedError
 
 __all__ = [
     "CHUNK_TASK", "DISPATCH_TASK", "RUNNABLE_OFFLOAD_MODULES", "AllowList", "batches_results",
-    "default_allow", "install_chunk_dispatcher", "install_dispatcher", "lookup", "read_states",
-    "reference", "refusal", "results_channel", "store_results",
+    "chunk_call_ids", "default_allow", "dispatch_shape_error", "fail_calls", "install_chunk_dispatcher",
+    "install_dispatcher", "lookup", "read_states", "reference", "refusal", "results_channel",
+    "store_results",
 ]
 
 logger = logging.getLogger("offload.dispatch")
@@ -57,8 +65,6 @@ CHUNK_TASK = "offload.dispatch_chunk"
 #: mid-chunk runs again at most this much work that had ended.
 CHUNK_FLUSH_SECONDS = 0.2
 
-#: Call ids are UUIDs (36 characters); a forged message gets no further.
-_MAX_CALL_ID = 64
 
 #: offload's own modules whose functions may be allowed: the demo's app
 #: (``offload demo`` runs its functions). Nothing else of offload, and in
@@ -81,7 +87,7 @@ def refusal(package: Any) -> str | None:
     if not _DOTTED_NAME.match(package):
         return f"{package!r} is not a dotted module name such as 'myapp' or 'myapp.jobs'"
     root = package.partition(".")[0]
-    if root == "__main__":
+    if root == "__main__" or _is_main(package):
         return (f"{package!r} is the script being run, which a worker cannot import; "
                 "move the functions into a module and allow its package")
     if root == "builtins" or root in sys.stdlib_module_names:
@@ -107,6 +113,11 @@ def default_allow(module: str) -> tuple[str, ...]:
     return ()
 
 
+def _is_main(module: str) -> bool:
+    """True for a ``__main__`` module (``pkg.__main__``): importing it runs a program."""
+    return module == "__main__" or module.endswith(".__main__")
+
+
 def _main_module_name() -> str | None:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return spec.name if spec is not None and spec.name != "__main__" else None
@@ -124,8 +135,10 @@ def lookup(module: types.ModuleType, qualname: str) -> Any:
 
     Each step reads the attribute statically (:func:`inspect.getattr_static`);
     the steps before the last must be classes. What is found must be a
-    function: a plain one, a builtin one, or a ``staticmethod`` or
-    ``classmethod`` of one (the latter comes back bound to its class).
+    function: a module-level one (plain or builtin), or a ``staticmethod``
+    or ``classmethod`` of a class (the latter comes back bound to its
+    class). A plain function found in a class is a method that needs an
+    instance: refused, since a message could only forge one.
 
     Raises:
         AttributeError: when a name is missing.
@@ -143,6 +156,8 @@ def _kind(obj: Any) -> str:
     """What ``obj`` is, for a message: "a class", "a module", "a property", ..."""
     if isinstance(obj, type):
         return "a class"
+    if isinstance(obj, types.FunctionType) and "." in getattr(obj, "__qualname__", ""):
+        return "a method that needs an instance (self)"
     if inspect.ismodule(obj):
         return "a module"
     return f"a {type(obj).__name__}"
@@ -172,6 +187,8 @@ def _as_function(found: Any, owner: Any) -> Callable[..., Any] | None:
         if isinstance(func, types.FunctionType) and isinstance(owner, type):
             return types.MethodType(func, owner)
         return None
+    elif isinstance(owner, type):
+        return None  # a plain method (__init__ too): its `self` would be forged
     if isinstance(found, types.FunctionType):
         return found
     if isinstance(found, types.BuiltinFunctionType) and (
@@ -193,6 +210,12 @@ def reference(fn: Callable[..., Any]) -> str:
     >>> reference(os.path.join)
     'posixpath:join'
     """
+    if inspect.iscoroutine(fn):
+        name = getattr(fn, "__qualname__", "the function")
+        fn.close()  # never awaited: no "coroutine was never awaited" warning later
+        raise TypeError(
+            f"submit() takes a function, got a coroutine object: pass the async function and its "
+            f"arguments, off.submit({name}, 1, 2), not off.submit({name}(1, 2))")
     if isinstance(fn, type) or not callable(fn):
         raise TypeError(f"submit() takes a function, got {fn!r}")
     owner = getattr(fn, "__self__", None)
@@ -337,6 +360,8 @@ class AllowList:
             module_name, qualname = _split(ref)
         except ValueError as exc:
             raise self._refuse(ref, str(exc)) from None
+        if any(_is_main(part) for part in module_name.split(".")):
+            raise self._refuse(ref, "a __main__ module is a program's entry point, which importing runs")
         registered = self._registered.get(ref)
         if registered is None and not _inside(module_name, self._packages):
             raise self._refuse(ref, "register it with @off.task or add its package to OFFLOAD_ALLOW")
@@ -390,6 +415,45 @@ class AllowList:
         return NotAllowedError(f"{shown} is not allowed to run on this worker: {why}")
 
 
+def call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` as a worker runs it.
+
+    A coroutine function runs to its end on the process's event loop
+    (:func:`offload.aio.run`). ``sys.exit()`` fails the call instead of
+    ending the pool process (which would give the message back to run,
+    and exit, again).
+    """
+    try:
+        value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            from .aio import run
+
+            value = run(value)
+        return value
+    except SystemExit as exc:
+        raise RuntimeError(f"{getattr(fn, '__qualname__', fn)!r} called sys.exit({exc.code!r}); "
+                           "a task returns or raises instead") from None
+
+
+def dispatch_shape_error(name: str, args: Any, kwargs: Any) -> str | None:
+    """Why a message for ``name`` with ``args``/``kwargs`` is not one offload sends, or None.
+
+    Only offload's dispatchers are checked (other tasks' arguments are the
+    task's own business): ``offload.dispatch`` takes ``(reference, list,
+    dict)``, ``offload.dispatch_chunk`` ``(reference, [[list, dict], ...])``,
+    neither keyword arguments.
+    """
+    if name == DISPATCH_TASK:
+        if not (len(args) == 3 and isinstance(args[0], str) and isinstance(args[1], list)
+                and isinstance(args[2], dict) and not kwargs):
+            return "offload.dispatch takes (reference, list of args, dict of kwargs)"
+    elif name == CHUNK_TASK:
+        if not (len(args) == 2 and isinstance(args[0], str) and not kwargs and _checked_calls(args[1])
+                is not None):
+            return _CHUNK_SHAPE
+    return None
+
+
 def install_dispatcher(app: Any, allow: AllowList) -> Any:
     """Register the ``offload.dispatch`` task on the Celery ``app``; the task.
 
@@ -402,7 +466,7 @@ def install_dispatcher(app: Any, allow: AllowList) -> Any:
         """Run an allowed function by its ``module:qualname`` reference."""
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise TypeError("offload.dispatch takes (reference, list of args, dict of kwargs)")
-        return allow.resolve(ref)(*args, **kwargs)
+        return call(allow.resolve(ref), args, kwargs)
 
     # shared=False: Celery would otherwise add the task to every app created
     # later in the process, and two Offloads would share one.
@@ -413,12 +477,13 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         [], contextlib.AbstractContextManager[Any]] | None = None) -> Any:
     """Register the ``offload.dispatch_chunk`` task on the Celery ``app``; the task.
 
-    A message ``(ref, [[call_id, args, kwargs], ...])`` names one function
+    A message ``(ref, [[args, kwargs], ...])`` names one function
     (resolved once, by the same allow-list as ``offload.dispatch``) and its
-    calls. Each call has its own id and its own result, stored under that id
+    calls. Each call has its own id, made from the chunk's own task id
+    (:func:`chunk_call_ids`), and its own result, stored under that id
     as if it were a task of its own: one failing call does not fail the
     others, and a call whose id already has a final state (its result, or
-    REVOKED by ``Future.cancel()``) is skipped. States are read in one batch
+    REVOKED by ``Future.cancel()``) is skipped and never written over. States are read in one batch
     when the chunk starts and again at each flush; results are written in
     one batch (:func:`store_results`) every :data:`CHUNK_FLUSH_SECONDS` of
     work and at the end. The message is acknowledged late, so a worker
@@ -433,19 +498,23 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
 
     def dispatch_chunk(task: Any, ref: str, calls: list[Any]) -> None:
         """Run calls of an allowed function by its ``module:qualname`` reference."""
-        checked = _checked_calls(calls)
+        request = task.request
+        chunk_id = request.id
+        calls = _checked_calls(calls)
+        if calls is None:
+            raise TypeError(_CHUNK_SHAPE)
+        checked = [(call_id, args, kwargs) for call_id, (args, kwargs)
+                   in zip(chunk_call_ids(chunk_id, len(calls)), calls)]
         backend = app.backend
         try:
             fn = allow.resolve(ref)
         except Exception as exc:
             # Every call ends with the refusal: no future waits forever.
-            store_results(backend, [(call_id, states.FAILURE, exc, None) for call_id, _, _ in checked])
+            _fail_unended(backend, [call_id for call_id, _, _ in checked], exc)
             raise
         ended = read_states(backend, [call_id for call_id, _, _ in checked])
         finished: list[tuple[str, str, Any, str | None]] = []
         last_flush = time.monotonic()
-        request = task.request
-        chunk_id = request.id
         for index, (call_id, args, kwargs) in enumerate(checked):
             if ended.get(call_id) in states.READY_STATES:
                 continue
@@ -453,10 +522,10 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
             request._offload_progress_at = 0.0  # progress()'s rate limit is per call
             try:
                 if call_context is None:
-                    value = fn(*args, **kwargs)
+                    value = call(fn, args, kwargs)
                 else:
                     with call_context():
-                        value = fn(*args, **kwargs)
+                        value = call(fn, args, kwargs)
                 finished.append((call_id, states.SUCCESS, value, None))
             except Exception as exc:
                 logger.info("call %s of %s raised %r", call_id, ref, exc)
@@ -483,9 +552,8 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         # future ends REVOKED instead of waiting until the hub gives up.
         if getattr(sender, "name", None) != CHUNK_TASK or getattr(sender, "app", None) is not app:
             return
-        try:
-            call_ids = [call_id for call_id, _, _ in _checked_calls(list(request.args)[1])]
-        except (TypeError, IndexError, AttributeError):
+        call_ids = _call_ids_of(request)
+        if not call_ids:
             return  # a malformed chunk: nothing it names can be followed
         ended = read_states(app.backend, call_ids)
         reason = TaskRevokedError("expired" if expired else "revoked")
@@ -499,18 +567,69 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
                     ignore_result=True, shared=False)(dispatch_chunk)
 
 
-def _checked_calls(calls: Any) -> list[tuple[str, list[Any], dict[str, Any]]]:
-    shape = "offload.dispatch_chunk takes (reference, [[call id, list of args, dict of kwargs], ...])"
-    if not isinstance(calls, list):
-        raise TypeError(shape)
+_CHUNK_SHAPE = "offload.dispatch_chunk takes (reference, [[list of args, dict of kwargs], ...])"
+
+#: The most calls one chunk message may carry (map sends at most 128).
+_MAX_CHUNK_CALLS = 10_000
+
+
+def chunk_call_ids(chunk_id: str, count: int) -> list[str]:
+    """The ids of a chunk's ``count`` calls: its own task id, a dash, the call's index.
+
+    The ids come from the message's id, not from its body: a chunk can
+    write only to ids of its own, never to an arbitrary task's.
+
+    >>> chunk_call_ids("c0ffee", 2)
+    ['c0ffee-0', 'c0ffee-1']
+    """
+    return [f"{chunk_id}-{index}" for index in range(count)]
+
+
+def _checked_calls(calls: Any) -> list[tuple[list[Any], dict[str, Any]]] | None:
+    """A chunk's calls as ``(args, kwargs)`` pairs, or None when they have another shape."""
+    if not isinstance(calls, list) or len(calls) > _MAX_CHUNK_CALLS:
+        return None
     checked = []
-    for call in calls:
-        if not (isinstance(call, list) and len(call) == 3 and isinstance(call[0], str)
-                and 0 < len(call[0]) <= _MAX_CALL_ID and isinstance(call[1], list)
-                and isinstance(call[2], dict)):
-            raise TypeError(shape)
-        checked.append((call[0], call[1], call[2]))
+    for one in calls:
+        if not (isinstance(one, list) and len(one) == 2 and isinstance(one[0], list)
+                and isinstance(one[1], dict)):
+            return None
+        checked.append((one[0], one[1]))
     return checked
+
+
+def _call_ids_of(request: Any) -> list[str]:
+    """The call ids of the chunk a Celery request carries; [] when it is malformed."""
+    try:
+        calls = _checked_calls(list(request.args)[1])
+    except (TypeError, IndexError, AttributeError):
+        return []
+    task_id = getattr(request, "id", None)
+    if calls is None or not isinstance(task_id, str):
+        return []
+    return chunk_call_ids(task_id, len(calls))
+
+
+def _fail_unended(backend: Any, call_ids: list[str], error: BaseException) -> None:
+    ended = read_states(backend, call_ids)
+    store_results(backend, [(call_id, states.FAILURE, error, None) for call_id in call_ids
+                            if ended.get(call_id) not in states.READY_STATES])
+
+
+def fail_calls(task: Any, task_id: str, args: Any, error: BaseException) -> None:
+    """When ``task`` is offload's chunk dispatcher: fail each call of the chunk that has not ended.
+
+    For a chunk the worker gives up on (:class:`offload.intake.Request`):
+    its calls' futures end with ``error`` instead of waiting.
+    """
+    if getattr(task, "name", None) != CHUNK_TASK or not isinstance(task_id, str):
+        return
+    calls = _checked_calls(list(args)[1]) if isinstance(args, (list, tuple)) and len(args) == 2 else None
+    if calls:
+        try:
+            _fail_unended(task.backend, chunk_call_ids(task_id, len(calls)), error)
+        except Exception:
+            logger.warning("could not fail the calls of chunk %s", task_id, exc_info=True)
 
 
 def read_states(backend: Any, task_ids: list[str]) -> dict[str, str]:

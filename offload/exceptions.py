@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 # Defined with the transports, which raise them and import nothing of offload outside offload.transport.
@@ -19,8 +20,24 @@ class NotAllowedError(OffloadError):
     """
 
 
-class BrokerUnavailable(OffloadError, ConnectionError):
-    """The broker could not be reached in time to send a task."""
+class RejectedMessage(OffloadError):
+    """A worker refused a task message and put it in its dead-letter record.
+
+    The message could not be what offload sends (a content type or
+    compression it does not use, too large, nested too deep, a non-finite
+    number, the wrong shape), or it killed the worker process running it
+    too many times. It is acknowledged, never delivered again, logged and
+    recorded (``dead-letters.jsonl`` in the worker's ``OFFLOAD_DATA_DIR``).
+    """
+
+
+class BrokerUnavailable(OffloadError, ConnectionError, OperationalError):
+    """The broker could not be reached in time (to send a task, ping the workers, ...).
+
+    Raised by ``submit`` and ``map``, by a registered task's ``.delay()`` and
+    ``.apply_async()`` too; it is a kombu ``OperationalError``, so that an
+    ``except OperationalError`` written for Celery still catches it.
+    """
 
 
 def broker_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:
@@ -58,3 +75,19 @@ class TaskError(OffloadError):
 
 class ResultBackendLimit(OffloadError):
     """The result backend cannot do what was asked (rpc:// serves one process)."""
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
+    try:
+        import redis.exceptions
+
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+#: What sending to an unreachable broker (or reading an unreachable result
+#: store) raises: kombu's, the standard library's and redis-py's errors.
+CONNECTION_ERRORS = _connection_errors()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Exposure", "Exposures", "KEY_PREFIX", "type_name"]
+__all__ = ["KEY_PREFIX", "Exposure", "Exposures", "type_name"]
 
 #: The key (or, on a backend without keys, the id) a mark is stored under, before the task id.
 KEY_PREFIX = "offload-exposed-"

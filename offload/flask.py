@@ -52,6 +52,8 @@ class _Configurable(Protocol):
 
     def remove_task_context(self, factory: Any) -> None: ...
 
+    def add_commit_hook(self, hook: Any) -> None: ...
+
 
 def init_app(off: _Configurable, app: Any) -> None:
     """Configure ``off`` from ``app.config``; tasks then run in ``app``'s context.

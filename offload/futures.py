@@ -37,6 +37,7 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import CancelledError
 from concurrent.futures import Future as _BaseFuture
 from typing import Any
 
@@ -71,9 +72,13 @@ class Future(_BaseFuture):
         (3, True, 'SUCCESS')
     """
 
-    def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None) -> None:
+    def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None,
+                 name: str | None = None, queue: str | None = None) -> None:
         super().__init__()
         self._task_id = task_id
+        # For the messages of a wait that gives up: which task, on which queue.
+        self._name = name
+        self._queue = getattr(queue, "name", queue)  # a route may give a kombu Queue
         self._hub = hub
         self._app = app
         self._async_result: Any = None
@@ -114,6 +119,65 @@ class Future(_BaseFuture):
         if self._async_result is None and self._app is not None:
             self._async_result = self._app.AsyncResult(self._task_id)
         return self._async_result
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value, waiting at most ``timeout`` seconds.
+
+        Raises:
+            TimeoutError: not done in time (the task goes on); the message
+                names the task, its id, its queue and what to check.
+            CancelledError: the task was revoked before it ran.
+            Exception: what the task raised.
+        """
+        try:
+            return super().result(timeout)
+        except (TimeoutError, CancelledError) as exc:
+            raise self._explained(exc, timeout) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """What the task raised (None if it returned), waiting at most ``timeout`` seconds.
+
+        Raises ``TimeoutError`` and ``CancelledError`` as :meth:`result` does.
+        """
+        try:
+            return super().exception(timeout)
+        except (TimeoutError, CancelledError) as exc:
+            raise self._explained(exc, timeout) from None
+
+    def _explained(self, exc: BaseException, timeout: float | None) -> BaseException:
+        """``exc`` with a message that says what to check, unless the task raised it."""
+        if self.done() and not self.cancelled() and super().exception(0) is exc:
+            return exc  # the task's own error
+        task = f"task {self._name} (id {self._task_id})" if self._name else f"task {self._task_id}"
+        queue = self.queue
+        on_queue = f" on queue {queue!r}" if queue else ""
+        if isinstance(exc, CancelledError):
+            return CancelledError(f"{task}{on_queue} was cancelled (revoked) before it ran")
+        waited = f"within {timeout:g}s" if timeout is not None else "in time"
+        if self._task_state == states.PENDING:
+            hint = (f"It is still PENDING{on_queue}: is a worker running and consuming that queue? "
+                    "`offload status` pings the workers, `offload inspect active_queues` lists the "
+                    "queues each consumes (CELERY_WORKERS sets them).")
+        else:
+            hint = f"It is {self._task_state} on a worker: wait longer."
+        return TimeoutError(f"{task} did not finish {waited}. {hint} The task was not cancelled: "
+                            "future.cancel() revokes it.")
+
+    def describe(self, name: str | None, queue: Any = None) -> None:
+        """Name the task and its queue, for the messages of a wait that gives up."""
+        self._name = name or self._name
+        self._queue = getattr(queue, "name", queue) or self._queue
+
+    @property
+    def queue(self) -> str | None:
+        """The queue the task was sent to, as far as this process can tell (None if unknown)."""
+        if self._queue or self._app is None or not self._name:
+            return self._queue
+        try:
+            queue = self._app.amqp.router.route({}, self._name, (), {}).get("queue")
+        except Exception:  # noqa: BLE001 (a router of the app's own that cannot answer this)
+            return None
+        return getattr(queue, "name", queue)
 
     def follow(self, hub: ResultHub, *, grace: float = 0.0) -> Future:
         """Have ``hub`` complete this future (``Offload`` calls this)."""

@@ -48,28 +48,38 @@ from __future__ import annotations
 
 import atexit
 import copy
+import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from .exceptions import ConfigurationError, OffloadError, broker_unreachable
+from .config import is_setting
+from .datadir import FILE_MODE, make_private_dirs
+from .exceptions import CONNECTION_ERRORS, ConfigurationError, OffloadError, broker_unreachable
 from .monitor import INSPECT_TARGETS, inspect, status
 from .specs import WorkerSpec, worker_specs
 from .supervise import (BOOT_APP, Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
                         describe_exit, start_process)
 
-__all__ = ["BOOT_APP", "INSPECT_TARGETS", "Backoff", "LocalWorkers", "WorkerExited", "WorkerSpec",
-           "WorkerStarted", "WorkersNotReady", "inspect", "status", "worker_specs"]
+__all__ = ["BOOT_APP", "INSPECT_TARGETS", "SETTINGS_FILE_ENV", "Backoff", "LocalWorkers", "WorkerExited",
+           "WorkerSpec", "WorkerStarted", "WorkersNotReady", "check_broker", "inspect", "status", "starter_settings",
+           "worker_specs"]
 
 if TYPE_CHECKING:  # the scheduler is imported only when something is scheduled
     from .beat import BeatProcess
+
+#: The variable naming the file of the starter's settings, which a local
+#: worker applies over what its own import of the app built (:mod:`offload._boot`).
+SETTINGS_FILE_ENV = "OFFLOAD_SETTINGS_FILE"
 
 #: Where each exit of a local worker is reported (a warning with its log's tail).
 logger = logging.getLogger("offload.workers")
@@ -81,6 +91,58 @@ _RETRY_LOCK_EVERY = 1.0
 
 class WorkersNotReady(OffloadError, TimeoutError):
     """Local workers did not all answer a ping in time (or one exited)."""
+
+
+def check_broker(app: Any, doing: str) -> None:
+    """Raise :class:`~offload.BrokerUnavailable` at once when the broker does not answer.
+
+    A worker started against a dead broker retries for minutes
+    (``broker_connection_retry_on_startup``) and says so only in its log;
+    ``offload worker``, ``offload cluster`` and ``off.start()`` ask first,
+    with the message ``offload status`` gives.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+    except CONNECTION_ERRORS as exc:
+        raise broker_unreachable(app, exc, doing) from exc
+
+
+def _travels(value: Any) -> bool:
+    """Whether ``value`` comes back from JSON as it went (tuples as lists)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_travels(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(key, str) and _travels(item) for key, item in value.items())
+    return False
+
+
+def starter_settings(off: Any) -> tuple[dict[str, Any], list[str]]:
+    """The settings local workers of ``off`` start with, and those that cannot go.
+
+    A worker imports the app again (its module, a Flask factory, an ini
+    file), and that import may configure it otherwise than the process
+    that starts it did (a script that sets ``app.config`` before
+    ``init_app``): so the worker is given the starter's own config, the
+    mapping its last ``configure`` read, and applies it over its own.
+    What JSON cannot carry stays as the worker's import makes it; the
+    second list names those of them that offload or Celery read.
+    """
+    values: dict[str, Any] = {}
+    left: list[str] = []
+    for key, value in off.configured_from.items():
+        if _travels(value):
+            values[key] = value
+        elif is_setting(key):
+            left.append(key)
+    # The folder of the embedded broker, the logs and the starter lock, as
+    # the starter resolved it (a Flask app's instance folder, ...).
+    values["OFFLOAD_DATA_DIR"] = off.settings.data_dir
+    return values, left
 
 
 def _module_attr_holding(module_name: str, obj: Any) -> str | None:
@@ -152,6 +214,8 @@ class LocalWorkers:
         #: (:class:`offload.beat.BeatProcess`).
         self.scheduler: BeatProcess | None = None
         self._nothing_scheduled: tuple[int, bool] | None = None
+        self._warned_left: list[str] = []
+        self._warned_pidfiles: set[str] = set()
 
     # What to start --------------------------------------------------------------
 
@@ -173,6 +237,47 @@ class LocalWorkers:
     def log_path(self, name: str) -> Path:
         """The log file of worker ``name``."""
         return self.folder / f"{name}.log"
+
+    def unconsumed_queues(self) -> dict[str, str]:
+        """The queues this app sends to that no configured worker consumes.
+
+        Maps each queue to where the app sends to it (the default queue,
+        ``CELERY_QUEUES``, a route, ``@off.task(queue=...)``). A task sent
+        there waits until some worker consumes the queue; with no worker
+        configured (``CELERY_WORKERS = 0``) nothing is said: they run elsewhere.
+        """
+        specs = self.specs
+        if not specs:
+            return {}
+        off = self._off
+        conf = off.celery.conf
+        default = conf.task_default_queue
+        # A worker without queues consumes the app's queues (task_queues), else the default.
+        app_queues = [q.name for q in conf.task_queues] if conf.task_queues else [default]
+        consumed = {queue for spec in specs for queue in (spec.queues or app_queues)}
+        sent = {default: "the default queue, where a plain submit() goes"}
+        for queue in off.settings.queues or ():
+            sent.setdefault(queue, "CELERY_QUEUES")
+        for routes in off.settings.celery.get("task_routes") or ():
+            for pattern, target in (routes.items() if isinstance(routes, Mapping) else ()):
+                queue = target.get("queue") if isinstance(target, Mapping) else target
+                if isinstance(queue, str):
+                    sent.setdefault(queue, f"CELERY_ROUTES[{pattern!r}]")
+        for task, queue in off.task_queues.items():
+            sent.setdefault(queue, f"@off.task(queue=...) of {task}")
+        return {queue: why for queue, why in sent.items() if queue not in consumed}
+
+    def unconsumed_message(self) -> str | None:
+        """What :meth:`unconsumed_queues` finds, said as a warning; None when every queue is consumed."""
+        unconsumed = self.unconsumed_queues()
+        if not unconsumed:
+            return None
+        conf = self._off.celery.conf
+        app_queues = [q.name for q in conf.task_queues] if conf.task_queues else [conf.task_default_queue]
+        listed = ", ".join(f"{queue!r} ({why})" for queue, why in unconsumed.items())
+        return (f"no configured worker consumes the queue(s) {listed}: a task sent there stays queued "
+                "and its future times out. Add them to a worker's 'queues' in CELERY_WORKERS, or "
+                f"leave one worker without 'queues' (it consumes {', '.join(app_queues)}).")
 
     def resolve_app_spec(self) -> tuple[str, list[str]]:
         """The ``OFFLOAD_APP`` a worker gets and the folders it must import from."""
@@ -223,6 +328,7 @@ class LocalWorkers:
         paths = [p for p in dict.fromkeys(folders) if p] + [env.get("PYTHONPATH", "")]
         env.update({
             "OFFLOAD_APP": app_spec,
+            SETTINGS_FILE_ENV: str(self._write_settings(app_spec)),
             "OFFLOAD_PARENT_PID": str(os.getpid()),
             # A task that submits must not start workers of its own.
             "OFFLOAD_IN_WORKER": "1",
@@ -230,10 +336,57 @@ class LocalWorkers:
         })
         return env
 
+    def _pidfile(self, spec: WorkerSpec) -> str:
+        """Where worker ``spec`` writes its pid file.
+
+        offload creates folders under ``OFFLOAD_DATA_DIR`` only, never a
+        system folder (``/var/run/celery``, as root): a pid file whose folder
+        is missing elsewhere goes to ``OFFLOAD_DATA_DIR/workers``, with a warning.
+        """
+        assert spec.pidfile is not None
+        folder = os.path.dirname(spec.pidfile)
+        data_dir = os.path.abspath(self._off.settings.data_dir or self.folder.parent)
+        if os.path.isdir(folder):
+            return spec.pidfile
+        if os.path.commonpath([data_dir, os.path.abspath(folder)]) == data_dir:
+            make_private_dirs(folder)
+            return spec.pidfile
+        instead = str(self.folder / os.path.basename(spec.pidfile))
+        if spec.name not in self._warned_pidfiles:
+            self._warned_pidfiles.add(spec.name)
+            warnings.warn(
+                f"the folder of CELERY_WORKERS[{spec.name!r}]['pidfile'] ({folder}) does not exist, and "
+                f"offload creates no folder outside OFFLOAD_DATA_DIR: the pid file is {instead} instead. "
+                "Create the folder (owned by the user the workers run as) to use it.",
+                UserWarning, stacklevel=2)
+        return instead
+
+    def _write_settings(self, app_spec: str) -> Path:
+        """Write :func:`starter_settings` where the workers read them; warn of what cannot go.
+
+        A file readable by its owner only, not the environment: the config
+        holds the broker's password and the app's secrets.
+        """
+        values, left = starter_settings(self._off)
+        if left and left != self._warned_left:
+            self._warned_left = left
+            warnings.warn(
+                f"the local workers cannot be given the setting(s) {', '.join(left)}: their values "
+                "are not JSON (strings, numbers, lists, dicts), so the workers take them from their "
+                f"own import of the app ({app_spec}). Give them as JSON values, or set them where "
+                "that import builds the app.", UserWarning, stacklevel=4)
+        make_private_dirs(self.folder)
+        path = self.folder / "settings.json"
+        partial = self.folder / f".settings.json.{os.getpid()}"
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as out:
+            json.dump({"settings": values, "kept": left}, out)
+        os.replace(partial, path)  # a worker starting now reads the old file or the new, whole
+        return path
+
     def _launch(self, spec: WorkerSpec) -> Child:
         args = [sys.executable, "-m", "celery", "-A", BOOT_APP, "worker", *spec.args]
         if spec.pidfile:
-            os.makedirs(os.path.dirname(spec.pidfile), exist_ok=True)
+            args[args.index("--pidfile") + 1] = self._pidfile(spec)
         log_path = self.log_path(spec.name)
         proc, offset = start_process(args, self.process_env(), log_path, f"starting {spec.nodename}")
         return Child(spec.name, spec.nodename, proc, log_path, offset)
@@ -349,6 +502,14 @@ class LocalWorkers:
             WorkersNotReady: a worker exited, or not every worker answered a
                 ping within ``timeout`` seconds; the message has its log's tail.
         """
+        if os.environ.get("OFFLOAD_IN_WORKER"):
+            # A worker importing a module that calls off.start(): it must not
+            # wait for workers (itself among them) while it is being loaded.
+            return
+        check_broker(self._off.celery, "start the local workers")
+        unconsumed = self.unconsumed_message()
+        if unconsumed:
+            warnings.warn(unconsumed, UserWarning, stacklevel=3)
         self.supervisor.forgive()
         self.ensure_started()
         try:

@@ -106,10 +106,13 @@ def test_demo_runs_the_demo_app_with_host_and_port(monkeypatch):
     import offload.demo
 
     calls = []
-    monkeypatch.setattr(offload.demo, "run", lambda host, port: calls.append((host, port)))
+    monkeypatch.setattr(offload.demo, "run", lambda host, port, **options: calls.append((host, port, options)))
     result = CliRunner().invoke(main, ["demo", "--host", "0.0.0.0", "--port", "8123"])
     assert result.exit_code == 0, result.output
-    assert calls == [("0.0.0.0", 8123)]
+    result = CliRunner().invoke(main, ["demo", "--data-dir", "./demo-data", "--keep-ledger"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("0.0.0.0", 8123, {"data_dir": None, "keep_ledger": False}),
+                     ("127.0.0.1", 8000, {"data_dir": "./demo-data", "keep_ledger": True})]
 
 
 # Against running workers ------------------------------------------------------------
@@ -255,3 +258,70 @@ def test_broker_passwords_never_appear_in_the_output(command, data_root):
     assert result.returncode != 0
     assert "unreachable" in result.stderr and "127.0.0.1:1" in result.stderr
     assert PASSWORD not in result.stdout + result.stderr
+
+
+# Errors said at once ---------------------------------------------------------------
+
+def test_an_error_inside_an_app_factory_is_shown_with_its_traceback(tmp_path, data_root):
+    (tmp_path / "broken_factory.py").write_text(
+        "def create_app():\n"
+        "    raise RuntimeError('DATABASE_URL is not set')\n")
+    result = offload("--app", f"{tmp_path / 'broken_factory.py'}:create_app", "status")
+    assert result.returncode != 0
+    assert "could not be called without arguments" not in result.stderr
+    assert "Traceback" in result.stderr and "RuntimeError: DATABASE_URL is not set" in result.stderr
+    assert "broken_factory.py\", line 2, in create_app" in result.stderr
+    assert "raised inside the app factory" in result.stderr
+
+
+def test_a_factory_that_needs_arguments_is_still_said_so(tmp_path, data_root):
+    (tmp_path / "needs_args.py").write_text("def create_app(config):\n    return None\n")
+    result = offload("--app", f"{tmp_path / 'needs_args.py'}:create_app", "status")
+    assert result.returncode == 2
+    assert "could not be called without arguments" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+@pytest.mark.parametrize("command", [["worker"], ["cluster", "--no-flower"], ["status"]])
+def test_a_dead_broker_fails_worker_cluster_and_status_at_once_with_one_message(command, scheme, tmp_path):
+    from conftest import dead_broker_url
+
+    url = dead_broker_url(scheme)
+    (tmp_path / "deadapp.py").write_text(
+        "from offload import Offload\n"
+        f"off = Offload({{'CELERY_BROKER_URL': {url!r}, 'OFFLOAD_DATA_DIR': {str(tmp_path)!r}}})\n")
+    started = time.monotonic()
+    result = offload("--app", f"{tmp_path / 'deadapp.py'}:off", *command, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    assert f"127.0.0.1:{port}" in result.stderr and "is unreachable" in result.stderr
+    assert "Is it running?" in result.stderr and "Traceback" not in result.stderr
+    assert "guest:guest" not in result.stderr
+
+
+def test_cluster_names_the_queues_no_worker_consumes(tmp_path):
+    require_service("redis")
+    from testapp.local import local_settings
+
+    settings = local_settings("unconsumed", OFFLOAD_DATA_DIR=str(tmp_path), OFFLOAD_ALLOW=["testapp"],
+                              CELERY_WORKERS={"only": {"concurrency": 1, "queues": ["elsewhere"]}})
+    (tmp_path / "unconsumed_app.py").write_text(
+        f"from offload import Offload\noff = Offload({settings!r})\n")
+    proc = subprocess.Popen([os.path.join(BIN, "offload"), "--app", f"{tmp_path / 'unconsumed_app.py'}:off",
+                             "cluster", "--json", "--no-flower"], env=worker_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines = _Lines(proc)
+    try:
+        event = lines.next_event("unconsumed")
+        default = settings["CELERY_TASK_DEFAULT_QUEUE"]
+        assert list(event["queues"]) == [default]
+        assert f"{default!r} (the default queue" in event["message"] and "CELERY_WORKERS" in event["message"]
+        lines.next_event("ready")
+        proc.send_signal(signal.SIGINT)
+        lines.next_event("stopped", timeout=30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

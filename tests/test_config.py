@@ -228,3 +228,45 @@ def test_a_second_configuration_replaces_the_first(tmp_path):
     assert conf.result_backend == f"sqlite:///{tmp_path}/offload-results.sqlite3"
     assert conf.task_default_queue == "celery"
     assert conf.broker_transport_options == AMQP_TRANSPORT_DEFAULTS
+
+
+@pytest.mark.parametrize("value", ["two", "Three", " one "])
+def test_a_count_in_words_is_refused_with_the_accepted_forms(value):
+    with pytest.raises(ConfigurationError, match="count in words.*a count .*a list of names.*a dict"):
+        read_settings({"CELERY_WORKERS": value})
+
+
+def test_celery2_broker_settings_make_the_broker_url():
+    # seed 003's celeryconfig.py: BROKER_HOST, BROKER_USER, ... (Celery 2's names).
+    settings = translate({"BROKER_HOST": "127.0.0.1", "BROKER_PORT": 5672, "BROKER_USER": "guest",
+                          "BROKER_PASSWORD": "guest", "BROKER_VHOST": "/"})
+    assert settings.celery["broker_url"] == "amqp://guest:guest@127.0.0.1:5672//"
+    assert "broker_password" not in settings.celery
+    # Celery 2's defaults: RabbitMQ on localhost:5672, vhost "/"; ini strings coerced.
+    assert translate({"BROKER_HOST": "rabbit", "BROKER_PORT": "5673"}).celery["broker_url"] == (
+        "amqp://rabbit:5673//")
+    redis = translate({"BROKER_BACKEND": "redis", "BROKER_HOST": "127.0.0.1", "BROKER_VHOST": "3"}).celery
+    assert redis["broker_url"] == "redis://127.0.0.1/3" and redis["broker_transport"] == "offload-redis"
+    assert translate({"BROKER_BACKEND": "amqplib", "BROKER_HOST": "h", "BROKER_VHOST": "my vhost"}).celery[
+        "broker_url"] == "amqp://h:5672/my%20vhost"
+
+
+def test_celery2_broker_settings_beside_a_url_are_named_as_ignored():
+    with pytest.warns(UserWarning, match="BROKER_HOST, BROKER_PASSWORD ignored: the broker URL") as seen:
+        settings = translate({"BROKER_URL": "redis://:pw@127.0.0.1:6379/0", "BROKER_HOST": "elsewhere",
+                              "BROKER_PASSWORD": "hunter2"})
+    assert settings.celery["broker_url"] == "redis://:pw@127.0.0.1:6379/0"
+    assert "hunter2" not in str(seen[0].message) and ":pw@" not in str(seen[0].message)
+
+
+def test_celery2_amqp_result_backend_is_replaced_with_a_warning():
+    with pytest.warns(UserWarning, match="'amqp'.*removed in Celery 5: offload uses 'sqlite:"):
+        settings = translate({"BROKER_HOST": "127.0.0.1", "CELERY_RESULT_BACKEND": "amqp"})
+    # offload's default result store for RabbitMQ: the embedded one.
+    assert settings.celery["result_backend"].startswith("sqlite:")
+
+
+def test_offload_plus_redis_is_another_spelling_of_offload_redis():
+    settings = translate({"CELERY_BROKER_URL": "offload+redis://127.0.0.1:6379/4"})
+    assert settings.celery["broker_url"] == "redis://127.0.0.1:6379/4"
+    assert settings.celery["broker_transport"] == "offload-redis"

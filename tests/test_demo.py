@@ -21,7 +21,7 @@ from conftest import closed_port, wait_until
 class Demo:
     """``python -m offload.demo`` on a free port with its own data folder."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, command: list[str] | None = None) -> None:
         self.port = closed_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "demo.log"
@@ -29,7 +29,7 @@ class Demo:
         env = dict(os.environ, OFFLOAD_DEMO_DATA_DIR=str(data_dir / "data"))
         # cwd in the temp folder: nothing the demo writes lands in the repo.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "offload.demo", "--port", str(self.port)],
+            [*(command or [sys.executable, "-m", "offload.demo"]), "--port", str(self.port)],
             cwd=data_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if not wait_until(self._answers, timeout=60):
@@ -90,6 +90,37 @@ def demo(tmp_path_factory):
     running = Demo(tmp_path_factory.mktemp("demo"))
     yield running
     running.close()
+
+
+def readme_session(demo: Demo) -> str:
+    """The README's curl session: append 10 and 32, total, poll the result."""
+    assert demo.get("/append?value=10") == (200, "Done.\n")
+    assert demo.get("/append?value=32") == (200, "Done.\n")
+    status, task_id = demo.get("/total?delay=0.2")
+    assert status == 200, task_id
+    answers = [""]
+
+    def total_ready() -> bool:
+        answers[0] = demo.get(f"/result?id={task_id.strip()}")[1]
+        return answers[0] != "Pending...\n"
+
+    assert wait_until(total_ready, timeout=60, interval=0.1), demo.log_tail()
+    return answers[0]
+
+
+def test_offload_demo_takes_data_dir_and_a_second_session_answers_42_again(tmp_path):
+    command = [os.path.join(os.path.dirname(sys.executable), "offload"), "demo",
+               "--data-dir", str(tmp_path / "named")]
+    for run in range(2):
+        demo = Demo(tmp_path, command)
+        try:
+            assert readme_session(demo) == "42\n", f"run {run + 1}:\n{demo.log_tail()}"
+            assert str(tmp_path / "named") in demo.log_tail()
+        finally:
+            demo.proc.send_signal(signal.SIGTERM)
+            demo.proc.wait(30)
+            demo.close()
+    assert (tmp_path / "named" / "ledger.sqlite3").exists()
 
 
 def test_totals_the_ledger_on_a_worker(demo):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from offload import ConfigurationError, NotAllowedError
+from offload.exceptions import RejectedMessage
 from offload.dispatch import AllowList, default_allow, reference, refusal
 from testapp import Shapes, add
 
@@ -179,8 +180,9 @@ def test_forged_message_is_refused_by_the_worker(off, tmp_path):
 
 
 def test_forged_malformed_message_is_refused(off):
+    # Refused by the worker's consumer before Celery reads it (offload.intake).
     result = off.celery.send_task("offload.dispatch", args=["testapp:add", "1,2", {}])
-    with pytest.raises(TypeError, match="list of args"):
+    with pytest.raises(RejectedMessage, match="list of args"):
         result.get(timeout=30)
 
 
@@ -249,6 +251,42 @@ def test_a_module_outside_the_allow_list_is_not_imported(guarded, data_root):
 def test_forged_references_outside_plain_allowed_functions_are_refused(guarded, ref):
     with pytest.raises(NotAllowedError):
         forge(guarded, ref, "print(1)").get(timeout=30)
+
+
+@pytest.mark.parametrize("ref", ["testapp.allowed:Runner.__init__", "testapp.allowed:Jobs.plain"])
+def test_a_method_that_needs_an_instance_is_not_run(guarded, tmp_path, ref):
+    # With a forged `self`: Runner.__init__(self, path) and Jobs.plain(self, path) write to path.
+    ran = tmp_path / "ran"
+    with pytest.raises(NotAllowedError, match="needs an instance"):
+        forge(guarded, ref, "forged self", str(ran)).get(timeout=30)
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("ref", ["testapp.allowed.__main__:x", "testapp.allowed.__main__.sub:x"])
+def test_a_main_module_is_never_imported(guarded, ref):
+    # Importing testapp/allowed/__main__.py would leave a marker and sys.exit() the pool process.
+    from testapp.allowed import loaded
+    from testapp.allowed.magic import marker
+
+    with pytest.raises(NotAllowedError, match="entry point"):
+        forge(guarded, ref).get(timeout=30)
+    assert not os.path.exists(marker("main"))
+    assert guarded.submit(loaded, ["testapp.allowed.__main__"]).result(timeout=30) == {
+        "testapp.allowed.__main__": False}
+
+
+def test_a_plain_method_and_a_coroutine_object_are_refused_at_submit(redis_off):
+    from testapp.allowed import Jobs
+    from testapp.coroutines import add_later
+
+    with pytest.raises(TypeError, match="needs an instance"):
+        redis_off.submit(Jobs.plain, "x")
+    coroutine = add_later(1, 2)
+    with pytest.raises(TypeError, match=r"coroutine object: pass the async function and its arguments"):
+        redis_off.submit(coroutine)
+    assert coroutine.cr_frame is None  # closed: no "never awaited" warning
+    with pytest.raises(TypeError, match="coroutine object"):
+        redis_off.map(add_later(1, 2), [[1, 2]])
 
 
 def test_a_function_of_an_allowed_package_not_yet_imported_runs(guarded):

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Spawned, reachable, wait_until
+from conftest import Spawned, dead_broker_url, reachable, wait_until
 
 from testapp import test_id
 
@@ -91,12 +91,12 @@ class Project:
         self.kind = kind
         self.worker: Spawned | None = None
 
-    def manage(self, *args: str, timeout: float = 120) -> str:
-        return _run([sys.executable, "manage.py", *args], self.root, self.env, timeout)
+    def manage(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+        return _run([sys.executable, "manage.py", *args], self.root, {**self.env, **(env or {})}, timeout)
 
-    def step(self, code: str, timeout: float = 120) -> dict:
-        """Run ``code`` in a new Django process; the JSON it prints last."""
-        out = self.manage("shell", "-c", PRELUDE + textwrap.dedent(code), timeout=timeout)
+    def step(self, code: str, timeout: float = 120, env: dict[str, str] | None = None) -> dict:
+        """Run ``code`` in a new Django process (with ``env`` added); the JSON it prints last."""
+        out = self.manage("shell", "-c", PRELUDE + textwrap.dedent(code), timeout=timeout, env=env)
         return json.loads(out.strip().splitlines()[-1])
 
     def start_worker(self, *args: str) -> Spawned:
@@ -340,6 +340,13 @@ def test_what_the_backend_cannot_do_is_invalid_task(project):
         attempt("naive run_after", lambda: tasks.add.using(run_after=datetime.datetime(2030, 1, 1)))
         attempt("unknown id", lambda: tasks.add.get_result("no-such-id"))
         attempt("emails queue", lambda: tasks.send_mail.enqueue("x@example.com"))
+        try:
+            tasks.add.enqueue(object(), 1)
+            errors["not json"] = "accepted"
+        except TypeError as exc:
+            errors["not json"] = "TypeError"
+        from django_tasks import default_task_backend as backend
+        errors["priorities"] = [backend.celery_priority(p) for p in (-100, 0, 100)]
         print(json.dumps(errors))
     """)
     assert out["queue"].startswith("InvalidTaskError: Queue 'nowhere'")
@@ -347,12 +354,30 @@ def test_what_the_backend_cannot_do_is_invalid_task(project):
     assert out["naive run_after"].startswith("InvalidTaskError: run_after must be an aware")
     assert out["unknown id"].startswith("TaskResultDoesNotExist")
     assert out["emails queue"] == "accepted"
+    assert out["not json"] == "TypeError"
+    assert out["priorities"] == [0, 5, 9]  # the embedded broker takes 9 first, as Django's 100
+
+
+@pytest.mark.parametrize("project", ["sqlite"], indirect=True)
+def test_enqueue_with_the_broker_down_is_a_clear_error(project):
+    out = project.step("""
+        from shop import tasks
+        from offload import BrokerUnavailable
+        started = time.monotonic()
+        try:
+            tasks.add.enqueue(1, 2)
+            print(json.dumps({"error": None}))
+        except BrokerUnavailable as exc:
+            print(json.dumps({"error": str(exc), "seconds": time.monotonic() - started}))
+    """, env={"SHOP_BROKER": dead_broker_url("redis")})
+    assert out["error"] and "enqueue shop.tasks.add" in out["error"] and "unreachable" in out["error"]
+    assert out["seconds"] < 20
 
 
 def test_manage_py_offload_status_and_inspect(project):
-    status = json.loads(project.manage("offload", "status", "--json", "--timeout", "5"))
+    status = json.loads(project.manage("offload", "status", "--json", "--timeout", "2"))
     assert status["ping"] is True and status["workers"]
-    registered = json.loads(project.manage("offload", "inspect", "registered", "--json", "--timeout", "5"))
+    registered = json.loads(project.manage("offload", "inspect", "registered", "--json", "--timeout", "2"))
     names = [name for names in registered.values() for name in names]
     assert any(name.startswith("offload.django.run") for name in names), registered
     # The worker took the queues of TASKS' QUEUES (the emails one) without -Q.
@@ -367,6 +392,7 @@ def test_manage_py_offload_status_and_inspect(project):
 def test_the_task_api_through_django_with_its_auth_and_csrf(project):
     out = project.step("""
         from django.contrib.auth.models import User
+        from django.utils import timezone
         from shop import tasks
         answers = {}
         # Following a Django task through offload.web, as offload.js does.
@@ -390,6 +416,41 @@ def test_the_task_api_through_django_with_its_auth_and_csrf(project):
         answers["signed in"] = started.status_code
         task_id = started.json()["id"]
         answers["double"] = client.get(f"/offload/tasks/{task_id}?wait=30").json()["result"]
+        # Bad input through Django: malformed JSON, a body over the API's limit.
+        answers["malformed"] = strict.post("/offload/tasks/double", "{nope", content_type="application/json",
+                                           HTTP_X_CSRFTOKEN=secret).status_code
+        answers["too large"] = strict.post("/offload/tasks/double", "x" * (2 << 20),
+                                           content_type="application/json",
+                                           HTTP_X_CSRFTOKEN=secret).status_code
+        answers["unknown task"] = strict.post("/offload/tasks/nope", "{}", content_type="application/json",
+                                              HTTP_X_CSRFTOKEN=secret).status_code
+        # The dashboard: staff only.
+        answers["dashboard anonymous"] = Client().get("/offload/dashboard").status_code
+        answers["dashboard user"] = client.get("/offload/dashboard").status_code
+        answers["metrics user"] = client.get("/offload/metrics").status_code
+        User.objects.filter(username="sam").delete()
+        User.objects.create_user("sam", password="pw", is_staff=True)
+        staff = Client(enforce_csrf_checks=True)
+        staff.login(username="sam", password="pw")
+        page = staff.get("/offload/dashboard")
+        answers["dashboard staff"] = page.status_code
+        answers["metrics staff"] = staff.get("/offload/metrics").status_code
+        # Its actions carry the dashboard's own CSRF token (Django's check
+        # is not asked for them); without it, 403.
+        slow = tasks.add.using(run_after=timezone.now() + datetime.timedelta(seconds=60)).enqueue(1, 1)
+        token = staff.cookies["offload_csrf"].value
+        form = "application/x-www-form-urlencoded"  # as the page's form sends it
+        answers["revoke no token"] = staff.post(f"/offload/dashboard/tasks/{slow.id}/revoke", "",
+                                                content_type=form).status_code
+        answers["revoke"] = staff.post(f"/offload/dashboard/tasks/{slow.id}/revoke", f"csrf={token}",
+                                       content_type=form).status_code
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            slow.refresh()
+            if slow.is_finished:
+                break
+            time.sleep(0.05)
+        answers["revoked"] = str(slow.status)
         print(json.dumps(answers))
     """)
     follow = out["follow"]
@@ -398,6 +459,11 @@ def test_the_task_api_through_django_with_its_auth_and_csrf(project):
     assert out["anonymous"] == 403
     assert out["no csrf"] == 403
     assert out["signed in"] == 202 and out["double"] == 42
+    assert out["malformed"] == 400 and out["too large"] == 413 and out["unknown task"] == 404
+    assert out["dashboard anonymous"] == 403 and out["dashboard user"] == 403 and out["metrics user"] == 403
+    assert out["dashboard staff"] == 200 and out["metrics staff"] == 200
+    assert out["revoke no token"] == 403 and out["revoke"] == 303
+    assert out["revoked"] == "FAILED"
 
 
 @pytest.mark.parametrize("project", ["postgresql"], indirect=True)

@@ -19,11 +19,13 @@ from celery import states
 from celery.signals import before_task_publish
 
 import offload
-from offload import BrokerUnavailable, Offload
+from offload import BrokerUnavailable, NotAllowedError, Offload
+from offload.exceptions import RejectedMessage
 from conftest import WorkerProcess, dead_broker_url, require_service, wait_ready, wait_until
 from testapp import test_id
 from offload.core import MAP_CHUNK_MAX, chunk_sizes
-from offload.dispatch import CHUNK_TASK, DISPATCH_TASK, read_states, results_channel, store_results
+from offload.dispatch import (CHUNK_TASK, DISPATCH_TASK, chunk_call_ids, read_states, results_channel,
+                              store_results)
 from testapp import add, div, mul
 from testapp.calls import gated, mark, report_and_wait, unsendable
 from testapp.reliable import TALLY_DB, tally
@@ -174,14 +176,15 @@ def test_a_redelivered_chunk_runs_only_the_calls_without_a_result(off, tmp_path)
     # the message back in the queue. The next worker skips the stored call.
     if not off.hub.follows_foreign_tasks:
         pytest.skip("rpc:// stores no result another process can read")
-    done_id, todo_id = str(uuid.uuid4()), str(uuid.uuid4())
+    chunk_id = str(uuid.uuid4())
+    done_id, todo_id = chunk_call_ids(chunk_id, 2)
     backend = off.celery.backend
     store_results(backend, [(done_id, states.SUCCESS, "stored before", None)])
     assert read_states(backend, [done_id, todo_id]) == {done_id: states.SUCCESS}
     off.celery.send_task(CHUNK_TASK, ("testapp.calls:mark", [
-        [done_id, [str(tmp_path), "first", "ran again"], {}],
-        [todo_id, [str(tmp_path), "second", "ran"], {}],
-    ]))
+        [[str(tmp_path), "first", "ran again"], {}],
+        [[str(tmp_path), "second", "ran"], {}],
+    ]), task_id=chunk_id)
     assert off.get(todo_id).result(timeout=60) == "ran"
     assert off.get(done_id).result(timeout=60) == "stored before"
     assert os.listdir(tmp_path) == ["second"]
@@ -190,11 +193,38 @@ def test_a_redelivered_chunk_runs_only_the_calls_without_a_result(off, tmp_path)
 def test_a_forged_chunk_runs_nothing_and_fails_each_call(off, tmp_path):
     if not off.hub.follows_foreign_tasks:
         pytest.skip("rpc:// stores no result another process can read")
-    call_id = str(uuid.uuid4())
-    off.celery.send_task(CHUNK_TASK, ("os:system", [[call_id, [f"touch {tmp_path}/owned"], {}]]))
-    error = off.get(call_id).exception(timeout=60)
+    chunk_id = str(uuid.uuid4())
+    off.celery.send_task(CHUNK_TASK, ("os:system", [[[f"touch {tmp_path}/owned"], {}]]), task_id=chunk_id)
+    error = off.get(chunk_call_ids(chunk_id, 1)[0]).exception(timeout=60)
     assert "not allowed" in str(error)
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_forged_chunk_cannot_write_over_another_tasks_result(off, tmp_path):
+    # A finished task's id named as a chunk's call (the old message form),
+    # and as the chunk's own id: neither turns its SUCCESS into a FAILURE.
+    if not off.hub.follows_foreign_tasks:
+        pytest.skip("rpc:// stores no result another process can read")
+    done = off.submit(add, 1, 2)
+    assert done.result(timeout=60) == 3
+    forged = off.celery.send_task(CHUNK_TASK, ("os:system", [[done.id, ["true"], {}]]))
+    with pytest.raises(RejectedMessage, match="dispatch_chunk takes"):
+        forged.get(timeout=30)
+    chunk_id = str(uuid.uuid4())
+    victim = chunk_call_ids(chunk_id, 1)[0]
+    store_results(off.celery.backend, [(victim, states.SUCCESS, "kept", None)])
+    second = chunk_call_ids(chunk_id, 2)[1]
+    off.celery.send_task(CHUNK_TASK, ("os:system", [[["true"], {}], [["true"], {}]]), task_id=chunk_id)
+    with pytest.raises(NotAllowedError):
+        off.get(second).result(timeout=60)
+    assert off.get(victim).result(timeout=30) == "kept"
+    # Once more with a function that runs: only the call that has not ended does.
+    off.celery.send_task(CHUNK_TASK, ("testapp.calls:mark", [
+        [[str(tmp_path), name, "ran"], {}] for name in ("first", "second", "third")]), task_id=chunk_id)
+    assert off.get(chunk_call_ids(chunk_id, 3)[2]).result(timeout=60) == "ran"
+    assert off.get(victim).result(timeout=30) == "kept"
+    assert os.listdir(tmp_path) == ["third"]
+    assert off.get(done.id).result(timeout=30) == 3
 
 
 def test_batched_results_read_as_celerys_own(off):

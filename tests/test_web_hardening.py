@@ -12,13 +12,13 @@ import uuid
 
 import httpx
 import pytest
+from testapp import webtasks
+from testapp.webservers import serve
 
 from offload import TaskError
 from offload.exceptions import ConfigurationError
 from offload.web import TaskAPI
 from offload.web.cors import CorsConfig
-from testapp import webtasks
-from testapp.webservers import serve
 
 ALLOWED = "http://app.example:8080"
 JSON = {"content-type": "application/json"}
@@ -363,3 +363,9 @@ def test_a_json_rpc_batch_has_one_wait_bound(web_off, kind, tmp_path):
         release.touch()
     assert [a["error"]["code"] for a in answers] == [-32003] * 5
     assert took < 6, f"five waits of 2 s each took {took:.1f} s: the request's bound is 2 s"
+
+
+def test_a_query_with_too_many_parameters_is_400(client):
+    task_id = start(client, "add", 1)
+    answer = client.get(f"/offload/tasks/{task_id}?" + "&".join(f"p{n}=1" for n in range(100)))
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "BadQuery"

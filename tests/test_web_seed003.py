@@ -11,8 +11,16 @@ import sys
 
 import httpx
 import pytest
-
-from conftest import TESTS, Spawned, WorkerProcess, closed_port, purge, require_service, wait_until, worker_env
+from conftest import (
+    TESTS,
+    Spawned,
+    WorkerProcess,
+    closed_port,
+    purge,
+    require_service,
+    wait_until,
+    worker_env,
+)
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -5,8 +5,9 @@ working (it times each request and says so in a header).
     cd examples/async_wait && uvicorn app:app --port 8001
 
 ``/divide?x=1&y=2`` answers 0.5; ``/divide?x=1&y=0`` answers the task's
-exception as an error page; ``/slow?seconds=5&timeout=1`` answers 504. The
-coroutine holds no thread while it waits. The task API is mounted at /offload.
+exception as an error page; ``/slow?seconds=5&timeout=1`` answers 504 and
+cancels the task (it runs to its end if it had started). The coroutine holds
+no thread while it waits. The task API is mounted at /offload.
 """
 
 from __future__ import annotations
@@ -72,8 +73,32 @@ def _number(request: Request, name: str, default: float | None = None) -> float:
 
 
 async def _pause_for(fut, timeout: float):
-    """Pause this coroutine until the task ends: its result, or its exception raised here."""
-    return await asyncio.wait_for(fut, timeout)
+    """Pause this coroutine until the task ends: its result, or its exception raised here.
+
+    Past ``timeout`` the view gives up on the answer, so the task is
+    cancelled too: waiting alone never cancels (another waiter may want
+    the result), and a task nobody waits for would still be queued, taking
+    a worker's time later. ``cancel()`` revokes a task that has not started;
+    one already running runs to its end.
+    """
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        cancelled = await asyncio.to_thread(fut.cancel)  # it asks the result store: off the loop
+        raise GaveUp(fut.id, cancelled) from None
+
+
+class GaveUp(Exception):
+    """The view stopped waiting for task ``task_id``; ``cancelled``: it will not run."""
+
+    def __init__(self, task_id: str, cancelled: bool) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+        self.cancelled = cancelled
+
+    def page(self, timeout: float) -> HTMLResponse:
+        fate = "it was cancelled" if self.cancelled else "it had started and runs to its end"
+        return _error_page(504, "Too slow", f"no answer within {timeout:g} s from task {self.task_id}: {fate}")
 
 
 def _error_page(status: int, title: str, text: str) -> HTMLResponse:
@@ -88,8 +113,8 @@ async def divide_view(request: Request):
         return _error_page(400, "Bad request", "x, y and timeout are numbers")
     try:
         result = await _pause_for(divide.submit(x, y), timeout)
-    except asyncio.TimeoutError:
-        return _error_page(504, "Too slow", f"no answer within {timeout:g} s")
+    except GaveUp as gave_up:
+        return gave_up.page(timeout)
     except ZeroDivisionError as exc:  # the task's own exception, raised here
         return _error_page(500, "The task failed", f"{type(exc).__name__}: {exc}")
     return JSONResponse({"result": result})
@@ -102,8 +127,8 @@ async def slow_view(request: Request):
         return _error_page(400, "Bad request", "seconds and timeout are numbers")
     try:
         return JSONResponse({"result": await _pause_for(slow.submit(seconds), timeout)})
-    except asyncio.TimeoutError:
-        return _error_page(504, "Too slow", f"no answer within {timeout:g} s")
+    except GaveUp as gave_up:
+        return gave_up.page(timeout)
 
 
 @contextlib.asynccontextmanager

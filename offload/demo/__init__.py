@@ -38,7 +38,8 @@ class _QuietHandler(WSGIRequestHandler):
         return str(self.client_address[0])
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = None) -> None:
+def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = None,
+        keep_ledger: bool = False) -> None:
     """Serve the ledger demo on ``host:port`` with a local worker until Ctrl-C or SIGTERM.
 
     Parameters:
@@ -48,6 +49,9 @@ def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = Non
         data_dir: where the embedded broker, the results and the ledger live
             (default: ``$OFFLOAD_DEMO_DATA_DIR``, else a per-user folder under
             the system temp folder).
+        keep_ledger: keep the values an earlier run appended; by default
+            each run starts on an empty ledger, so that the README's session
+            answers 42 however often it is played.
 
     The worker is stopped when the server stops, whatever stopped it.
     """
@@ -70,13 +74,15 @@ def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = Non
     except OSError as exc:
         raise OSError(exc.errno, f"the demo cannot listen on {host}:{port} ({exc.strerror}); "
                       "is something else using the port? Choose another with --port") from None
+    if not keep_ledger:
+        demo.reset_ledger()
     try:
         stop_workers = _start_workers(demo.off)
     except BaseException:
         server.server_close()
         raise
     try:
-        _print_banner(server, wanted)
+        _print_banner(server, wanted, keep_ledger)
         with _stop_on_signals():
             server.serve_forever()
     except KeyboardInterrupt:
@@ -94,10 +100,11 @@ def _base_url(server: WSGIServer) -> str:
     return f"http://{shown}:{port}"
 
 
-def _print_banner(server: WSGIServer, data_dir: str) -> None:
+def _print_banner(server: WSGIServer, data_dir: str, keep_ledger: bool) -> None:
     base = _base_url(server)
+    ledger = "the ledger kept from the last run" if keep_ledger else "an empty ledger (--keep-ledger keeps it)"
     print(
-        f"offload demo: the ledger app on {base}/ (data in {data_dir})\n"
+        f"offload demo: the ledger app on {base}/ (data in {data_dir}, {ledger})\n"
         "Try:\n"
         f"  curl '{base}/append?value=10'\n"
         f"  curl '{base}/append?value=32'\n"

@@ -1,4 +1,4 @@
-"""``python -m offload.demo [--host H] [--port P] [--data-dir DIR]``."""
+"""``python -m offload.demo [--host H] [--port P] [--data-dir DIR] [--keep-ledger]``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder for the broker, results and ledger "
                              "(default: $OFFLOAD_DEMO_DATA_DIR or a per-user temp folder)")
+    parser.add_argument("--keep-ledger", action="store_true",
+                        help="keep the ledger of the last run (default: start on an empty one)")
     options = parser.parse_args(argv)
     try:
-        run(options.host, options.port, data_dir=options.data_dir)
+        run(options.host, options.port, data_dir=options.data_dir, keep_ledger=options.keep_ledger)
     except OSError as exc:
         parser.exit(1, f"error: {exc.strerror or exc}\n")
 

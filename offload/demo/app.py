@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 from offload import Offload, OffloadError, progress
 from offload.web import TaskAPI
 
-__all__ = ["DATA_DIR_ENV", "api", "application", "default_data_dir", "off", "total"]
+__all__ = ["DATA_DIR_ENV", "api", "application", "default_data_dir", "off", "reset_ledger", "total"]
 
 #: The environment variable naming the demo's data folder.
 DATA_DIR_ENV = "OFFLOAD_DEMO_DATA_DIR"
@@ -81,6 +81,16 @@ def _ledger() -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
     return db
+
+
+def reset_ledger() -> None:
+    """Empty the ledger: each ``offload demo`` starts on a fresh one unless told to keep it."""
+    db = _ledger()
+    try:
+        with db:
+            db.execute("DELETE FROM ledger")
+    finally:
+        db.close()
 
 
 def append_value(value: int) -> None:

@@ -76,9 +76,26 @@ def _status(state: str, record: dict[str, Any]) -> Any:
     return status.READY
 
 
+def _new_result(**fields: Any) -> Any:
+    """The framework's ``TaskResult``; fields a later Django adds (``metadata``) start empty."""
+    for name in _EXTRA_RESULT_FIELDS:
+        fields.setdefault(name, {})
+    return fw.TaskResult(**fields)
+
+
+def _extra_result_fields() -> tuple[str, ...]:
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(fw.TaskResult) if f.init}
+    return tuple(name for name in ("metadata", "raw_metadata") if name in known)
+
+
+_EXTRA_RESULT_FIELDS = _extra_result_fields()
+
+
 def _result(task: Any, task_id: str, status: Any, record: dict[str, Any], alias: str,
             errors: list[Any] | None = None, finished_at: Any = None) -> Any:
-    return fw.TaskResult(
+    return _new_result(
         task=task, id=task_id, status=status,
         enqueued_at=_parse_time(record.get("enqueued_at")),
         started_at=_parse_time(record.get("started_at")),

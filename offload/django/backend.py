@@ -21,9 +21,10 @@ from typing import Any
 
 from celery import states
 
-from ..exceptions import NotAllowedError
+from ..core import CONNECTION_ERRORS
+from ..exceptions import NotAllowedError, broker_unreachable
 from . import _compat as fw
-from .attempt import _class_path, _iso, _now, _reference, _result, _status, _task_as_enqueued
+from .attempt import _class_path, _iso, _new_result, _now, _reference, _result, _status, _task_as_enqueued
 from .records import RecordStore, UnsupportedResultBackend
 from .runner import RUN_TASK, resolve_task
 
@@ -42,7 +43,9 @@ class TaskBackend(fw.BaseTaskBackend):
     ``QUEUES``: the queue names tasks may use (Django's default: only
     ``"default"``, which is offload's default queue). ``OPTIONS``:
     ``{"enqueue_on_commit": True}`` sends a task only once the current
-    transaction commits, and never if it rolls back.
+    transaction commits, and never if it rolls back; ``{"expose": True}``
+    lets the web task API (``offload.django.urls``, ``offload.js``) show the
+    tasks by their id, for a page that follows what its view enqueued.
 
     Supported: ``priority`` (-100..100, mapped onto the broker's 0..9),
     ``run_after``, ``takes_context``, ``async def`` tasks, ``get_result`` from
@@ -57,14 +60,17 @@ class TaskBackend(fw.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         options = dict(self.options or {})
-        unknown = set(options) - {"enqueue_on_commit"}
+        unknown = set(options) - {"enqueue_on_commit", "expose"}
         if unknown:
             from django.core.exceptions import ImproperlyConfigured
 
             raise ImproperlyConfigured(
                 f"TASKS[{alias!r}]['OPTIONS'] has unknown option(s) {sorted(unknown)}; "
-                "offload.django.TaskBackend knows 'enqueue_on_commit'")
+                "offload.django.TaskBackend knows 'enqueue_on_commit' and 'expose'")
         self.enqueue_on_commit = bool(options.get("enqueue_on_commit", False))
+        #: Whether the web task API (offload.django.urls) shows these tasks
+        #: by their id: a page follows a task its view enqueued.
+        self.expose = bool(options.get("expose", False))
 
     @property
     def offload(self) -> Any:
@@ -112,7 +118,7 @@ class TaskBackend(fw.BaseTaskBackend):
         except UnsupportedResultBackend as exc:
             raise fw.InvalidTask(str(exc)) from None
         task_id = str(uuid.uuid4())
-        result = fw.TaskResult(
+        result = _new_result(
             task=task, id=task_id, status=fw.TaskResultStatus.READY, enqueued_at=None, started_at=None,
             finished_at=None, last_attempted_at=None, args=list(args), kwargs=dict(kwargs),
             backend=self.alias, errors=[], worker_ids=[])
@@ -129,9 +135,18 @@ class TaskBackend(fw.BaseTaskBackend):
             object.__setattr__(result, "enqueued_at", enqueued)
             # The record first: a worker fast enough to finish before this
             # returns finds it, and an id without one was never enqueued.
-            records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
-                                    "options": options, "enqueued_at": _iso(enqueued)})
-            off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
+            try:
+                records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
+                                        "options": options, "enqueued_at": _iso(enqueued)})
+            except CONNECTION_ERRORS as exc:
+                raise broker_unreachable(off.celery, exc, f"enqueue {task.module_path}") from exc
+            try:
+                if self.expose:
+                    off.exposures.mark([task_id], task.module_path)
+                off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
+            except BaseException:
+                records.forget(task_id)  # not sent: no id that reads as enqueued
+                raise
             fw.task_enqueued.send(sender=type(self), task_result=result)
 
         if self.enqueue_on_commit:
@@ -171,9 +186,10 @@ class TaskBackend(fw.BaseTaskBackend):
         if status == fw.TaskResultStatus.FAILED and not record.get("errors"):
             # Failed before the task's own code ran (refused, revoked, a
             # worker lost): Celery's exception is all there is.
-            exc = meta.get("result")
-            path = _class_path(exc) if isinstance(exc, BaseException) else "builtins.Exception"
-            errors = [fw.TaskError(exception_class_path=path, traceback=str(meta.get("traceback") or exc or ""))]
+            raised = meta.get("result")
+            path = _class_path(raised) if isinstance(raised, BaseException) else "builtins.Exception"
+            errors = [fw.TaskError(exception_class_path=path,
+                                   traceback=str(meta.get("traceback") or raised or ""))]
         finished = record.get("finished_at") or (meta.get("date_done") if status in (
             fw.TaskResultStatus.SUCCESSFUL, fw.TaskResultStatus.FAILED) else None)
         result = _result(task, result_id, status, record, options.get("backend") or self.alias,

@@ -49,7 +49,7 @@ def _project_root(settings: Any) -> str | None:
     """The folder the settings module is imported from (manage.py's folder)."""
     module = sys.modules.get(getattr(settings, "SETTINGS_MODULE", None) or "")
     path = getattr(module, "__file__", None)
-    if not path:
+    if module is None or not path:
         return None
     folder = os.path.dirname(os.path.abspath(path))
     for _ in range(module.__name__.count(".")):
@@ -77,8 +77,9 @@ def make_offload(settings: Any = None) -> Offload:
         ConfigurationError: a setting offload cannot use.
     """
     if settings is None:
-        from django.conf import settings
+        from django.conf import settings as django_settings
 
+        settings = django_settings
     config = settings_mapping(settings)
     base_dir = _base_dir(settings)
     config.setdefault("OFFLOAD_ALLOW", _local_apps(settings, base_dir))

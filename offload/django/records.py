@@ -60,6 +60,13 @@ class RecordStore:
     def write(self, task_id: str, record: dict[str, Any]) -> None:
         self.backend.set(PREFIX + task_id, json.dumps(record, separators=(",", ":")))
 
+    def forget(self, task_id: str) -> None:
+        """Delete a record (of a task that could not be sent)."""
+        try:
+            self.backend.delete(PREFIX + task_id)
+        except Exception:  # the store that refused the send may refuse this too
+            pass
+
     def update(self, task_id: str, **changes: Any) -> dict[str, Any]:
         """Read, change and write back a record (one writer at a time: the worker running it)."""
         record = self.read(task_id) or {}

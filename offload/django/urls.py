@@ -4,15 +4,15 @@ With :func:`offload.django.views.default_authorize`; for other options
 mount :func:`offload.django.views.task_api_view` yourself::
 
     api = task_api_view(authorize=my_rule, cors_origins=["https://app.example"])
-    urlpatterns = [re_path(r"^offload/(?P<subpath>.*)$", api)]
+    urlpatterns = [path("offload/", include(urlpatterns_for(api)))]
+
+The dashboard (``/offload/dashboard``, staff only) is served too.
 """
 
 from __future__ import annotations
 
-from django.urls import re_path
-
-from .views import task_api_view
+from .views import task_api_view, urlpatterns_for
 
 app_name = "offload"
 
-urlpatterns = [re_path(r"^(?P<subpath>.*)$", task_api_view(), name="api")]
+urlpatterns = urlpatterns_for(task_api_view())

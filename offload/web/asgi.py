@@ -18,13 +18,24 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from .steps import API, CONTENT_LENGTH, Answer, EventStream, Handler, RequestInfo, Response, Wait, error_response
+from .steps import (
+    API,
+    CONTENT_LENGTH,
+    Answer,
+    EventStream,
+    Handler,
+    RequestInfo,
+    Response,
+    Wait,
+    error_response,
+    parse_query,
+    too_many_fields,
+)
 from .sse import HEADERS as SSE_HEADERS
 from .sse import async_events
 from .waiting import wait_final
@@ -106,7 +117,9 @@ class ASGIApp:
     async def _answer(self, scope: Scope, request: Request, body: bytes) -> Answer:
         root = scope.get("root_path", "")
         path = scope["path"] if scope["path"].startswith(root) else root + scope["path"]
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        query = parse_query(scope.get("query_string", b"").decode("latin-1"))
+        if query is None:
+            return too_many_fields()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         client = request.client.host if request.client else None
         info = RequestInfo(request.method, path, query, headers, client, scope)

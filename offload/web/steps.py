@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Union
+from urllib.parse import parse_qsl
 
 from ..exposure import Exposure
 from . import strict_json
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["API", "Answer", "Authorize", "Call", "EventStream", "HTTPError", "Handler", "RequestInfo",
            "Response", "Step", "Wait", "allow_method", "drive_sync", "error_response", "json_response",
-           "parse_json", "parse_task_id", "require_json"]
+           "parse_json", "parse_query", "parse_task_id", "require_json", "too_many_fields"]
 
 #: A task id as Celery makes them (a UUID) or as a user may choose them.
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
@@ -136,6 +137,22 @@ def json_response(status: int, data: Any, headers: Iterable[tuple[str, str]] = (
 def error_response(status: int, kind: str, message: str,
                    headers: Iterable[tuple[str, str]] = ()) -> Response:
     return json_response(status, {"error": {"type": kind, "message": message}}, headers)
+
+
+#: The most query parameters a request may carry (the API reads two).
+MAX_QUERY_FIELDS = 32
+
+
+def parse_query(raw: str) -> dict[str, str] | None:
+    """The query string's parameters, or None when it has over :data:`MAX_QUERY_FIELDS`."""
+    try:
+        return dict(parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS))
+    except ValueError:
+        return None
+
+
+def too_many_fields() -> Response:
+    return error_response(400, "BadQuery", f"a query has at most {MAX_QUERY_FIELDS} parameters")
 
 
 def parse_json(body: bytes) -> Any:

@@ -11,9 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import parse_qsl
 
-from .steps import API, CONTENT_LENGTH, EventStream, RequestInfo, Response, drive_sync, error_response
+from .steps import (
+    API,
+    CONTENT_LENGTH,
+    EventStream,
+    RequestInfo,
+    Response,
+    drive_sync,
+    error_response,
+    parse_query,
+    too_many_fields,
+)
 from .sse import HEADERS as SSE_HEADERS
 from .sse import sync_events
 
@@ -77,10 +86,11 @@ class WSGIApp:
                                     "this server does not read chunked request bodies; send Content-Length")
         else:
             path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or "/"
-            query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
-            request = RequestInfo(method, path, query, headers, environ.get("REMOTE_ADDR"), environ)
+            query = parse_query(environ.get("QUERY_STRING", ""))
+            request = RequestInfo(method, path, query or {}, headers, environ.get("REMOTE_ADDR"), environ)
             try:
-                answer = drive_sync(self.api, self.api.handle(request, body))
+                answer = (drive_sync(self.api, self.api.handle(request, body)) if query is not None
+                          else too_many_fields())
             except Exception:  # a bug or a hook's error: logged here, never shown
                 logger.exception("task API: error answering %s %s", method, path)
                 answer = error_response(500, "InternalError", "the server could not answer; see its log")

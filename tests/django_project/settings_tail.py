@@ -5,9 +5,13 @@ import os as _os
 INSTALLED_APPS += ["django_tasks", "offload.django", "shop"]
 
 TASKS = {
-    "default": {"BACKEND": "offload.django.TaskBackend", "QUEUES": ["default", "emails"]},
+    "default": {"BACKEND": "offload.django.TaskBackend", "QUEUES": ["default", "emails"],
+                "OPTIONS": {"expose": True}},
     "on_commit": {"BACKEND": "offload.django.TaskBackend", "OPTIONS": {"enqueue_on_commit": True}},
 }
+
+if _os.environ.get("SHOP_BROKER"):
+    CELERY_BROKER_URL = _os.environ["SHOP_BROKER"]
 
 if _os.environ.get("SHOP_DATABASE") == "postgresql":
     DATABASES = {"default": {

@@ -59,6 +59,12 @@ def settings(kind: str) -> dict:
 def make(kind: str) -> Offload:
     off = Offload(settings(kind))
     off.task(name="testapp.mul")(mul)
+    from testapp.coroutines import add_later
+
+    off.task(name="testapp.async_add")(add_later)
+    from testapp.hostile import leave
+
+    off.task(name="testapp.leave")(leave)  # sys.exit() in a task: its pool process ends
     return off
 
 
@@ -76,6 +82,11 @@ def div(x, y):
 
 def mul(x, y):
     return x * y
+
+
+def time_out(message):
+    """A task whose own error is a TimeoutError."""
+    raise TimeoutError(message)
 
 
 def sleep_then(seconds, value=None):

@@ -41,8 +41,9 @@ api = TaskAPI(off, prefix="/offload", cors_origins=["http://127.0.0.1:8000"])
 
 
 def main(port: int) -> None:
-    from testapp.webservers import QuietHandler, ThreadingWSGIServer
     from wsgiref.simple_server import make_server
+
+    from testapp.webservers import QuietHandler, ThreadingWSGIServer
 
     server = make_server("127.0.0.1", port, api.wsgi, server_class=ThreadingWSGIServer,
                          handler_class=QuietHandler)

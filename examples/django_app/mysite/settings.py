@@ -73,7 +73,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TASKS = {
     "default": {
         "BACKEND": "offload.django.TaskBackend",
-        # Sent once the view's transaction commits; nothing if it rolls back.
-        "OPTIONS": {"enqueue_on_commit": True},
+        # Sent once the view's transaction commits (nothing if it rolls back);
+        # followed by the page over offload's task API (expose).
+        "OPTIONS": {"enqueue_on_commit": True, "expose": True},
     },
 }

@@ -25,6 +25,11 @@ class Jobs:
     def double(x):
         return 2 * x
 
+    def plain(self, path):
+        """A plain method: a message could only run it with a forged ``self``."""
+        with open(path, "w") as out:
+            out.write(f"ran with self={self!r}")
+
     @classmethod
     def name(cls):
         return cls.__name__
