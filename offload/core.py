@@ -34,7 +34,7 @@ from .exposure import Exposures
 from .frameworks import is_flask_app
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
-from .reliability import RedisLeaseRenewal
+from .reliability import HandBack, RedisLeaseRenewal
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
@@ -228,6 +228,7 @@ class Offload:
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
+            amqp="offload.reliability:AMQP",
         )
         """The real Celery app: ``celery -A module worker`` works where a module holds it."""
         self._dispatcher = install_dispatcher(self.celery, self._allow)
@@ -236,6 +237,7 @@ class Offload:
         self._chunk_dispatcher = install_chunk_dispatcher(self.celery, self._allow,
                                                           call_context=self._call_context)
         self.celery.steps["consumer"].add(RedisLeaseRenewal)
+        self.celery.steps["consumer"].add(HandBack)
         self.celery.steps["consumer"].add(SkipRevoked)
         self.hub = ResultHub(lambda: self.celery.backend)
         """The result hub: every Future of this Offload listens to it."""
@@ -337,8 +339,10 @@ class Offload:
         class Task(_CeleryTask):
             #: Callable over the HTTP task API (offload.web) when True.
             expose = False
-            #: Bounds how often one task may kill its pool process (offload.intake).
-            Request = "offload.intake:Request"
+            #: Bounds how often one task may kill its pool process (offload.intake),
+            #: and hands back, never revokes, a task cancelled after a broker
+            #: connection loss (offload.reliability, a subclass of intake's).
+            Request = "offload.reliability:Request"
             #: Exception types whose message the HTTP task API shows (see offload.TaskError).
             public_errors: tuple[type[BaseException], ...] = ()
 

@@ -433,6 +433,13 @@ def call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any
             value = run(value)
         return value
     except SystemExit as exc:
+        from billiard.common import terminate_handler_fired
+
+        if terminate_handler_fired():
+            # The pool process is being stopped (a revoke with terminate, a
+            # task cancelled after a broker connection loss), not the call:
+            # let it go, so the worker hands the task back or marks it revoked.
+            raise
         raise RuntimeError(f"{getattr(fn, '__qualname__', fn)!r} called sys.exit({exc.code!r}); "
                            "a task returns or raises instead") from None
 

@@ -15,8 +15,8 @@ reply queue per process, elsewhere one batched read of all outstanding ids,
 every few milliseconds while states change and backing off to 250 ms while
 none does (a task sitting in PROGRESS included). A strategy sees the hub
 only as :class:`offload.delivery.interface.Hub`: ``wakeup``, ``watched``,
-``take_new``, ``ids``, ``deliver``, ``deliver_many``, ``count_read`` and
-``housekeeping`` are public for that reason.
+``take_new``, ``ids``, ``deliver``, ``deliver_many``, ``count_read``,
+``housekeeping`` and ``answered`` are public for that reason.
 
 Bounds: an id leaves the hub when it ends, when its last listener goes, or
 when nothing at all was heard of it for :attr:`ResultHub.pending_limit`
@@ -244,6 +244,9 @@ class ResultHub:
         self._lock = threading.RLock()
         self.wakeup = threading.Event()
         """Set to wake the hub's thread (a new id, a reconnection); the strategy clears it."""
+        #: When the backend stopped answering (monotonic), None while it answers.
+        self._outage_since: float | None = None
+        self._outage_retries = 0
         self._new: list[str] = []
         self._thread: threading.Thread | None = None
         self._strategy: Strategy | None = None
@@ -570,18 +573,37 @@ class ResultHub:
             except Exception as exc:
                 # A run that lasted a while ended an earlier streak of errors.
                 failures = failures + 1 if time.monotonic() - started < self._RETRY_MAX else 1
-                # The whole traceback once per outage, then one line per retry:
-                # a backend that stays down must not flood the log.
-                if failures == 1:
-                    logger.warning("result hub: backend error, retrying", exc_info=True)
+                if self._outage_since is None:
+                    # One line per outage, and one when it ends (answered):
+                    # a store that stays down must not flood the log.
+                    self._outage_since, self._outage_retries = time.monotonic(), 0
+                    logger.warning("result hub: the result backend %s is unreachable (%s); retrying "
+                                   "until it answers", _where(strategy), exc)
+                    logger.debug("result hub: backend error", exc_info=True)
                 else:
-                    logger.warning("result hub: backend still unreachable (%s), retry %d",
-                                   exc, failures)
+                    self._outage_retries += 1
+                    logger.debug("result hub: backend still unreachable (%s), retry %d", exc, failures)
                 strategy.reset()
                 self.wakeup.wait(min(0.5 * 2 ** (failures - 1), self._RETRY_MAX))
                 self.wakeup.clear()
                 with self._lock:
                     self._new = list(self._entries)
+
+    def answered(self) -> None:
+        """The strategy reached the backend: log the end of an outage, once."""
+        since = self._outage_since
+        if since is not None:
+            self._outage_since = None
+            logger.warning("result hub: the result backend %s answers again, after %.1f s (%d retries)",
+                           _where(self._strategy), time.monotonic() - since, self._outage_retries)
+
+
+def _where(strategy: Any) -> str:
+    """The strategy's backend as a URL without its password, for the log."""
+    try:
+        return str(strategy.backend.as_uri())
+    except Exception:
+        return type(getattr(strategy, "backend", strategy)).__name__
 
 
 def random_task_ids(count: int, prefix: str = "") -> list[str]:

@@ -1,14 +1,16 @@
 """offload.beat: schedules on tasks and CELERY_BEAT_SCHEDULE, run by one
-scheduler per host on the embedded broker, Redis and RabbitMQ."""
+scheduler per deployment on the embedded broker, Redis and RabbitMQ."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -168,6 +170,60 @@ def test_offload_cluster_runs_the_scheduler_beside_the_workers(scheduled):
     events = [json.loads(line) for line in cluster.text().splitlines() if line.startswith("{")]
     beat_pid = next(e["pid"] for e in events if e["event"] == "beat")
     assert not psutil.pid_exists(beat_pid) or psutil.Process(beat_pid).status() == psutil.STATUS_ZOMBIE
+
+
+# On several machines ------------------------------------------------------------------------
+
+def host(kind: str, root: Path) -> tuple[dict[str, str], Path]:
+    """The environment and data folder of one "machine": a data folder of its own."""
+    env = worker_env({"OFFLOAD_TEST_SCHEDULED_BROKER": kind, "OFFLOAD_TEST_DATA_DIR": str(root)})
+    probe = subprocess.run([sys.executable, "-c", "from testapp import scheduled; print(scheduled.off.settings.data_dir)"],
+                           env=env, capture_output=True, text=True, timeout=60, check=True)
+    data_dir = Path(probe.stdout.strip())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return env, data_dir
+
+
+def sends(data_dir: Path) -> int:
+    beat_log = data_dir / "workers" / "beat.log"
+    text = beat_log.read_text(errors="replace") if beat_log.exists() else ""
+    return text.count("Sending due task testapp.scheduled.tick")
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_two_hosts_clusters_on_one_broker_run_a_schedule_once_and_the_survivor_takes_over(kind, tmp_path):
+    require_service("redis")
+    require_service(kind)
+    (env_a, dir_a), (env_b, dir_b) = host(kind, tmp_path / "host-a"), host(kind, tmp_path / "host-b")
+    subprocess.run([sys.executable, "-c", "from testapp import scheduled; scheduled.off.celery.control.purge()"],
+                   env=env_a, timeout=60, check=True)
+    command = [OFFLOAD, "--app", "testapp.scheduled:off", "cluster", "--no-flower", "--json"]
+    clusters = {"a": Spawned(command, dir_a / "cluster.log", env_a), "b": Spawned(command, dir_b / "cluster.log", env_b)}
+    dirs = {"a": dir_a, "b": dir_b}
+    try:
+        assert wait_until(lambda: sends(dir_a) + sends(dir_b) >= 6, timeout=120, interval=0.2), (
+            clusters["a"].text()[-2000:] + clusters["b"].text()[-2000:])
+        # Both clusters run a scheduler; one sends, once per tick.
+        holders = [name for name in dirs if sends(dirs[name])]
+        assert len(holders) == 1, {name: sends(d) for name, d in dirs.items()}
+        holder, survivor = holders[0], ("b" if holders[0] == "a" else "a")
+        started, before = time.monotonic(), sends(dirs[holder])
+        assert wait_until(lambda: sends(dirs[holder]) >= before + 5, timeout=30, interval=0.1)
+        assert sends(dirs[survivor]) == 0
+        assert sends(dirs[holder]) - before <= (time.monotonic() - started) + 2  # once a second, not twice
+
+        # The holder's machine dies: its cluster and its scheduler, SIGKILLed.
+        events = [json.loads(line) for line in clusters[holder].text().splitlines() if line.startswith("{")]
+        beat_pid = next(e["pid"] for e in events if e["event"] == "beat")
+        os.killpg(clusters[holder].proc.pid, signal.SIGKILL)
+        os.kill(beat_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(lambda: sends(dirs[survivor]) >= 2, timeout=30, interval=0.1), (
+            (dirs[survivor] / "workers" / "beat.log").read_text()[-2000:])
+        print(f"taken over in {time.monotonic() - killed:.1f} s")
+    finally:
+        for cluster in clusters.values():
+            cluster.stop()
 
 
 # Beside local workers --------------------------------------------------------------------

@@ -108,6 +108,6 @@ def test_the_hub_offers_every_member_the_strategies_use():
 
     members = {name for name in vars(Hub) if not name.startswith("_")} | set(Hub.__annotations__)
     assert members == {"wakeup", "watched", "take_new", "ids", "deliver", "deliver_many", "count_read",
-                       "housekeeping"}
+                       "housekeeping", "answered"}
     hub = ResultHub(lambda: None)
     assert all(hasattr(hub, name) for name in members)

@@ -527,3 +527,21 @@ def test_pipelined_puts_send_in_order_when_the_block_ends_and_nothing_if_it_rais
         assert q(connection).get(no_ack=True) is None
         publish(connection, q, ["after"])  # publishing outside a block is unchanged
         assert q(connection).get(no_ack=True).payload == "after"
+
+
+def test_closing_a_channel_after_its_connection_was_collected_raises_only_a_connection_error(own_redis):
+    """A worker that loses Redis closes its connection a second time after
+    kombu dropped the channel's pools and the transport's client: the restore
+    of its unacked messages must fail as a connection error (which that close
+    ignores), not an AttributeError (which stopped the worker for good)."""
+    _proc, port, _client = own_redis
+    q = queue("collected")
+    with kombu.Connection(f"offload-redis://127.0.0.1:{port}/0") as connection:
+        publish(connection, q, ["held"])
+        channel = connection.channel()
+        assert channel.basic_get(q.name) is not None  # unacked: close restores it
+        # What a collected connection leaves behind (kombu.Connection.collect).
+        channel._disconnect_pools()
+        channel.connection.client = None
+        with pytest.raises(tuple(connection.connection_errors)):
+            channel.close()

@@ -79,3 +79,21 @@ def test_a_task_longer_than_the_visibility_timeout_runs_once(data_root):
     finally:
         worker.stop()
         other.stop()
+
+
+def test_a_task_whose_expiry_passes_while_the_worker_is_busy_ends_revoked(off):
+    """Celery's test_expired, with offload's settings (late acks, prefetch 1)
+    on every broker: the pool busy, a task given expires=1 ends REVOKED
+    instead of running once a process is free."""
+    from concurrent.futures import CancelledError
+
+    from testapp import add, sleep_then
+
+    busy = [off.submit(sleep_then, 2, i) for i in range(4)]  # 2 processes: 4 s of work
+    late = off.options(expires=1).submit(add, 1, 1)
+    with pytest.raises(CancelledError):  # a revoked task's Future is cancelled
+        late.result(timeout=60)
+    assert late.state == "REVOKED" and late.cancelled()
+    assert [f.result(timeout=60) for f in busy] == [0, 1, 2, 3]
+    # An expiry that is still ahead when a process frees up does not stop the task.
+    assert off.options(expires=60).submit(add, 2, 2).result(timeout=60) == 4

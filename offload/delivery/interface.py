@@ -43,6 +43,10 @@ class Hub(Protocol):
         """:meth:`deliver` for many, under one lock; how many were news."""
         ...
 
+    def answered(self) -> None:
+        """The backend answered (after an outage: the hub logs its end, once)."""
+        ...
+
     def count_read(self) -> None:
         """Count one read of the backend."""
         ...

@@ -64,6 +64,7 @@ class BatchPoll:
             for start in range(0, len(ids), 500):
                 for task_id, meta in self.fetch(hub, ids[start:start + 500]).items():
                     changed = hub.deliver(task_id, meta) or changed
+            hub.answered()
             # Only news keeps the poll fast: a task sitting in PROGRESS with
             # the same meta backs off like any other.
             delay = MIN_POLL if changed else min(delay * 1.5, MAX_POLL)

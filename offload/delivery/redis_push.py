@@ -212,6 +212,7 @@ class RedisPush:
             # stored meanwhile, then comes after this one's.
             self.pubsub.subscribe(self.batch_channel)
         self.pubsub.psubscribe(self.pattern_prefix + b"*")
+        hub.answered()
         last_safety = time.monotonic()
         window_start = next_tick = 0.0
         window_count = 0

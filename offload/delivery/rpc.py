@@ -66,6 +66,7 @@ class RpcPush:
     def run(self, hub: Hub) -> None:
         if self.connection is None:
             self._connect()
+        hub.answered()
         self._hub = hub
         while True:
             hub.take_new()  # nothing to subscribe: every reply comes here

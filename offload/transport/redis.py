@@ -325,6 +325,18 @@ class Channel(kombu_redis.Channel):
             connection.mark_silent()
             raise
 
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # A worker that loses Redis closes its connection twice (Celery's
+        # collect, then close); by the second time kombu has dropped the
+        # channel's pools and the transport's client, and the restore of the
+        # unacked messages on close then builds a pool from nothing: an
+        # AttributeError, which Celery takes for an unrecoverable error and
+        # the worker exits. A connection error instead is what that close
+        # ignores; the messages stay leased until the visibility timeout.
+        if self.connection.client is None:
+            raise kombu_redis.redis.exceptions.ConnectionError("the broker connection is already closed")
+        return super()._connparams(asynchronous=asynchronous)
+
     # Keys ---------------------------------------------------------------
 
     def wake_key(self, queue: str) -> str:

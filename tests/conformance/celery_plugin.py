@@ -7,7 +7,8 @@ never imports offload, so this plugin does what an offload app would:
 * imports :mod:`offload`, which registers the ``sqlite`` kombu transport alias
   (the ``sqlite`` result backend comes from offload's entry point);
 * adds ``CONFORMANCE_CELERY_CONFIG`` (JSON) to the suite's ``celery_config``
-  (``.ci/conformance`` passes none: both brokers run on Celery's defaults);
+  (``.ci/conformance`` runs each broker on Celery's defaults, and sqlite once
+  more with offload's ``RELIABILITY_DEFAULTS``);
 * points the suite's own Redis helper (``t.integration.tasks.
   get_redis_connection``, which canvas tests use as a side channel on the Redis
   backend) at DB 13 instead of DB 0, so that the Redis reference run touches
