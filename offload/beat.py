@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from celery import beat as celery_beat
 from celery.schedules import BaseSchedule, schedule as every
 
-from .datadir import make_private_dirs
+from .datadir import fallback_data_dir, make_private_dirs
 from .exceptions import ConfigurationError
 
 __all__ = ["SCHEDULER", "BeatProcess", "QueueLease", "RedisLease", "Scheduler", "scheduler_lease", "as_schedule", "has_schedule",
@@ -118,7 +118,7 @@ def has_schedule(off: _Offload) -> bool:
 
 def state_file(off: _Offload) -> Path:
     """``OFFLOAD_DATA_DIR/beat/celerybeat-schedule``: the scheduler's state."""
-    data_dir = off.settings.data_dir or os.path.join(os.getcwd(), "instance")
+    data_dir = off.settings.data_dir or fallback_data_dir()
     return Path(data_dir) / "beat" / "celerybeat-schedule"
 
 

@@ -7,6 +7,8 @@ transport, a plain kombu plugin, needs nothing of offload outside
 
 from __future__ import annotations
 
-from .transport.files import FILE_MODE, FOLDER_MODE, create_private_file, make_private_dirs, private_opener
+from .transport.files import (DEFAULT_FOLDER_NAME, FILE_MODE, FOLDER_MODE, create_private_file, fallback_data_dir,
+                              make_private_dirs, private_opener)
 
-__all__ = ["FILE_MODE", "FOLDER_MODE", "create_private_file", "make_private_dirs", "private_opener"]
+__all__ = ["DEFAULT_FOLDER_NAME", "FILE_MODE", "FOLDER_MODE", "create_private_file", "fallback_data_dir",
+           "make_private_dirs", "private_opener"]

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 
 from .config import is_setting
-from .datadir import FILE_MODE, make_private_dirs
+from .datadir import FILE_MODE, fallback_data_dir, make_private_dirs
 from .exceptions import CONNECTION_ERRORS, ConfigurationError, OffloadError, broker_unreachable
 from .monitor import INSPECT_TARGETS, inspect, status
 from .specs import WorkerSpec, worker_specs
@@ -232,7 +232,7 @@ class LocalWorkers:
     @property
     def folder(self) -> Path:
         """``OFFLOAD_DATA_DIR/workers``: logs and the starter lock."""
-        return Path(self._off.settings.data_dir or os.path.join(os.getcwd(), "instance")) / "workers"
+        return Path(self._off.settings.data_dir or fallback_data_dir()) / "workers"
 
     def log_path(self, name: str) -> Path:
         """The log file of worker ``name``."""

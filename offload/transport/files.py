@@ -13,12 +13,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["FILE_MODE", "FOLDER_MODE", "create_private_file", "make_private_dirs", "private_opener"]
+__all__ = ["DEFAULT_FOLDER_NAME", "FILE_MODE", "FOLDER_MODE", "create_private_file", "fallback_data_dir",
+           "make_private_dirs", "private_opener"]
+
+#: The data folder's name where nothing names one (as Flask's instance folder).
+DEFAULT_FOLDER_NAME = "instance"
 
 #: Mode of the folders offload creates.
 FOLDER_MODE = 0o700
 #: Mode of the files offload creates.
 FILE_MODE = 0o600
+
+
+def fallback_data_dir() -> str:
+    """``./instance``: the data folder when neither ``OFFLOAD_DATA_DIR`` nor the app names one."""
+    return os.path.join(os.getcwd(), DEFAULT_FOLDER_NAME)
 
 
 def make_private_dirs(path: str | os.PathLike[str]) -> None:
