@@ -138,3 +138,16 @@ def test_the_embedded_transport_imports_without_celery_or_the_core() -> None:
                           cwd=str(PACKAGE.parent))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_core_imports_no_framework_integration_at_its_top() -> None:
+    # Offload.init_app(app) calls offload.flask when a user asks for the Flask extension; the core
+    # recognises a Flask app through offload.frameworks, which imports no framework.
+    path = PACKAGE / "core.py"
+    top = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            top.add(node.module or "")
+    integrations = {"flask", "pyramid", "django", "web", "errors", "demo"}
+    assert not {module.split(".")[0] for module in top} & integrations, sorted(top)
+    assert "frameworks" in top
