@@ -17,7 +17,6 @@ from typing import Any
 
 from celery import Celery
 from celery import Task as _CeleryTask
-from celery.app.amqp import AMQP
 from kombu import Connection
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
@@ -34,6 +33,8 @@ from .exposure import Exposures
 from .frameworks import is_flask_app
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
+from .intake import finite
+from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
@@ -109,7 +110,10 @@ class _Connection(Connection):
         return uri.replace(f":{mask}@", "@", 1).replace("://@", "://", 1)
 
 
-class _AMQP(AMQP):
+class _AMQP(ReliableAMQP):
+    """Celery's message sender as :mod:`offload.reliability` sets it up (no
+    broker-side TTL for ``expires``), with the unmasked :class:`_Connection`."""
+
     Connection = _Connection
 
 
@@ -228,7 +232,6 @@ class Offload:
         self._allow = AllowList(())
         self.celery: Celery = _CeleryApp(
             name or self.import_name, set_as_current=False, task_cls=self._make_task_base(),
-            amqp="offload.reliability:AMQP",
         )
         """The real Celery app: ``celery -A module worker`` works where a module holds it."""
         self._dispatcher = install_dispatcher(self.celery, self._allow)
@@ -375,6 +378,13 @@ class Offload:
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""
                 return off.submit(self, *args, **kwargs)
+
+            def update_state(self, task_id: str | None = None, state: str | None = None,
+                             meta: Any = None, **kwargs: Any) -> Any:
+                # JSON has no NaN or infinities, and the worker reads a stored
+                # state back (before it stores the next) with a decoder that
+                # refuses them (offload.intake.strict_json): null in their place.
+                return super().update_state(task_id, state, finite(meta), **kwargs)
 
         return Task
 

@@ -157,6 +157,27 @@ def _finite_float(text: str) -> float:
 _strict_loads = functools.partial(json.loads, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
+def finite(value: Any, depth: int = 100) -> Any:
+    """``value`` with ``None`` for each NaN or infinity in it (``value`` itself if none).
+
+    For what a task stores about itself (``update_state``'s meta): a worker
+    reads stored states back with the strict decoder (:func:`strict_json`),
+    and JSON has no such numbers. Containers deeper than ``depth`` are kept
+    as they are.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth <= 0:
+        return value
+    if isinstance(value, dict):
+        items = {key: finite(item, depth - 1) for key, item in value.items()}
+        return value if all(items[key] is value[key] for key in value) else items
+    if isinstance(value, (list, tuple)):
+        copied = [finite(item, depth - 1) for item in value]
+        return value if all(new is old for new, old in zip(copied, value)) else copied
+    return value
+
+
 def strict_json() -> None:
     """Make kombu's JSON decoder refuse ``NaN``, ``Infinity`` and floats that overflow to them.
 
