@@ -32,8 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from .exceptions import ConfigurationError
-from .flask import is_flask_app
-from .flask import offload_of
+from .frameworks import is_flask_app, offload_of
 
 __all__ = ["AppNotFound", "find_offload", "spec_from_env"]
 

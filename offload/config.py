@@ -30,6 +30,7 @@ from kombu import Queue
 from kombu.serialization import registry as serializers
 from kombu.utils.url import as_url, maybe_sanitize_url
 
+from .datadir import DEFAULT_FOLDER_NAME, fallback_data_dir
 from .dispatch import refusal
 from .exceptions import ConfigurationError
 
@@ -415,7 +416,7 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
                 "(OFFLOAD_ALLOW = ['myapp']) or register functions with @off.task.")
     settings.allow = list(allow)
     settings.data_dir = os.path.abspath(
-        settings.data_dir or default_data_dir or os.path.join(os.getcwd(), "instance"))
+        settings.data_dir or default_data_dir or fallback_data_dir())
     if not celery_settings.get("broker_url"):
         for key, value in default_settings(settings.data_dir).items():
             celery_settings.setdefault(key, value)
@@ -529,10 +530,10 @@ def default_data_dir(module: str) -> str:
     """
     path = getattr(sys.modules.get(module), "__file__", None)
     if not path:
-        return os.path.join(os.getcwd(), "instance")
+        return fallback_data_dir()
     folder = os.path.dirname(os.path.abspath(path))
     for _ in range(module.count(".")):
         folder = os.path.dirname(folder)
     if os.path.basename(folder) in ("site-packages", "dist-packages"):
-        return os.path.join(os.getcwd(), "instance")
-    return os.path.join(folder, "instance")
+        return fallback_data_dir()
+    return os.path.join(folder, DEFAULT_FOLDER_NAME)

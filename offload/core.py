@@ -19,7 +19,7 @@ from typing import Any, Concatenate, Literal, overload
 from celery import Celery
 from celery import Task as _CeleryTask
 from kombu import Connection
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 from kombu.utils.url import maybe_sanitize_url, parse_url
 
@@ -28,9 +28,10 @@ from .config import default_data_dir as _default_data_dir
 from .config import translate
 from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
                        install_dispatcher, reference)
-from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
+from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
+from .frameworks import is_flask_app
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .intake import finite
@@ -91,22 +92,6 @@ def _caller_module() -> str:
             return name
         frame = frame.f_back
     return "__main__"
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
-    try:
-        import redis.exceptions
-
-        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-#: What sending to an unreachable broker (or reading an unreachable result
-#: store) raises: kombu's, the standard library's and redis-py's errors.
-CONNECTION_ERRORS = _connection_errors()
 
 
 class _Connection(Connection):
@@ -266,10 +251,6 @@ class Offload:
         """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
         """The translated settings (:func:`offload.config.translate`)."""
-        # The Flask integration is imported only to recognise a Flask app; it
-        # imports no Flask itself (core stays framework-free).
-        from .flask import is_flask_app
-
         if config is not None and is_flask_app(config):
             self.init_app(config)
         else:

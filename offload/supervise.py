@@ -33,8 +33,11 @@ from typing import Generic, Protocol, TypeVar
 
 from .datadir import FILE_MODE, make_private_dirs
 
-__all__ = ["Backoff", "Child", "StarterLock", "Supervisor", "WorkerExited", "WorkerStarted",
+__all__ = ["BOOT_APP", "Backoff", "Child", "StarterLock", "Supervisor", "WorkerExited", "WorkerStarted",
            "describe_exit", "start_process"]
+
+#: The app spec a process offload starts (a worker, the scheduler, Flower) imports; it reads ``OFFLOAD_APP``.
+BOOT_APP = "offload._boot:app"
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,11 @@ Everything else is kombu's: priorities (the same per-priority list names),
 fanout over pub/sub (remote control, ``celery inspect``, events), the event
 loop integration and its health checks, ``global_keyprefix``, queue expiry.
 
-URLs: ``offload+redis://host:port/db`` selects it from plain Celery or kombu
-(``offload`` is the kombu transport alias that :mod:`offload.transport`
-registers); offload apps use it for ``redis://`` broker URLs by default
-through Celery's ``broker_transport`` setting.
+URLs: ``offload-redis://host:port/db`` selects it from plain Celery or kombu
+(``offload-redis`` is the kombu transport alias that :mod:`offload.transport`
+registers; an offload app also reads ``offload+redis://`` as that, see
+:mod:`offload.config`); offload apps use it for ``redis://`` broker URLs by
+default through Celery's ``broker_transport`` setting.
 """
 
 from __future__ import annotations

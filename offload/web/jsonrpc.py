@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from . import strict_json
-from .app import Handler, HTTPError, RequestInfo, Response, Steps, json_response
+from .steps import HTTPError, Handler, RequestInfo, Response, Steps, json_response, parse_task_id
 
 __all__ = ["PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
            "TASK_FAILED", "FORBIDDEN", "UNAVAILABLE", "NOT_FINISHED", "UNKNOWN_TASK", "handle_rpc"]
@@ -159,7 +159,7 @@ def _task_id(api: Any, params: Any) -> str:
     if not isinstance(raw, str):
         raise RPCError(INVALID_PARAMS, "Invalid params: the task id is a string")
     try:
-        return api.parse_task_id(raw)
+        return parse_task_id(raw)
     except HTTPError as exc:
         raise RPCError(INVALID_PARAMS, f"Invalid params: {exc.message}") from None
 
