@@ -32,8 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from .exceptions import ConfigurationError
-from .flask import is_flask_app
-from .flask import offload_of
+from .frameworks import is_flask_app, offload_of
 
 __all__ = ["AppNotFound", "find_offload", "spec_from_env"]
 
@@ -107,7 +106,8 @@ def _from_object(obj: Any, where: str, tried: list[str], call: bool = True) -> A
             made = obj()
         except Exception as exc:
             # The factory's own bug: shown as it is, with its traceback.
-            exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
+            if sys.version_info >= (3, 11):  # no notes on Python 3.10: the traceback still shows where
+                exc.add_note(f"(raised inside the app factory {where}(), called to find the Offload)")
             raise
         return _from_object(made, f"{where}()", tried, call=False)
     tried.append(f"{where} is {type(obj).__name__}, not an Offload, a Flask app or an app factory")

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from celery import beat as celery_beat
 from celery.schedules import BaseSchedule, schedule as every
 
-from .datadir import make_private_dirs
+from .datadir import fallback_data_dir, make_private_dirs
 from .exceptions import ConfigurationError
 
 __all__ = ["SCHEDULER", "BeatProcess", "QueueLease", "RedisLease", "Scheduler", "scheduler_lease", "as_schedule", "has_schedule",
@@ -118,7 +118,7 @@ def has_schedule(off: _Offload) -> bool:
 
 def state_file(off: _Offload) -> Path:
     """``OFFLOAD_DATA_DIR/beat/celerybeat-schedule``: the scheduler's state."""
-    data_dir = off.settings.data_dir or os.path.join(os.getcwd(), "instance")
+    data_dir = off.settings.data_dir or fallback_data_dir()
     return Path(data_dir) / "beat" / "celerybeat-schedule"
 
 
@@ -245,6 +245,8 @@ class Scheduler(celery_beat.PersistentScheduler):
     _lock_fd: int | None = None
     _lease: RedisLease | QueueLease | None = None
     _renewed_at = 0.0
+    #: Celery's (seconds beat sleeps at most between ticks); Celery ships no types.
+    max_interval: float
 
     def setup_schedule(self) -> None:
         lease = scheduler_lease(self.app)
@@ -413,8 +415,7 @@ class BeatProcess:
             return False
         path = state_file(self._off)
         make_private_dirs(path.parent)
-        from .supervise import start_process
-        from .workers import BOOT_APP
+        from .supervise import BOOT_APP, start_process
 
         # The workers' own environment: the app imported as they import it,
         # and the watchdog on this process (see offload._boot).

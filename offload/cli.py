@@ -376,7 +376,8 @@ def dashboard(ctx: click.Context, host: str, port: int, prefix: str) -> None:
     try:
         server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port")
+        raise click.ClickException(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
     # Receive task events from now on, not from the first page view.
     off.monitor.ensure_started()
     off.monitor.listener.ready.wait(5)

@@ -30,6 +30,7 @@ from kombu import Queue
 from kombu.serialization import registry as serializers
 from kombu.utils.url import as_url, maybe_sanitize_url
 
+from .datadir import DEFAULT_FOLDER_NAME, fallback_data_dir
 from .dispatch import refusal
 from .exceptions import ConfigurationError
 
@@ -228,7 +229,7 @@ def coerce(name: str, value: Any) -> Any:
             return int(text) if text.lstrip("-").isdigit() else value
         if kind == "string":
             return value
-        if text.lower() in ("", "none", "null") and option.default is None:
+        if text.lower() in ("", "none", "null") and option is not None and option.default is None:
             return None
         if kind == "bool":
             return strtobool(text)
@@ -415,7 +416,7 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
                 "(OFFLOAD_ALLOW = ['myapp']) or register functions with @off.task.")
     settings.allow = list(allow)
     settings.data_dir = os.path.abspath(
-        settings.data_dir or default_data_dir or os.path.join(os.getcwd(), "instance"))
+        settings.data_dir or default_data_dir or fallback_data_dir())
     if not celery_settings.get("broker_url"):
         for key, value in default_settings(settings.data_dir).items():
             celery_settings.setdefault(key, value)
@@ -493,10 +494,11 @@ def _read_old_broker_settings(celery_settings: dict[str, Any]) -> None:
     scheme = "amqp" if amqp else transport
     vhost = str(parts.get("broker_vhost", "/" if amqp else "")).strip()
     path = vhost if vhost in ("", "/") else quote(vhost, safe="")
-    celery_settings["broker_url"] = as_url(
-        scheme, host=str(parts.get("broker_host") or "localhost"),
-        port=parts.get("broker_port") or (5672 if amqp else None),
-        user=parts.get("broker_user"), password=parts.get("broker_password"), path=path or None)
+    # Any: kombu's type comment says int and str, yet None is its own default for each.
+    fields: dict[str, Any] = {"port": parts.get("broker_port") or (5672 if amqp else None),
+                              "user": parts.get("broker_user"), "password": parts.get("broker_password"),
+                              "path": path or None}
+    celery_settings["broker_url"] = as_url(scheme, host=str(parts.get("broker_host") or "localhost"), **fields)
 
 
 def _serializer_name(value: Any) -> str:
@@ -528,10 +530,10 @@ def default_data_dir(module: str) -> str:
     """
     path = getattr(sys.modules.get(module), "__file__", None)
     if not path:
-        return os.path.join(os.getcwd(), "instance")
+        return fallback_data_dir()
     folder = os.path.dirname(os.path.abspath(path))
     for _ in range(module.count(".")):
         folder = os.path.dirname(folder)
     if os.path.basename(folder) in ("site-packages", "dist-packages"):
-        return os.path.join(os.getcwd(), "instance")
-    return os.path.join(folder, "instance")
+        return fallback_data_dir()
+    return os.path.join(folder, DEFAULT_FOLDER_NAME)

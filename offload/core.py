@@ -13,12 +13,13 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from types import FrameType
+from typing import Any, Concatenate, Literal, overload
 
 from celery import Celery
 from celery import Task as _CeleryTask
 from kombu import Connection
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 from kombu.utils.url import maybe_sanitize_url, parse_url
 
@@ -27,14 +28,16 @@ from .config import default_data_dir as _default_data_dir
 from .config import translate
 from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
                        install_dispatcher, reference)
-from .exceptions import BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
+from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
+from .frameworks import is_flask_app
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal
+from .task import P, R, Task
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
@@ -82,29 +85,13 @@ _MACHINERY = ("offload", "offload.core", "offload.flask", "offload.pyramid")
 
 def _caller_module() -> str:
     """The module that created the Offload (skipping offload's machinery)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if name not in _MACHINERY and not name.startswith("importlib"):
             return name
         frame = frame.f_back
     return "__main__"
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
-    try:
-        import redis.exceptions
-
-        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-#: What sending to an unreachable broker (or reading an unreachable result
-#: store) raises: kombu's, the standard library's and redis-py's errors.
-CONNECTION_ERRORS = _connection_errors()
 
 
 class _Connection(Connection):
@@ -115,12 +102,13 @@ class _Connection(Connection):
     read ``redis://:**@host`` for a broker without a password.
     """
 
-    def as_uri(self, include_password: bool = False, mask: str = "**", **kwargs: Any) -> str:
-        uri = super().as_uri(include_password, mask, **kwargs)
+    def as_uri(self, include_password: bool = False, mask: str = "**", *args: Any, **kwargs: Any) -> str:
+        # *args: kombu's getfields may come by position too.
+        uri = super().as_uri(include_password, mask, *args, **kwargs)
         if include_password or self.password or not mask:
             return uri
         # A transport's default password (amqp's guest) is a password too.
-        if parse_url(super().as_uri(True, mask, **kwargs)).get("password"):
+        if parse_url(super().as_uri(True, mask, *args, **kwargs)).get("password"):
             return uri
         return uri.replace(f":{mask}@", "@", 1).replace("://@", "://", 1)
 
@@ -263,10 +251,6 @@ class Offload:
         """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
         """The translated settings (:func:`offload.config.translate`)."""
-        # The Flask integration is imported only to recognise a Flask app; it
-        # imports no Flask itself (core stays framework-free).
-        from .flask import is_flask_app
-
         if config is not None and is_flask_app(config):
             self.init_app(config)
         else:
@@ -420,6 +404,24 @@ class Offload:
 
     # Tasks -------------------------------------------------------------------
 
+    @overload
+    def task(self, fn: Callable[P, R], /, *, name: str | None = None, queue: str | None = None,
+             expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (), **options: Any) -> Task[P, R]: ...
+
+    # bind=True: Celery passes the task itself first, which no caller gives.
+    @overload
+    def task(self, fn: None = None, /, *, bind: Literal[True], name: str | None = None,
+             queue: str | None = None, expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (),
+             **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    @overload
+    def task(self, fn: None = None, /, *, name: str | None = None, queue: str | None = None,
+             expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (),
+             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (), **options: Any) -> Any:
@@ -433,6 +435,10 @@ class Offload:
         :class:`offload.TaskError` subclasses are always shown). ``schedule=``
         (seconds, a timedelta or ``crontab(...)``) runs it periodically
         (:mod:`offload.beat`).
+
+        For a type checker the task keeps the function's signature
+        (:class:`offload.task.Task`): ``add.submit(1, 2)`` is a
+        ``Future[int]`` for ``def add(x: int, y: int) -> int``.
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"@off.task decorates a function, got {fn!r}")
@@ -525,7 +531,21 @@ class Offload:
 
     # Submitting -------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    @overload
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
+
+    # The reserved keywords are not fn's: with one, only the result is typed.
+    # mypy reads P.kwargs as taking any keyword and so calls these two
+    # unreachable, yet it does fall back on them when the first one fails.
+    @overload
+    def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
+               **kwargs: Any) -> Future[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., R], /, *args: Any, on_commit: bool,  # type: ignore[overload-cannot-match]
+               **kwargs: Any) -> Future[R]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a worker; return its :class:`Future`.
 
         ``queue=`` is reserved: it names the queue to send to. Other Celery
@@ -561,7 +581,7 @@ class Offload:
             raise TypeError(
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}") from None
-        future = Future(options["task_id"], app=self.celery)
+        future: Future[Any] = Future(options["task_id"], app=self.celery)
 
         def send_now() -> None:
             if self.settings.start_local_workers:
@@ -578,8 +598,8 @@ class Offload:
         send_now()
         return future
 
-    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None, **options: Any) -> list[Future]:
+    def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future[R]]:
         """Submit ``fn`` once per item: a list/tuple is ``*args``, a dict ``**kwargs``.
 
         Calls of a plain function go several to a message, which a worker
@@ -629,7 +649,7 @@ class Offload:
             raise TypeError("public_errors= applies to calls sent with expose=True")
         return _Submitter(self, options, public if expose else None)
 
-    def get(self, task_id: str) -> Future:
+    def get(self, task_id: str) -> Future[Any]:
         """A :class:`Future` for a task submitted earlier, by its id.
 
         Any number of futures may follow one id. On rpc:// only the process
@@ -647,7 +667,7 @@ class Offload:
             raise ValueError(f"{shown!r} is not a task id: a task id is a non-empty string of at most "
                              f"{_MAX_TASK_ID} printable characters, without spaces")
         if self.celery.conf.task_always_eager:
-            future = Future(task_id, app=self.celery)
+            future: Future[Any] = Future(task_id, app=self.celery)
             result = self.celery.AsyncResult(task_id)
             future.on_event(TaskEvent(task_id, result.state, result.result))
             return future
@@ -837,19 +857,27 @@ class _Submitter:
         #: None, or (expose=True) the error types the web task API may show.
         self._exposed = exposed
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    @overload
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
+
+    @overload  # as Offload.submit's: reachable although mypy says not
+    def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
+               **kwargs: Any) -> Future[R]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Send ``fn(*args, **kwargs)`` with these options (``queue=`` is reserved, as in ``off.submit``)."""
         options = dict(self._options)
         if "queue" in kwargs:
             options["queue"] = kwargs.pop("queue")
         return self._off._submit(fn, args, kwargs, options, exposed=self._exposed)
 
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Future:
+    def submit_call(self, fn: Callable[..., R], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Future[R]:
         """Send ``fn(*args, **kwargs)`` with these options; no keyword is reserved."""
         return self._off._submit(fn, args, kwargs, dict(self._options), exposed=self._exposed)
 
-    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None) -> list[Future]:
+    def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future[R]]:
         """Submit ``fn`` once per item; nothing is sent unless every item can be.
 
         Each item's arguments are checked and encoded before the first
@@ -872,8 +900,8 @@ class _Submitter:
         """
         return self.map_calls(fn, [_arguments(item) for item in iterable], chunksize=chunksize)
 
-    def map_calls(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                  *, chunksize: int | None = None) -> list[Future]:
+    def map_calls(self, fn: Callable[..., R], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                  *, chunksize: int | None = None) -> list[Future[R]]:
         """Send one call per ``(args, kwargs)`` pair, all through one producer.
 
         As :meth:`map`: nothing is sent unless every call can be.
@@ -949,7 +977,8 @@ class _Submitter:
         if self._exposed is not None:
             off._mark_exposed(off._dispatcher, call_ids, prepared[0][2], self._exposed)
         name, queue = prepared[0][2]["shadow"], options.get("queue")
-        futures = [Future(call_id, app=off.celery, name=name, queue=queue) for call_id in call_ids]
+        futures: list[Future[Any]] = [Future(call_id, app=off.celery, name=name, queue=queue)
+                                      for call_id in call_ids]
         # Every future listens before the first chunk leaves: no result is missed.
         Future.follow_all(futures, hub, grace=_delay_of(options))
         calls = [[args, kwargs] for _task, ((_ref, args, kwargs),), _options in prepared]

@@ -43,6 +43,8 @@ from celery import signals, states
 from celery.exceptions import TaskRevokedError
 
 from .exceptions import ConfigurationError, NotAllowedError
+# Defined with the other batched reads and writes of the result store; still importable from here.
+from .result_store import batches_results, read_states, results_channel, store_results
 
 __all__ = [
     "CHUNK_TASK", "DISPATCH_TASK", "RUNNABLE_OFFLOAD_MODULES", "AllowList", "batches_results",
@@ -507,11 +509,11 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         """Run calls of an allowed function by its ``module:qualname`` reference."""
         request = task.request
         chunk_id = request.id
-        calls = _checked_calls(calls)
-        if calls is None:
+        pairs = _checked_calls(calls)
+        if pairs is None:
             raise TypeError(_CHUNK_SHAPE)
         checked = [(call_id, args, kwargs) for call_id, (args, kwargs)
-                   in zip(chunk_call_ids(chunk_id, len(calls)), calls)]
+                   in zip(chunk_call_ids(chunk_id, len(pairs)), pairs)]
         backend = app.backend
         try:
             fn = allow.resolve(ref)
@@ -557,7 +559,9 @@ def install_chunk_dispatcher(app: Any, allow: AllowList, call_context: Callable[
         # waited, or its own id revoked): Celery marks the chunk's id, which
         # no future follows; each call's own id is marked here, so that its
         # future ends REVOKED instead of waiting until the hub gives up.
-        if getattr(sender, "name", None) != CHUNK_TASK or getattr(sender, "app", None) is not app:
+        # Typed Any: compared with getattr(..., None), mypy would narrow app to "Any | None".
+        sender_app: Any = getattr(sender, "app", None)
+        if getattr(sender, "name", None) != CHUNK_TASK or sender_app is not app:
             return
         call_ids = _call_ids_of(request)
         if not call_ids:
@@ -637,126 +641,3 @@ def fail_calls(task: Any, task_id: str, args: Any, error: BaseException) -> None
             _fail_unended(task.backend, chunk_call_ids(task_id, len(calls)), error)
         except Exception:
             logger.warning("could not fail the calls of chunk %s", task_id, exc_info=True)
-
-
-def read_states(backend: Any, task_ids: list[str]) -> dict[str, str]:
-    """The stored state of each of ``task_ids`` (missing ones left out), in one read.
-
-    One ``MGET`` on a key-value backend (Redis, the embedded sqlite one),
-    one read per id on any other.
-    """
-    if not task_ids:
-        return {}
-    found: dict[str, str] = {}
-    if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
-        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
-        for task_id, value in zip(task_ids, values):
-            if value:
-                found[task_id] = backend.decode(value).get("status", states.PENDING)
-        return found
-    for task_id in task_ids:
-        status = backend.get_task_meta(task_id, cache=False).get("status", states.PENDING)
-        if status != states.PENDING:
-            found[task_id] = status
-    return found
-
-
-def store_results(backend: Any, results: list[tuple[str, str, Any, str | None]]) -> None:
-    """Store ``(task_id, state, result or exception, traceback)`` for many tasks at once.
-
-    One pipeline on Redis (each value set and published, as Celery's own
-    Redis backend does for one, and all of them published again as one
-    message on :func:`results_channel`), one transaction on a backend with
-    ``set_many`` (the embedded sqlite one), one write per result elsewhere.
-    """
-    if not results:
-        return
-    set_many = getattr(backend, "set_many", None)
-    client = getattr(backend, "client", None)
-    if not hasattr(backend, "get_key_for_task") or (set_many is None and not _is_redis(backend)):
-        for task_id, state, result, tb in results:
-            backend.store_result(task_id, result, state, traceback=tb)
-        return
-    items = []
-    metas = _MetaTemplates(backend)
-    for task_id, state, result, tb in results:
-        try:
-            value = metas.encoded(task_id, state, result, tb)
-        except Exception as exc:  # a result JSON cannot carry fails its call alone
-            error = TypeError(f"the result of {task_id} cannot be stored: {exc}")
-            value = metas.encoded(task_id, states.FAILURE, error, None)
-        items.append((backend.get_key_for_task(task_id), value))
-    if set_many is not None:
-        set_many(items)
-        return
-    expires = backend.expires
-    batched = batches_results(backend)
-    batches: dict[str, list[str]] = {}
-    # No MULTI/EXEC: each SET and PUBLISH stands alone (a reader sees each
-    # result whole either way), and a transaction costs the pipeline two
-    # more commands and the server a queue of all of them.
-    with client.pipeline(transaction=False) as pipe:
-        for (key, value), (task_id, _state, _result, _tb) in zip(items, results):
-            if expires:
-                pipe.set(key, value, ex=int(expires))
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
-            if batched:
-                text = value.decode() if isinstance(value, bytes) else value
-                batches.setdefault(results_channel(task_id[:8]), []).append(text)
-        for channel, values in batches.items():
-            pipe.publish(channel, "[" + ",".join(values) + "]")
-        pipe.execute()
-
-
-def results_channel(prefix: str) -> str:
-    """The Redis channel where a chunk's results are published together.
-
-    A chunk stores and publishes each call's result under its own key, as
-    Celery does for a task (so ``AsyncResult.get()`` and ``off.get(id)`` in
-    any process hear of it), and also publishes all of them in one message
-    on this channel, named after the first 8 characters of the call ids:
-    the submitting process's result hub reads one message per flush
-    instead of one per call (:class:`offload.hub.ResultHub`).
-    """
-    return f"offload-results-{prefix}"
-
-
-def batches_results(backend: Any) -> bool:
-    """True when stored results can be published as one JSON array (JSON, no compression)."""
-    return (_is_redis(backend) and getattr(backend, "serializer", None) == "json"
-            and not getattr(backend, "compression", None))
-
-
-class _MetaTemplates:
-    """The stored meta of many results, built from one template per state.
-
-    Celery builds a stored meta in a private method; using it keeps the
-    format exactly what every reader of this backend expects
-    (tests/test_map.py fails if it changes). It is called once per state in
-    a batch, not once per result: most of its cost is the timezone-aware
-    ``date_done``, the same for results stored in one flush.
-    """
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.templates: dict[str, dict[str, Any]] = {}
-
-    def encoded(self, task_id: str, state: str, result: Any, tb: str | None) -> Any:
-        backend = self.backend
-        template = self.templates.get(state)
-        if template is None:
-            template = self.templates[state] = backend._get_result_meta(
-                result=None, state=state, traceback=None, request=None)
-        meta = dict(template, result=backend.encode_result(result, state), traceback=tb)
-        meta["task_id"] = task_id
-        return backend.encode(meta)
-
-
-def _is_redis(backend: Any) -> bool:
-    try:
-        from celery.backends.redis import RedisBackend
-    except ImportError:
-        return False
-    return isinstance(backend, RedisBackend)

@@ -28,6 +28,8 @@ from typing import Any
 from celery import states
 from celery.events.state import TASK_EVENT_TO_STATE
 
+from .changes import Changes
+
 __all__ = ["Changes", "EventListener", "Monitor", "TaskLog", "TaskRecord", "literal_arguments"]
 
 logger = logging.getLogger("offload.events")
@@ -84,53 +86,6 @@ class TaskRecord:
     @property
     def first_seen(self) -> float:
         return self.history[0][1] if self.history else self.updated
-
-
-class Changes:
-    """A version number that waiters in threads or on event loops can wait to change."""
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._cond = threading.Condition()
-        self._loops: list[tuple[Any, Any]] = []
-
-    def bump(self) -> None:
-        with self._cond:
-            self.version += 1
-            self._cond.notify_all()
-            loops, self._loops = self._loops, []
-        for loop, future in loops:
-            try:
-                loop.call_soon_threadsafe(_settle, future)
-            except RuntimeError:  # that loop is closed: its waiter is gone
-                pass
-
-    def wait(self, seen: int, timeout: float) -> int:
-        """Block until the version differs from ``seen`` or ``timeout`` passes; the version."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.version != seen, timeout)
-            return self.version
-
-    async def wait_async(self, seen: int, timeout: float) -> int:
-        """:meth:`wait` for a coroutine: holds no thread."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._cond:
-            if self.version != seen:
-                return self.version
-            self._loops.append((loop, future))
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
-        return self.version
-
-
-def _settle(future: Any) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _ProgressFollower:

@@ -7,13 +7,8 @@ from typing import Any
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-
-class OffloadError(Exception):
-    """Base class of every error offload raises itself."""
-
-
-class ConfigurationError(OffloadError, ValueError):
-    """A setting has a value offload cannot use."""
+# Defined with the transports, which raise them and import nothing of offload outside offload.transport.
+from .transport.errors import ConfigurationError, OffloadError  # noqa: F401 (re-exported)
 
 
 class NotAllowedError(OffloadError):
@@ -80,3 +75,19 @@ class TaskError(OffloadError):
 
 class ResultBackendLimit(OffloadError):
     """The result backend cannot do what was asked (rpc:// serves one process)."""
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OperationalError, ConnectionError, TimeoutError]
+    try:
+        import redis.exceptions
+
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+#: What sending to an unreachable broker (or reading an unreachable result
+#: store) raises: kombu's, the standard library's and redis-py's errors.
+CONNECTION_ERRORS = _connection_errors()

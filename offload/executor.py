@@ -17,23 +17,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .futures import Future
 
 __all__ = ["CallSender", "Executor"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 class CallSender(Protocol):
     """What the executor needs from ``off.options(...)``: send calls as they are."""
 
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Future:
+    def submit_call(self, fn: Callable[..., R], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Future[R]:
         """Send ``fn(*args, **kwargs)``; no keyword is reserved."""
         ...
 
-    def map_calls(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                  *, chunksize: int | None = None) -> list[Future]:
+    def map_calls(self, fn: Callable[..., R], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                  *, chunksize: int | None = None) -> list[Future[R]]:
         """Send one call per ``(args, kwargs)`` through one producer, ``chunksize`` per message."""
         ...
 
@@ -60,10 +63,10 @@ class Executor(futures.Executor):
         # while submitting (amortised) and as map's iterator yields them; no
         # done-callback, whose queued closure would hold each future (and
         # its result) until the hub's callback thread got to it.
-        self._pending: set[Future] = set()
+        self._pending: set[Future[Any]] = set()
         self._prune_at = 64
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; its :class:`offload.Future`.
 
         Every keyword goes to ``fn`` (``queue=`` included: set the queue with
@@ -81,8 +84,8 @@ class Executor(futures.Executor):
             self._track([future])
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[R]:
         """``fn`` over the zipped iterables, results in order, as ``builtins.map``.
 
         Every call is sent before this returns (through one producer), as
@@ -103,7 +106,7 @@ class Executor(futures.Executor):
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else time.monotonic() + timeout
-        calls = [(args, {}) for args in zip(*iterables)]
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]
         with self._lock:
             self._check_open()
             sent = self._sender.map_calls(fn, calls, chunksize=chunksize)
@@ -131,20 +134,20 @@ class Executor(futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _track(self, futures: list[Future]) -> None:
+    def _track(self, futures: list[Future[Any]]) -> None:
         # Called with the lock held.
         self._pending.update(futures)
         if len(self._pending) >= self._prune_at:
             self._pending = {future for future in self._pending if not future.done()}
             self._prune_at = max(64, 2 * len(self._pending))
 
-    def _forget(self, future: Future) -> None:
+    def _forget(self, future: Future[Any]) -> None:
         with self._lock:
             self._pending.discard(future)
 
 
-def _results_in_order(sent: list[Future], end_time: float | None,
-                      forget: Callable[[Future], None]) -> Iterator[Any]:
+def _results_in_order(sent: list[Future[R]], end_time: float | None,
+                      forget: Callable[[Future[Any]], None]) -> Iterator[R]:
     # A generator of its own (not map's body) so that the calls are sent
     # when map() is called, not at the first next().
     sent.reverse()  # pop() from the end: a yielded result is held by no one here
@@ -159,7 +162,7 @@ def _results_in_order(sent: list[Future], end_time: float | None,
             future.cancel()
 
 
-def _result_or_cancel(future: Future, timeout: float | None, forget: Callable[[Future], None]) -> Any:
+def _result_or_cancel(future: Future[R], timeout: float | None, forget: Callable[[Future[Any]], None]) -> R:
     try:
         return future.result(timeout)
     except BaseException:

@@ -22,23 +22,23 @@ context, whose teardown removes the session (Flask-SQLAlchemy's own
 fresh connections: the pool the worker's main process filled (a
 ``db.create_all()`` in the factory) is dropped, not shared across a fork.
 
-Nothing here imports Flask: an app is recognised by its shape, so that
-``offload.core`` and the CLI can ask :func:`is_flask_app` without Flask
-installed.
+Nothing here imports Flask. An app is recognised by its shape, in
+:mod:`offload.frameworks` (re-exported here), so that ``offload.core`` and the
+CLI can ask :func:`is_flask_app` without Flask installed and without
+importing this integration.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
+
+from .frameworks import EXTENSION_KEY, is_flask_app, offload_of
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
-
-EXTENSION_KEY = "offload"
-"""Where an app's Offload lives: ``app.extensions[EXTENSION_KEY]``."""
 
 
 class _Configurable(Protocol):
@@ -52,24 +52,7 @@ class _Configurable(Protocol):
 
     def remove_task_context(self, factory: Any) -> None: ...
 
-    def add_commit_hook(self, hook: Any) -> None: ...
-
-
-def is_flask_app(obj: Any) -> bool:
-    """Whether ``obj`` is a Flask app (duck-typed: Flask need not be installed).
-
-    Examples:
-        >>> is_flask_app(object())
-        False
-    """
-    return (not isinstance(obj, type) and hasattr(obj, "extensions") and hasattr(obj, "config")
-            and hasattr(obj, "app_context"))
-
-
-def offload_of(app: Any) -> Any | None:
-    """The Offload :func:`init_app` registered on the Flask ``app``, or None."""
-    extensions = getattr(app, "extensions", None)
-    return extensions.get(EXTENSION_KEY) if isinstance(extensions, Mapping) else None
+    def add_commit_hook(self, hook: Callable[[Callable[[], None]], bool]) -> None: ...
 
 
 def init_app(off: _Configurable, app: Any) -> None:

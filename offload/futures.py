@@ -39,7 +39,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import CancelledError
 from concurrent.futures import Future as _BaseFuture
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from celery import bootsteps, states
 from celery.exceptions import TaskRevokedError
@@ -51,9 +51,14 @@ __all__ = ["Future", "LoopInbox", "SkipRevoked", "TaskEvents", "loop_inbox", "wa
 
 logger = logging.getLogger("offload.futures")
 
+T = TypeVar("T")
 
-class Future(_BaseFuture):
+
+class Future(_BaseFuture[T]):
     """The future of one task: a :class:`concurrent.futures.Future`.
+
+    ``Future[T]`` for a type checker: ``T`` is the task's result type
+    (``submit`` of a ``def f(...) -> int`` gives a ``Future[int]``).
 
     Besides the standard API it has ``id``, ``state`` (Celery's state name,
     which never moves backwards) and ``progress`` (the latest ``progress()``
@@ -90,10 +95,10 @@ class Future(_BaseFuture):
         self._callback_lock = threading.Lock()
         self._cancel_lock = threading.Lock()
         self._cancel_notified = False
-        self._callbacks: list[Callable[[Future], Any]] = []
+        self._callbacks: list[Callable[[Future[T]], Any]] = []
         self._wakers: list[Callable[[], None]] = []
         self._fired = False
-        super().add_done_callback(Future._on_done)
+        super().add_done_callback(_fire)
 
     def __repr__(self) -> str:
         return f"<offload.Future {self.id} {self._task_state}>"
@@ -120,7 +125,7 @@ class Future(_BaseFuture):
             self._async_result = self._app.AsyncResult(self._task_id)
         return self._async_result
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         """The task's return value, waiting at most ``timeout`` seconds.
 
         Raises:
@@ -179,14 +184,14 @@ class Future(_BaseFuture):
             return None
         return getattr(queue, "name", queue)
 
-    def follow(self, hub: ResultHub, *, grace: float = 0.0) -> Future:
+    def follow(self, hub: ResultHub, *, grace: float = 0.0) -> Future[T]:
         """Have ``hub`` complete this future (``Offload`` calls this)."""
         self._hub = hub
         self._subscription = hub.subscribe(self._task_id, self, grace=grace)
         return self
 
     @staticmethod
-    def follow_all(futures: list[Future], hub: ResultHub, *, grace: float = 0.0) -> None:
+    def follow_all(futures: list[Future[Any]], hub: ResultHub, *, grace: float = 0.0) -> None:
         """:meth:`follow` for many futures in one call of the hub (``map``)."""
         subscriptions = hub.subscribe_many([(future._task_id, future) for future in futures], grace=grace)
         for future, subscription in zip(futures, subscriptions):
@@ -238,10 +243,10 @@ class Future(_BaseFuture):
                 return
         _call(fn, self)
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 
-    async def _wait(self) -> Any:
+    async def _wait(self) -> T:
         if not self.done():
             loop = asyncio.get_running_loop()
             woken: asyncio.Future[None] = loop.create_future()
@@ -351,19 +356,25 @@ class Future(_BaseFuture):
             pass
 
 
+def _fire(future: _BaseFuture[Any]) -> None:
+    # The base class's one done-callback (a plain function: no reference
+    # from the future to a bound method of itself).
+    cast(Future[Any], future)._on_done()
+
+
 def _resolve(woken: asyncio.Future[None]) -> None:
     if not woken.done():
         woken.set_result(None)
 
 
-def _call(fn: Callable[[Future], Any], future: Future) -> None:
+def _call(fn: Callable[[Future[T]], Any], future: Future[T]) -> None:
     try:
         fn(future)
     except Exception:
         logger.exception("done-callback %r of %r raised", fn, future)
 
 
-def _adapt_callback(fn: Callable[..., Any]) -> Callable[[Future], Any]:
+def _adapt_callback(fn: Callable[..., Any]) -> Callable[[Future[Any]], Any]:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

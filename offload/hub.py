@@ -8,11 +8,15 @@ and the listener's ``on_event`` is called once per state change of that task
 until ``subscription.close()``. Any number of listeners may follow one id; a
 new one is told the latest known state at once.
 
-One thread per hub reads the result backend for every watched id: on Redis
-one pub/sub connection (Celery publishes each state it stores), on rpc:// one
+One thread per hub reads the result backend for every watched id, through
+the delivery strategy of its kind (:mod:`offload.delivery`): on Redis one
+pub/sub connection (Celery publishes each state it stores), on rpc:// one
 reply queue per process, elsewhere one batched read of all outstanding ids,
 every few milliseconds while states change and backing off to 250 ms while
-none does (a task sitting in PROGRESS included).
+none does (a task sitting in PROGRESS included). A strategy sees the hub
+only as :class:`offload.delivery.interface.Hub`: ``wakeup``, ``watched``,
+``take_new``, ``ids``, ``deliver``, ``deliver_many``, ``count_read``,
+``housekeeping`` and ``answered`` are public for that reason.
 
 Bounds: an id leaves the hub when it ends, when its last listener goes, or
 when nothing at all was heard of it for :attr:`ResultHub.pending_limit`
@@ -24,23 +28,20 @@ thousand final states are kept so that a late subscriber is answered at once.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import states
 
-from ._resp import Subscriber
-from .dispatch import batches_results, results_channel
+from .delivery import RpcPush, Strategy, strategy_for
+from .result_store import stores_results
 
 __all__ = ["LOST", "HubStats", "Listener", "ResultHub", "Subscription", "TaskEvent", "random_task_ids",
            "state_rank", "stores_results"]
@@ -179,20 +180,6 @@ def _event_from_meta(task_id: str, meta: dict[str, Any]) -> TaskEvent:
     return TaskEvent(task_id, state, result)
 
 
-_raw_decode = json.JSONDecoder().raw_decode
-
-
-def _json_document(data: bytes) -> Any:
-    """``json.loads(data)`` for UTF-8 JSON, without its encoding detection and
-    whitespace scans when nothing surrounds the value (a tenth of a result's
-    decoding and delivery in the hub)."""
-    text = data.decode("utf-8")
-    value, end = _raw_decode(text)
-    if end != len(text):
-        return json.loads(text)  # whitespace after it, or an error as json.loads raises it
-    return value
-
-
 def _advances(old: TaskEvent, new: TaskEvent) -> bool:
     old_rank, new_rank = state_rank(old.state), state_rank(new.state)
     if new_rank != old_rank:
@@ -220,9 +207,6 @@ class ResultHub:
     #: Done-callback threads (a blocking callback holds one of them).
     CALLBACK_THREADS = 8
 
-    _MIN_POLL = 0.002
-    _MAX_POLL = 0.25
-    _SAFETY_POLL = 2.0  # push backends: re-read everything this often
     _HOUSEKEEPING = 1.0
 
     def __init__(self, backend_factory: Callable[[], BackendLike]) -> None:
@@ -258,13 +242,14 @@ class ResultHub:
     def _fresh_state(self) -> None:
         # Everything a forked child must not share with its parent.
         self._lock = threading.RLock()
-        self._wakeup = threading.Event()
+        self.wakeup = threading.Event()
+        """Set to wake the hub's thread (a new id, a reconnection); the strategy clears it."""
         #: When the backend stopped answering (monotonic), None while it answers.
         self._outage_since: float | None = None
         self._outage_retries = 0
         self._new: list[str] = []
         self._thread: threading.Thread | None = None
-        self._strategy: Any = None
+        self._strategy: Strategy | None = None
         self._callbacks: ThreadPoolExecutor | None = None
         self._callbacks_lock = threading.Lock()
         self._last_housekeeping = time.monotonic()
@@ -319,7 +304,7 @@ class ResultHub:
                 self._get_strategy()
                 self._ensure_thread()
         if wake:
-            self._wakeup.set()
+            self.wakeup.set()
         return subscriptions
 
     def _add(self, subscription: Subscription, grace: float) -> bool:
@@ -375,7 +360,7 @@ class ResultHub:
     def follows_foreign_tasks(self) -> bool:
         """False on rpc://, where only the sending process gets a result."""
         with self._lock:
-            return not isinstance(self._get_strategy(), _RpcPush)
+            return not isinstance(self._get_strategy(), RpcPush)
 
     def stats(self) -> HubStats:
         """Counts of what the hub holds, and of its backend reads."""
@@ -406,14 +391,14 @@ class ResultHub:
         """
         with self._lock:
             strategy = self._get_strategy()
-        prefix = getattr(strategy, "batch_prefix", None) or getattr(strategy, "prefix", "")
+        prefix = getattr(strategy, "batch_prefix", "") or getattr(strategy, "prefix", "")
         return random_task_ids(count, prefix)
 
     def refresh(self, task_id: str) -> TaskEvent | None:
         """Read ``task_id``'s state from the backend now (in this thread)."""
         with self._lock:
             strategy = self._get_strategy()
-        if isinstance(strategy, _RpcPush):
+        if isinstance(strategy, RpcPush):
             return self.latest(task_id)  # a reply can be read once, by the hub
         try:
             meta = self._backend_factory().get_task_meta(task_id, cache=False)
@@ -466,7 +451,7 @@ class ResultHub:
         """
         return self.deliver_many([(task_id, meta)]) > 0
 
-    def deliver_many(self, metas: list[tuple[str, dict[str, Any]]]) -> int:
+    def deliver_many(self, metas: list[tuple[str, dict[str, Any] | None]]) -> int:
         """:meth:`deliver` for each ``(task_id, meta)``, in order, under one lock."""
         news = 0
         with self._lock:
@@ -514,8 +499,8 @@ class ResultHub:
         while len(self._recent) > self.RECENT_LIMIT:
             self._recent.popitem(last=False)
 
-    def _housekeeping(self) -> None:
-        """Tell LOST to ids with no news for too long (at most once a second)."""
+    def housekeeping(self) -> None:
+        """Tell LOST to ids with no news for too long (at most once a second); strategies call it often."""
         now = time.monotonic()
         if now - self._last_housekeeping < self._HOUSEKEEPING:
             return
@@ -542,29 +527,31 @@ class ResultHub:
             return 86400.0
         return float(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
 
-    def _take_new(self) -> list[str]:
+    @property
+    def watched(self) -> Mapping[str, Any]:
+        """The ids followed now, for membership tests without the lock (atomic under the GIL)."""
+        return self._entries
+
+    def take_new(self) -> list[str]:
+        """The ids subscribed since the last call (the strategy starts following them)."""
         with self._lock:
             new, self._new = self._new, []
             return new
 
-    def _ids(self) -> list[str]:
+    def ids(self) -> list[str]:
+        """Every id followed now."""
         with self._lock:
             return list(self._entries)
 
-    def _count_read(self) -> None:
+    def count_read(self) -> None:
+        """Count one read of the backend (:meth:`stats`)."""
         self._reads += 1
 
-    def _get_strategy(self) -> Any:
+    def _get_strategy(self) -> Strategy:
         # Called with the lock held, in the submitting thread: an RPC reply
         # queue must exist before the first result is sent to it.
         if self._strategy is None:
-            backend = self._backend_factory()
-            if _is_redis(backend):
-                self._strategy = _RedisPush(backend)
-            elif _is_rpc(backend):
-                self._strategy = _RpcPush(backend)
-            else:
-                self._strategy = _BatchPoll(backend)
+            self._strategy = strategy_for(self._backend_factory())
         return self._strategy
 
     def _ensure_thread(self) -> None:
@@ -587,7 +574,7 @@ class ResultHub:
                 # A run that lasted a while ended an earlier streak of errors.
                 failures = failures + 1 if time.monotonic() - started < self._RETRY_MAX else 1
                 if self._outage_since is None:
-                    # One line per outage, and one when it ends (_answered):
+                    # One line per outage, and one when it ends (answered):
                     # a store that stays down must not flood the log.
                     self._outage_since, self._outage_retries = time.monotonic(), 0
                     logger.warning("result hub: the result backend %s is unreachable (%s); retrying "
@@ -597,12 +584,12 @@ class ResultHub:
                     self._outage_retries += 1
                     logger.debug("result hub: backend still unreachable (%s), retry %d", exc, failures)
                 strategy.reset()
-                self._wakeup.wait(min(0.5 * 2 ** (failures - 1), self._RETRY_MAX))
-                self._wakeup.clear()
+                self.wakeup.wait(min(0.5 * 2 ** (failures - 1), self._RETRY_MAX))
+                self.wakeup.clear()
                 with self._lock:
                     self._new = list(self._entries)
 
-    def _answered(self) -> None:
+    def answered(self) -> None:
         """The strategy reached the backend: log the end of an outage, once."""
         since = self._outage_since
         if since is not None:
@@ -633,366 +620,3 @@ def random_task_ids(count: int, prefix: str = "") -> list[str]:
         ids.append(f"{hexid[:8]}-{hexid[8:12]}-4{hexid[13:16]}-"
                    f"{'89ab'[int(hexid[16], 16) & 3]}{hexid[17:20]}-{hexid[20:]}")
     return ids
-
-
-def stores_results(backend: Any) -> bool:
-    """True if ``backend`` keeps states any process can read (not rpc://, not none)."""
-    from celery.backends.base import DisabledBackend
-
-    return not isinstance(backend, DisabledBackend) and not _is_rpc(backend)
-
-
-def _is_redis(backend: Any) -> bool:
-    try:
-        from celery.backends.redis import RedisBackend
-    except ImportError:  # redis-py not installed
-        return False
-    return isinstance(backend, RedisBackend) and hasattr(backend, "client")
-
-
-def _is_rpc(backend: Any) -> bool:
-    from celery.backends.rpc import RPCBackend
-
-    return isinstance(backend, RPCBackend)
-
-
-class _BatchPoll:
-    """Reads all outstanding ids in one batch, backing off while nothing changes."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.many = getattr(backend, "mget", None) is not None and hasattr(backend, "get_key_for_task")
-
-    def reset(self) -> None:
-        pass
-
-    def submit_options(self) -> dict[str, Any]:
-        return {"task_id": str(uuid.uuid4())}
-
-    def fetch(self, hub: ResultHub, ids: list[str]) -> dict[str, dict[str, Any]]:
-        if self.many:
-            keys = [self.backend.get_key_for_task(i) for i in ids]
-            hub._count_read()
-            values = self.backend.mget(keys)
-            return {
-                task_id: self.backend.decode_result(value)
-                for task_id, value in zip(ids, values) if value
-            }
-        metas = {}
-        for task_id in ids:
-            hub._count_read()
-            metas[task_id] = self.backend.get_task_meta(task_id, cache=False)
-        return metas
-
-    def run(self, hub: ResultHub) -> None:
-        delay = ResultHub._MIN_POLL
-        while True:
-            if hub._take_new():
-                delay = ResultHub._MIN_POLL
-            hub._housekeeping()
-            ids = hub._ids()
-            if not ids:
-                hub._wakeup.wait(30)
-                hub._wakeup.clear()
-                continue
-            changed = False
-            for start in range(0, len(ids), 500):
-                for task_id, meta in self.fetch(hub, ids[start:start + 500]).items():
-                    changed = hub.deliver(task_id, meta) or changed
-            hub._answered()
-            # Only news keeps the poll fast: a task sitting in PROGRESS with
-            # the same meta backs off like any other.
-            delay = ResultHub._MIN_POLL if changed else min(delay * 1.5, ResultHub._MAX_POLL)
-            if hub._wakeup.wait(delay):
-                hub._wakeup.clear()
-
-
-class _RedisPush:
-    """One pub/sub connection: Celery's Redis backend publishes each state it stores.
-
-    Futures submitted here get task ids that start with this process's own
-    random prefix (the ids stay UUID-shaped), so one pattern subscription
-    covers them all: no SUBSCRIBE/UNSUBSCRIBE per task, and no results of
-    other processes. Ids from elsewhere (``off.get(id)``) are subscribed one
-    by one on the same connection.
-
-    The calls of ``map``'s chunks get ids with a second prefix, which the
-    pattern does not cover: their results arrive as one message per chunk
-    flush on :func:`offload.dispatch.results_channel` (one JSON array),
-    rather than one pub/sub message per call.
-    """
-
-    #: Take new ids (MGET what was stored before we listened) and drop
-    #: finished foreign subscriptions at most this often: one round trip per
-    #: batch, not per task, and the GIL left to the threads that submit.
-    TICK = 0.005
-    #: Results decoded and delivered between two yields of the GIL.
-    SLICE = 64
-    #: This many results within one tick make a stream: from then on they are
-    #: taken once per tick (two are one task's STARTED and SUCCESS).
-    STREAM = 5
-    #: Unsubscribe the channels of foreign ids no longer followed this often,
-    #: once results have stopped streaming in for a few ticks (thousands of
-    #: unsubscriptions and their confirmations in the middle of a burst
-    #: delay it), and at the latest after SWEEP_LIMIT.
-    SWEEP = 1.0
-    SWEEP_LIMIT = 10.0
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self._last_sweep = self._last_result = 0.0
-        # Celery's decode_result, without kombu's per-object hook when the
-        # payload holds no tagged value (see _decode).
-        self._plain_json = getattr(backend, "content_type", None) == "application/json"
-        self.pubsub: Any = None
-        self.prefix = uuid.uuid4().hex[:8]
-        self.pattern_prefix = bytes(backend.get_key_for_task(self.prefix))
-        # The ids of chunked calls (new_task_ids), heard in batches.
-        self.batch_prefix: str | None = None
-        self.batch_channel = b""
-        if batches_results(backend):
-            self.batch_prefix = uuid.uuid4().hex[:8]
-            while self.batch_prefix == self.prefix:
-                self.batch_prefix = uuid.uuid4().hex[:8]
-            self.batch_channel = results_channel(self.batch_prefix).encode()
-        self.channels: dict[bytes, str] = {}  # foreign ids, subscribed one by one
-        # Until Redis confirms the pattern subscription, a result may be
-        # published unheard: every id is then read back once it is confirmed.
-        self.listening = False
-
-    def new_task_id(self) -> str:
-        return self.prefix + str(uuid.uuid4())[8:]
-
-    def submit_options(self) -> dict[str, Any]:
-        return {"task_id": self.new_task_id()}
-
-    def reset(self) -> None:
-        if self.pubsub is not None:
-            try:
-                self.pubsub.close()
-            except Exception:
-                pass
-        self.pubsub = None
-        self.channels.clear()
-        self.listening = False
-
-    def _manage(self, hub: ResultHub) -> None:
-        new = hub._take_new()
-        if new:
-            foreign = {bytes(self.backend.get_key_for_task(i)): i for i in new if not self._own(i)}
-            if foreign:
-                self.channels.update(foreign)
-                self.pubsub.subscribe(*foreign)
-                # Anything stored before their subscription took effect.
-                self._read_stored(hub, list(foreign.values()))
-        now = time.monotonic()
-        if self.channels and now - self._last_sweep >= self.SWEEP and (
-                now - self._last_result >= 4 * self.TICK or now - self._last_sweep >= self.SWEEP_LIMIT):
-            # A scan of every foreign id, so not at each tick: thousands of
-            # them cost milliseconds. Until then a finished id's channel
-            # stays subscribed, and what it still hears is ignored.
-            self._last_sweep = now
-            entries = hub._entries  # membership tests only: atomic under the GIL
-            done = [ch for ch, task_id in self.channels.items() if task_id not in entries]
-            if done:
-                for channel in done:
-                    del self.channels[channel]
-                self.pubsub.unsubscribe(*done)
-
-    def _own(self, task_id: str) -> bool:
-        return task_id.startswith(self.prefix) or (
-            self.batch_prefix is not None and task_id.startswith(self.batch_prefix))
-
-    def _unpack_batch(self, data: bytes, into: list[tuple[str, dict[str, Any]]]) -> None:
-        # One JSON array of stored metas (dispatch.store_results): one
-        # decoding for the whole flush of a chunk.
-        try:
-            metas = json.loads(data)
-        except ValueError:
-            logger.warning("result hub: unreadable batch of results on %r", self.batch_channel)
-            return
-        if not isinstance(metas, list):
-            logger.warning("result hub: a batch of results on %r is not a list", self.batch_channel)
-            return
-        for meta in metas:
-            task_id = meta.get("task_id") if isinstance(meta, dict) else None
-            if isinstance(task_id, str):
-                into.append((task_id, self.backend.meta_from_decoded(meta)))
-
-    def _read_stored(self, hub: ResultHub, ids: list[str]) -> None:
-        for start in range(0, len(ids), 500):
-            batch = ids[start:start + 500]
-            keys = [self.backend.get_key_for_task(i) for i in batch]
-            hub._count_read()
-            for task_id, value in zip(batch, self.backend.client.mget(keys)):
-                if value:
-                    hub.deliver(task_id, self.backend.decode_result(value))
-
-    def _confirmed(self, hub: ResultHub) -> None:
-        # From here on every result of this process's ids is heard; read what
-        # was stored before (submitted earlier, or during a reconnect).
-        self.listening = True
-        self._read_stored(hub, hub._ids())
-
-    def _unpack(self, hub: ResultHub, replies: list[Any]) -> list[tuple[str, dict[str, Any]]]:
-        """The (task id, meta) pairs in a bulk read; a confirmation on the way."""
-        metas: list[tuple[str, dict[str, Any]]] = []
-        decode = self._decode
-        id_from = len(self.pattern_prefix) - len(self.prefix)  # where a key's task id starts
-        for reply in replies:
-            kind = reply[0] if isinstance(reply, list) and reply else None
-            if kind == b"pmessage" and len(reply) == 4:
-                metas.append((reply[2][id_from:].decode("utf-8", "replace"), decode(reply[3])))
-            elif kind == b"message" and len(reply) == 3:
-                if reply[1] == self.batch_channel:
-                    self._unpack_batch(reply[2], metas)
-                else:
-                    task_id = self.channels.get(reply[1])
-                    if task_id is not None:
-                        metas.append((task_id, decode(reply[2])))
-            elif kind == b"psubscribe" and not self.listening:
-                self._confirmed(hub)
-        return metas
-
-    def _decode(self, data: bytes) -> dict[str, Any] | None:
-        try:
-            if self._plain_json and data[:1] == b"{" and b'"__type__"' not in data:
-                # What decode_result returns for it: kombu's JSON decoding
-                # differs from the standard library's only by turning
-                # {"__type__", "__value__"} objects into datetimes and the
-                # like (none here), and a compressed payload starts with its
-                # marker, not "{". A third of the hub's time, saved.
-                return self.backend.meta_from_decoded(_json_document(data))
-            return self.backend.decode_result(data)
-        except Exception:  # not Celery's: skipped, the stream goes on
-            logger.warning("result hub: an unreadable result message (%d bytes) skipped", len(data))
-            return None
-
-    def run(self, hub: ResultHub) -> None:
-        self.listening = False
-        self.pubsub = Subscriber(self.backend.client)
-        # After a reconnect: the ids of other processes still awaited.
-        self.channels = {bytes(self.backend.get_key_for_task(i)): i
-                         for i in hub._ids() if not self._own(i)}
-        if self.channels:
-            self.pubsub.subscribe(*self.channels)
-        if self.batch_channel:
-            # Before the pattern: its confirmation, which reads back what was
-            # stored meanwhile, then comes after this one's.
-            self.pubsub.subscribe(self.batch_channel)
-        self.pubsub.psubscribe(self.pattern_prefix + b"*")
-        hub._answered()
-        last_safety = time.monotonic()
-        window_start = next_tick = 0.0
-        window_count = 0
-        while True:
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + self.TICK
-                self._manage(hub)
-                hub._housekeeping()
-            if not hub._entries:
-                # Keep reading while idle, or subscription confirmations and
-                # stray results would pile up in the socket.
-                hub.deliver_many(self._unpack(hub, self.pubsub.read(0.0)))
-                if hub._wakeup.wait(5.0):
-                    hub._wakeup.clear()
-                continue
-            # Every reply that has arrived, in one recv: a burst of results
-            # costs one system call and one lock, not one of each per result.
-            replies = self.pubsub.read(next_tick - time.monotonic())
-            if replies:
-                metas = []
-                for start in range(0, len(replies), self.SLICE):
-                    if start:
-                        # Let a thread that waits for the GIL (one that
-                        # submits, its reply from the broker just in) run
-                        # between slices, rather than after the whole burst.
-                        time.sleep(0)
-                    part = self._unpack(hub, replies[start:start + self.SLICE])
-                    if part:
-                        hub.deliver_many(part)
-                        metas += part
-                if metas:
-                    hub._count_read()
-                    now = self._last_result = time.monotonic()
-                    if now - window_start > self.TICK:
-                        window_start, window_count = now, 0
-                    window_count += len(metas)
-                    if window_count >= self.STREAM:
-                        # Results keep coming (many tasks at once): let the
-                        # next ones pile up until the tick and take them in
-                        # one go, rather than waking (and taking the GIL from
-                        # the threads that submit) once per message. A task
-                        # or two at a time (a round trip, its STARTED and its
-                        # SUCCESS) is still delivered as soon as it arrives.
-                        time.sleep(max(next_tick - now, 0.0))
-            if time.monotonic() - last_safety > ResultHub._SAFETY_POLL:
-                last_safety = time.monotonic()
-                self._read_stored(hub, hub._ids())
-
-
-class _RpcPush:
-    """RPC results (``rpc://``): one reply queue per process, one consumer.
-
-    Celery's RPC backend sends each result to the queue named in the task's
-    ``reply_to``, by default one per submitting *thread*. offload names one
-    queue per process instead, so the hub consumes every result of the
-    process, whichever thread submitted it. The queue outlives a short
-    disconnect (it expires after 10 idle minutes instead of auto-deleting).
-    """
-
-    def __init__(self, backend: Any) -> None:
-        from kombu import Queue
-
-        self.backend = backend
-        self.queue = Queue(
-            f"offload.reply.{uuid.uuid4()}", exchange=backend.exchange,
-            routing_key=None, durable=False, auto_delete=False,
-            expires=600.0, message_ttl=None,
-        )
-        self.queue.routing_key = self.queue.name
-        self.connection: Any = None
-        self.consumer: Any = None
-        self._hub: ResultHub | None = None
-        self._connect()
-
-    def submit_options(self) -> dict[str, Any]:
-        return {"task_id": str(uuid.uuid4()), "reply_to": self.queue.name}
-
-    def _connect(self) -> None:
-        from kombu import Consumer
-
-        self.connection = self.backend.app.connection_for_read()
-        channel = self.connection.default_channel
-        self.queue(channel).declare()
-        self.consumer = Consumer(channel, queues=[self.queue], no_ack=True,
-                                 accept=self.backend.accept, callbacks=[self._on_message])
-        self.consumer.consume()
-
-    def reset(self) -> None:
-        try:
-            if self.connection is not None:
-                self.connection.close()
-        except Exception:
-            pass
-        self.connection = None
-
-    def _on_message(self, body: Any, message: Any) -> None:
-        task_id = message.properties.get("correlation_id") or body.get("task_id")
-        if self._hub is not None and task_id:
-            self._hub._count_read()
-            self._hub.deliver(task_id, self.backend.meta_from_decoded(dict(body)))
-
-    def run(self, hub: ResultHub) -> None:
-        if self.connection is None:
-            self._connect()
-        hub._answered()
-        self._hub = hub
-        while True:
-            hub._take_new()  # nothing to subscribe: every reply comes here
-            hub._housekeeping()
-            try:
-                self.connection.drain_events(timeout=0.25)
-            except socket.timeout:
-                self.connection.heartbeat_check()

@@ -17,6 +17,7 @@ from typing import Any
 
 from kombu.exceptions import OperationalError
 
+from .changes import Changes
 from .exceptions import broker_unreachable
 
 __all__ = ["INSPECT_TARGETS", "Poller", "inspect", "jsonable", "queue_lengths", "status"]
@@ -124,8 +125,6 @@ class Poller:
 
     def __init__(self, app: Any, *, interval: float = 3.0, timeout: float = 1.0,
                  idle_after: float = 60.0, clock: Any = None) -> None:
-        from .events import Changes
-
         self.app, self.interval, self.timeout, self.idle_after = app, interval, timeout, idle_after
         self.clock = clock or time.monotonic
         self.rounds = 0

@@ -29,12 +29,15 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from .datadir import FILE_MODE, make_private_dirs
 
-__all__ = ["Backoff", "Child", "StarterLock", "Supervisor", "WorkerExited", "WorkerStarted",
+__all__ = ["BOOT_APP", "Backoff", "Child", "StarterLock", "Supervisor", "WorkerExited", "WorkerStarted",
            "describe_exit", "start_process"]
+
+#: The app spec a process offload starts (a worker, the scheduler, Flower) imports; it reads ``OFFLOAD_APP``.
+BOOT_APP = "offload._boot:app"
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ class Spec(Protocol):
     def nodename(self) -> str: ...
 
 
+#: The spec type a supervisor is given, and hands back to its ``launch``.
+S = TypeVar("S", bound=Spec)
+
+
 @dataclass(frozen=True)
 class WorkerStarted:
     """A round started a worker; ``restart`` is False for its first start."""
@@ -226,7 +233,7 @@ class WorkerExited:
 Event = WorkerStarted | WorkerExited
 
 
-class Supervisor:
+class Supervisor(Generic[S]):
     """Keeps one process per spec running, backing off those that keep exiting.
 
     ``launch(spec)`` starts a worker and returns its :class:`Child`. Every
@@ -234,7 +241,7 @@ class Supervisor:
     none waits for a worker to be ready.
     """
 
-    def __init__(self, launch: Callable[[Spec], Child], backoff: Backoff | None = None) -> None:
+    def __init__(self, launch: Callable[[S], Child], backoff: Backoff | None = None) -> None:
         self.backoff = backoff or Backoff()
         self._launch = launch
         self._mutex = threading.RLock()
@@ -243,7 +250,7 @@ class Supervisor:
         self._exits: dict[str, int] = {}        # exits in a row, per name
         self._due: dict[str, float] = {}        # when a name that exited may start again
 
-    def supervise(self, specs: Iterable[Spec]) -> list[Event]:
+    def supervise(self, specs: Iterable[S]) -> list[Event]:
         """One round: reap each worker that exited, start each one that is due."""
         events: list[Event] = []
         with self._mutex:
@@ -273,14 +280,14 @@ class Supervisor:
                             ran_for=ran_for, exits_in_a_row=exits, restart_in=delay,
                             log_path=child.log_path, log_tail=child.log_tail())
 
-    def _start(self, spec: Spec) -> WorkerStarted:
+    def _start(self, spec: S) -> WorkerStarted:
         restart = spec.name in self._last
         child = self._launch(spec)
         self._children[spec.name] = self._last[spec.name] = child
         self._due.pop(spec.name, None)
         return WorkerStarted(name=spec.name, nodename=spec.nodename, pid=child.pid, restart=restart)
 
-    def restart(self, spec: Spec, grace: float = 10.0) -> WorkerStarted:
+    def restart(self, spec: S, grace: float = 10.0) -> WorkerStarted:
         """End worker ``spec.name`` (warm, then its whole group) and start it now.
 
         A restart asked for by hand clears the name's back-off.

@@ -63,23 +63,19 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 
 from .config import is_setting
-from .core import CONNECTION_ERRORS
-from .datadir import FILE_MODE, make_private_dirs
-from .exceptions import ConfigurationError, OffloadError, broker_unreachable
+from .datadir import FILE_MODE, fallback_data_dir, make_private_dirs
+from .exceptions import CONNECTION_ERRORS, ConfigurationError, OffloadError, broker_unreachable
 from .monitor import INSPECT_TARGETS, inspect, status
 from .specs import WorkerSpec, worker_specs
-from .supervise import (Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
+from .supervise import (BOOT_APP, Backoff, Child, StarterLock, Supervisor, WorkerExited, WorkerStarted,
                         describe_exit, start_process)
 
 __all__ = ["BOOT_APP", "INSPECT_TARGETS", "SETTINGS_FILE_ENV", "Backoff", "LocalWorkers", "WorkerExited",
            "WorkerSpec", "WorkerStarted", "WorkersNotReady", "check_broker", "inspect", "status", "starter_settings",
            "worker_specs"]
 
-if TYPE_CHECKING:  # offload.beat imports this module's BOOT_APP when it starts a scheduler
+if TYPE_CHECKING:  # the scheduler is imported only when something is scheduled
     from .beat import BeatProcess
-
-#: The app spec a worker process imports; it reads ``OFFLOAD_APP``.
-BOOT_APP = "offload._boot:app"
 
 #: The variable naming the file of the starter's settings, which a local
 #: worker applies over what its own import of the app built (:mod:`offload._boot`).
@@ -236,7 +232,7 @@ class LocalWorkers:
     @property
     def folder(self) -> Path:
         """``OFFLOAD_DATA_DIR/workers``: logs and the starter lock."""
-        return Path(self._off.settings.data_dir or os.path.join(os.getcwd(), "instance")) / "workers"
+        return Path(self._off.settings.data_dir or fallback_data_dir()) / "workers"
 
     def log_path(self, name: str) -> Path:
         """The log file of worker ``name``."""

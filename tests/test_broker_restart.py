@@ -174,7 +174,7 @@ def burst_across_an_outage(off, worker: WorkerProcess, down, up) -> tuple[list, 
         try:
             future.result(timeout=120)
         except Exception as exc:
-            raise AssertionError(f"task {future.id} ended {future.state}: {exc!r}\n{worker.log_tail(60)}")
+            raise AssertionError(f"task {future.id} ended {future.state}: {exc!r}\n{worker.log_tail(60)}") from exc
     return futures, token
 
 

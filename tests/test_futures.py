@@ -754,7 +754,7 @@ def test_the_redis_hub_decodes_every_result_as_celery_does(redis_off):
     import decimal
 
     from celery.backends.base import compress_payload
-    from offload.hub import _RedisPush
+    from offload.delivery.redis_push import RedisPush as _RedisPush
 
     backend = redis_off.celery.backend
     push = _RedisPush(backend)

@@ -381,7 +381,7 @@ def test_a_submit_to_a_locked_broker_fails_within_the_lock_timeout(tmp_path):
     off = Offload({"CELERY_BROKER_URL": f"sqlite:///{db}",
                    "CELERY_RESULT_BACKEND": f"sqlite:///{tmp_path}/results.db"})
     with off.celery.connection_for_write() as conn:
-        conn.default_channel  # the file and its tables exist
+        conn.default_channel  # noqa: B018 (the file and its tables exist)
     locker = sqlite3.connect(db, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:

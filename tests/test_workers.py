@@ -57,8 +57,8 @@ def test_workers_from_a_count_names_or_options():
 ])
 def test_bad_workers_setting_says_what_is_wrong(setting, message, tmp_path):
     with pytest.raises(ConfigurationError, match=message):
-        Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path),
-                 "CELERY_WORKERS": setting}).workers
+        Offload({"CELERY_ALWAYS_EAGER": True, "OFFLOAD_DATA_DIR": str(tmp_path),  # noqa: B018 (reading
+                 "CELERY_WORKERS": setting}).workers                                  # .workers checks it)
 
 
 def test_inspect_rejects_an_unknown_target(tmp_path):
@@ -373,7 +373,7 @@ def test_a_worker_found_dead_is_replaced_with_its_whole_group_gone(data_root):
 
 def test_restart_and_stop_end_the_whole_group(data_root):
     require_service("redis")
-    from testapp import add, spawn_sleeper
+    from testapp import spawn_sleeper
     from testapp.respawn import off
 
     off.celery.control.purge()

@@ -96,6 +96,8 @@ def run(host: str = "127.0.0.1", port: int = 8000, *, data_dir: str | None = Non
 
 def _base_url(server: WSGIServer) -> str:
     host, port = server.server_address[:2]
+    if isinstance(host, bytes):  # typeshed allows bytes; an AF_INET server's host is str
+        host = host.decode()
     shown = f"[{host}]" if ":" in str(host) else host
     return f"http://{shown}:{port}"
 

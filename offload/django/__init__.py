@@ -16,38 +16,12 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+# Made and kept in offload.django.project, which the backend imports (this package imports the backend).
+from .project import APP_LABEL as APP_LABEL, get_offload
+
 __all__ = ["TaskBackend", "get_offload"]
-
-#: The app's label in Django's registry.
-APP_LABEL = "offload"
-
-_standalone_lock = threading.Lock()
-# Without 'offload.django' in INSTALLED_APPS (TASKS names the backend and
-# nothing else), the Offload is made on first use and kept here: Django's
-# settings are one per process, and so is the Offload made from them.
-_standalone: list[Any] = []
-
-
-def get_offload() -> Any:
-    """The project's :class:`offload.Offload`, made from ``django.conf.settings``.
-
-    In a view: ``get_offload().submit(report, 2026, on_commit=True)``
-    (``report`` a function of one of the project's apps).
-    """
-    from django.apps import apps
-
-    if apps.apps_ready and apps.is_installed("offload.django"):
-        config = apps.get_app_config(APP_LABEL)
-        return config.offload
-    with _standalone_lock:
-        if not _standalone:
-            from .conf import make_offload
-
-            _standalone.append(make_offload())
-        return _standalone[0]
 
 
 def __getattr__(name: str) -> Any:

@@ -29,4 +29,4 @@ class OffloadConfig(AppConfig):
     def ready(self) -> None:
         # Made now, so that a bad setting fails at startup (manage.py check,
         # runserver), not at the first enqueue.
-        self.offload
+        self.offload  # noqa: B018 (made on first read)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..core import Offload
+from ..datadir import DEFAULT_FOLDER_NAME
 from ..dispatch import refusal
 from . import db
 
@@ -87,7 +88,7 @@ def make_offload(settings: Any = None) -> Offload:
     off = Offload(None, name=package)
     # The project, not this module, is whom the Offload belongs to.
     off.import_name = getattr(settings, "SETTINGS_MODULE", None) or package
-    off.configure(config, default_data_dir=os.path.join(base_dir, "instance") if base_dir else None)
+    off.configure(config, default_data_dir=os.path.join(base_dir, DEFAULT_FOLDER_NAME) if base_dir else None)
     off.add_task_context(_request_cycle)
     off.add_commit_hook(db.on_commit)
     off.workers.app_spec = BOOT_SPEC

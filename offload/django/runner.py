@@ -90,7 +90,7 @@ def install_runner(off: Any) -> Any:
         if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(options, dict):
             raise TypeError(f"{RUN_TASK} takes (reference, list of args, dict of kwargs, dict of options)")
         task = resolve_task(ref)
-        from .backend import run_attempt
+        from .attempt import run_attempt
 
         return run_attempt(off, task, self.request, args, kwargs, options)
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from celery import bootsteps
 from celery.signals import task_failure, worker_process_shutdown
 
+from ..datadir import fallback_data_dir
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..exceptions import ConfigurationError
 from .pipeline import Pipeline
@@ -145,7 +146,7 @@ class ErrorReporting:
     @property
     def spool_folder(self) -> str:
         """Where reports wait for the broker: ``OFFLOAD_DATA_DIR/error-reports``."""
-        return os.path.join(self.off.settings.data_dir or "instance", "error-reports")
+        return os.path.join(self.off.settings.data_dir or fallback_data_dir(), "error-reports")
 
     @property
     def spool(self) -> Spool:

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from ..datadir import create_private_file, make_private_dirs
-from ..exceptions import ConfigurationError
+from .errors import ConfigurationError
+from .files import create_private_file, fallback_data_dir, make_private_dirs
 
 __all__ = ["DatabaseLocked", "SQLiteFileError", "connect", "is_busy", "parse_url", "require_sqlite",
            "retrying", "url_options", "LocalConnections"]
@@ -84,7 +84,7 @@ def parse_url(url: str, default_file: str, data_dir: str | None = None) -> str:
             "(four slashes), or sqlite:// for the default file under OFFLOAD_DATA_DIR")
     rest = rest.partition("?")[0]
     if rest in ("", "/"):
-        folder = data_dir or os.environ.get("OFFLOAD_DATA_DIR") or os.path.join(os.getcwd(), "instance")
+        folder = data_dir or os.environ.get("OFFLOAD_DATA_DIR") or fallback_data_dir()
         return os.path.abspath(os.path.join(folder, default_file))
     if not rest.startswith("/"):
         # sqlite://name/file.db: a host part, which a local file cannot have.

@@ -52,10 +52,11 @@ Everything else is kombu's: priorities (the same per-priority list names),
 fanout over pub/sub (remote control, ``celery inspect``, events), the event
 loop integration and its health checks, ``global_keyprefix``, queue expiry.
 
-URLs: ``offload+redis://host:port/db`` selects it from plain Celery or kombu
-(``offload`` is the kombu transport alias that :mod:`offload.transport`
-registers); offload apps use it for ``redis://`` broker URLs by default
-through Celery's ``broker_transport`` setting.
+URLs: ``offload-redis://host:port/db`` selects it from plain Celery or kombu
+(``offload-redis`` is the kombu transport alias that :mod:`offload.transport`
+registers; an offload app also reads ``offload+redis://`` as that, see
+:mod:`offload.config`); offload apps use it for ``redis://`` broker URLs by
+default through Celery's ``broker_transport`` setting.
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ class QoS(kombu_redis.QoS):
     prefetch slot: see the module's docstring.
     """
 
+    # kombu sets these None in its class body and fills them in __init__.
+    _delivered: dict[Any, Any]  # type: ignore[assignment]
+    _dirty: set[Any]  # type: ignore[assignment]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Tags whose lease the take script wrote, not yet appended.
@@ -312,6 +317,11 @@ class Channel(kombu_redis.Channel):
     #: Take plans cached per (queues, lease flags): at most this many.
     _TAKE_PLANS_MAX = 64
 
+    # kombu's: the connection polled (False or None when none is), and when
+    # the BRPOP was sent (None in kombu's class body, a float once sent).
+    _in_poll: Any
+    _brpop_sent_at: float | None  # type: ignore[assignment]
+
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         # Before kombu's __init__, which may consume nothing yet but reads these.
         self._no_ack_queues: dict[str, bool] = {}
@@ -410,7 +420,8 @@ class Channel(kombu_redis.Channel):
 
     # The synchronous take (basic_get) -------------------------------------
 
-    def _get(self, queue: str) -> dict[str, Any]:
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        # ``timeout``: in kombu's base signature; no take here blocks, as in kombu's Redis channel.
         if not self.ack_emulation:
             return super()._get(queue)
         record = self._get_records
@@ -480,7 +491,7 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None
             self.client.script_load(TAKE)
             self._send_take()
-            raise kombu_redis.Empty()
+            raise kombu_redis.Empty() from None
         except self.connection_errors:
             self._in_poll = None
             connection.disconnect()
@@ -675,6 +686,9 @@ class Transport(kombu_redis.Transport):
     # kombu replaces the Transport when it reconnects; the kombu Connection
     # (``self.client``) stays, so the window is kept on it.
     _SILENT_UNTIL = "offload_redis_silent_until"
+
+    #: The kombu Connection (None in kombu's class body, set in __init__).
+    client: Any
 
     def mark_silent(self) -> None:
         """Note that the broker just let a command or a connect time out."""

@@ -15,12 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Sequence
 from importlib import resources
-from typing import Any, Union
-from urllib.parse import parse_qsl, quote
+from typing import Any
+from urllib.parse import quote
 
 from celery import exceptions as celery_exceptions
 from celery import states
@@ -29,100 +27,20 @@ from ..exceptions import BrokerUnavailable, ConfigurationError
 from ..exposure import Exposure
 from . import strict_json
 from .names import ArgumentsError, ExposedTasks
+from .steps import (RPC_TYPES, TASK_NAME, Authorize, Call, EventStream, Handler, HTTPError, RequestInfo, Response,
+                    Step, Steps, Wait, allow_method, error_response, json_response, parse_json, parse_task_id, require_json)
+# Defined here once; still importable from here.
+from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, TASK_ID, Answer, drive_sync  # noqa: F401
+from .steps import parse_query, too_many_fields  # noqa: F401
 from .waiting import TaskSnapshot, compact_json, lookup
 
 __all__ = ["Call", "EventStream", "RequestInfo", "Response", "TaskAPI", "Wait"]
 
 logger = logging.getLogger("offload.web")
 
-#: A task id as Celery makes them (a UUID) or as a user may choose them.
-TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
-TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
-#: A Content-Length header as HTTP defines it: digits only (no sign, no ``_``).
-CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-
-#: The media types a request body may be sent as: JSON, and for JSON-RPC also
-#: ``application/json-rpc`` (older clients' type). Anything else is 415: a
-#: page on another origin can POST ``text/plain`` without a preflight.
-JSON_TYPES = ("application/json",)
-RPC_TYPES = ("application/json", "application/json-rpc")
-
 #: Celery's own failures, whose messages carry nothing of the task's data.
 _CELERY_PUBLIC = (celery_exceptions.TaskRevokedError, celery_exceptions.TimeLimitExceeded,
                   celery_exceptions.SoftTimeLimitExceeded, celery_exceptions.WorkerLostError)
-
-Authorize = Callable[["RequestInfo", str], bool]
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What the API knows of a request; ``authorize`` receives it.
-
-    ``headers`` has lowercase names. ``raw`` is the WSGI environ or the ASGI
-    scope, for an ``authorize`` that needs a framework's session or user.
-    When ``authorize`` is asked about an existing task (a read or a cancel),
-    ``task_id`` and ``task_name`` name it.
-    """
-
-    method: str
-    """The HTTP method, uppercase (``POST``)."""
-    path: str
-    """The request's path, the prefix included (``/offload/tasks/add``)."""
-    query: Mapping[str, str]
-    """The query string's parameters (the last value of each name)."""
-    headers: Mapping[str, str]
-    """The request's headers, with lowercase names."""
-    client: str | None = None
-    """The client's address (``127.0.0.1``), when the server gives it."""
-    raw: Any = None
-    """The WSGI environ or the ASGI scope, for a framework's session or user."""
-    task_id: str | None = None
-    """The task an ``authorize`` hook is asked about (a read or a cancel), else None."""
-    task_name: str | None = None
-    """That task's full Celery name, when it is known."""
-
-
-@dataclass
-class Response:
-    """A whole answer: status, headers, body."""
-
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class EventStream:
-    """Answer with server-sent events following ``task_id`` (see :mod:`offload.web.sse`).
-
-    ``source``, when given, makes the events instead: an object with
-    ``sync()`` (an iterator of bytes, for WSGI) and ``async_()`` (an async
-    one, for ASGI), as the dashboard's live stream.
-    """
-
-    task_id: str
-    exposure: Exposure | None = None
-    source: Any = None
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Step: wait until ``task_id`` ends or ``timeout`` seconds pass; sends back a snapshot."""
-
-    task_id: str
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Call:
-    """Step: run ``fn(*args)``, which may block on the network; sends back its result.
-
-    An exception it raises is thrown back into the handler.
-    """
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...] = ()
-
 
 def _backend_errors() -> tuple[type[BaseException], ...]:
     """What reading a result backend raises when it is down or busy."""
@@ -134,69 +52,6 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
 
 
 _BACKEND_ERRORS = _backend_errors()
-
-Step = Union[Wait, Call]
-Answer = Union[Response, EventStream]
-Handler = Generator[Step, Any, Answer]
-
-
-class HTTPError(Exception):
-    """A request the API refuses; becomes ``{"error": {"type", "message"}}``."""
-
-    def __init__(self, status: int, kind: str, message: str,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-        self.headers = list(headers)
-
-
-def json_response(status: int, data: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
-    return Response(status, compact_json(data).encode(), [("Content-Type", "application/json"), *headers])
-
-
-def error_response(status: int, kind: str, message: str,
-                   headers: Iterable[tuple[str, str]] = ()) -> Response:
-    return json_response(status, {"error": {"type": kind, "message": message}}, headers)
-
-
-#: The most query parameters a request may carry (the API reads two).
-MAX_QUERY_FIELDS = 32
-
-
-def parse_query(raw: str) -> dict[str, str] | None:
-    """The query string's parameters, or None when it has over :data:`MAX_QUERY_FIELDS`."""
-    try:
-        return dict(parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS))
-    except ValueError:
-        return None
-
-
-def too_many_fields() -> Response:
-    return error_response(400, "BadQuery", f"a query has at most {MAX_QUERY_FIELDS} parameters")
-
-
-def parse_json(body: bytes) -> Any:
-    """The JSON document in ``body``, or HTTPError 400 (limits: :mod:`offload.web.strict_json`)."""
-    try:
-        return strict_json.loads(body)
-    except strict_json.JSONError as exc:
-        raise HTTPError(400, "MalformedJSON", str(exc)) from None
-
-
-def require_json(request: RequestInfo, accepted: Sequence[str] = JSON_TYPES) -> None:
-    """HTTPError 415 unless the body is sent as one of ``accepted`` (UTF-8)."""
-    raw = request.headers.get("content-type", "")
-    media, _, parameters = raw.partition(";")
-    charset_ok = True
-    for parameter in parameters.split(";"):
-        key, _, value = parameter.partition("=")
-        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
-            charset_ok = False
-    if media.strip().lower() not in accepted or not charset_ok:
-        shown = " or ".join(accepted)
-        raise HTTPError(415, "UnsupportedMediaType",
-                        f"send the body as Content-Type: {shown} (UTF-8), not {raw or 'no Content-Type'!r}")
-
 
 class TaskAPI:
     """The HTTP API of one Offload's exposed tasks, as WSGI (``.wsgi``) and ASGI (``.asgi``).
@@ -397,21 +252,8 @@ class TaskAPI:
                 ("Content-Type", "text/javascript; charset=utf-8"), ("Cache-Control", "public, max-age=300")])
         raise HTTPError(404, "NotFound", f"no route {method} {request.path}; see {self.prefix}/openapi.json")
 
-    @staticmethod
-    def _allow(method: str, allowed: Sequence[str], also: Sequence[str] = ()) -> None:
-        if method == "HEAD" and "GET" in allowed:
-            return
-        if method not in allowed:
-            allow = ", ".join([*allowed, *also, "OPTIONS"])
-            raise HTTPError(405, "MethodNotAllowed", f"{method} is not allowed here; use {allow}",
-                            [("Allow", allow)])
-
-    @staticmethod
-    def parse_task_id(raw: str) -> str:
-        """``raw`` if it can be a task id, else HTTPError 400 (``BadTaskId``)."""
-        if not TASK_ID.fullmatch(raw):
-            raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
-        return raw
+    _allow = staticmethod(allow_method)
+    parse_task_id = staticmethod(parse_task_id)
 
     def location(self, task_id: str) -> str:
         """The path of a task's state under this API (the ``Location`` header)."""
@@ -492,7 +334,7 @@ class TaskAPI:
             data["progress"] = None  # progress with NaN: none shown rather than non-JSON
         return data, compact_json(data).encode()
 
-    def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Handler:
+    def start(self, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Steps[str]:
         """Check the arguments, then send the task; its id (steps: one Call)."""
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise HTTPError(400, "BadArguments", 'the body is {"args": [...], "kwargs": {...}}')
@@ -535,7 +377,7 @@ class TaskAPI:
             raise HTTPError(400, "BadWait", f"wait is a number of seconds >= 0, got {raw!r}")
         return min(seconds, self.max_wait)
 
-    def snapshot(self, task_id: str, wait: float) -> Handler:
+    def snapshot(self, task_id: str, wait: float) -> Steps[TaskSnapshot]:
         """The task's snapshot, waiting up to ``wait`` seconds for its end."""
         if wait > 0:
             snap = yield Wait(task_id, wait)
@@ -550,7 +392,7 @@ class TaskAPI:
         _, body = self.present(snap, exposure)
         return Response(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
 
-    def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Handler:
+    def cancel(self, request: RequestInfo, task_id: str, terminate: bool) -> Steps[dict[str, Any]]:
         """Revoke a task, as ``Future.cancel`` does (``terminate`` also kills it if running); its snapshot."""
         exposure = yield from self.find_exposed(request, task_id, cancel=True)
         cancelled, snap = yield Call(_cancel, (self.off, task_id, terminate))
@@ -601,24 +443,3 @@ def offload_js() -> bytes:
     if _OFFLOAD_JS is None:
         _OFFLOAD_JS = resources.files("offload.web").joinpath("static/offload.js").read_bytes()
     return _OFFLOAD_JS
-
-
-def drive_sync(api: TaskAPI, handler: Handler) -> Answer:
-    """Run a handler's steps in the calling thread (WSGI); each wait is bounded by its timeout."""
-    from .waiting import wait_final_sync
-
-    value: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            step = handler.throw(error) if error is not None else handler.send(value)
-        except StopIteration as stop:
-            return stop.value
-        value, error = None, None
-        try:
-            if isinstance(step, Wait):
-                value = wait_final_sync(api.off, step.task_id, step.timeout)
-            else:
-                value = step.fn(*step.args)
-        except Exception as exc:  # handed back to the handler, which decides
-            error = exc

@@ -23,14 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from .app import (
+from .steps import (
+    API,
     CONTENT_LENGTH,
     Answer,
     EventStream,
     Handler,
     RequestInfo,
     Response,
-    TaskAPI,
     Wait,
     error_response,
     parse_query,
@@ -49,7 +49,7 @@ class _TooLarge(Exception):
     pass
 
 
-async def drive_async(api: TaskAPI, handler: Handler) -> Answer:
+async def drive_async(api: API, handler: Handler) -> Answer:
     """Run a handler's steps: waits on the loop, blocking calls in a thread."""
     value: Any = None
     error: Exception | None = None
@@ -71,7 +71,7 @@ async def drive_async(api: TaskAPI, handler: Handler) -> Answer:
 class ASGIApp:
     """``api.asgi``: the routes of a :class:`TaskAPI` over ASGI, CORS included."""
 
-    def __init__(self, api: TaskAPI) -> None:
+    def __init__(self, api: API) -> None:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,7 +158,7 @@ class _EventStreamResponse:
     beside the stream.
     """
 
-    def __init__(self, api: TaskAPI, stream: EventStream, extra: list[tuple[str, str]]) -> None:
+    def __init__(self, api: API, stream: EventStream, extra: list[tuple[str, str]]) -> None:
         self.api, self.stream, self.extra = api, stream, extra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,6 +209,6 @@ class _PlainResponse:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
 
 
-def make_asgi(api: TaskAPI) -> ASGIApp:
+def make_asgi(api: API) -> ASGIApp:
     """``api.asgi``."""
     return ASGIApp(api)

@@ -33,7 +33,8 @@ from celery import states
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..events import Monitor, TaskRecord, literal_arguments
 from . import dashboard_html as page
-from .app import Call, EventStream, Handler, HTTPError, RequestInfo, Response, Step, TaskAPI, compact_json
+from .steps import (API, Call, EventStream, Handler, HTTPError, RequestInfo, Response, Step, allow_method,
+                    compact_json, parse_task_id)
 
 __all__ = ["CSRF_COOKIE", "Dashboard", "is_loopback", "static_file"]
 
@@ -76,7 +77,7 @@ def is_loopback(request: RequestInfo) -> bool:
 class Dashboard:
     """The dashboard of one :class:`TaskAPI` (``TaskAPI(off, dashboard=True)``)."""
 
-    def __init__(self, api: TaskAPI, *, failed_retention: float | None = None,
+    def __init__(self, api: API, *, failed_retention: float | None = None,
                  poll_interval: float | None = None) -> None:
         self.api = api
         self.off = api.off
@@ -93,7 +94,7 @@ class Dashboard:
     def route(self, request: RequestInfo, parts: list[str], body: bytes) -> Handler:
         method = request.method
         if parts == ["metrics"]:
-            self.api._allow(method, ("GET",))
+            allow_method(method, ("GET",))
             yield from self.check(request, "metrics")
             from .metrics import render_metrics
 
@@ -102,32 +103,32 @@ class Dashboard:
                                         ("Cache-Control", "no-store")])
         rest = parts[1:]
         if rest in ([], [""]):
-            self.api._allow(method, ("GET",))
+            allow_method(method, ("GET",))
             yield from self.check(request, "dashboard")
             return (yield from self._index(request))
         if rest == ["fragments"]:
-            self.api._allow(method, ("GET",))
+            allow_method(method, ("GET",))
             yield from self.check(request, "dashboard")
             self.monitor.ensure_started()
             return _json(self.fragments(request.query))
         if rest == ["live"]:
-            self.api._allow(method, ("GET",))
+            allow_method(method, ("GET",))
             yield from self.check(request, "dashboard")
             self.monitor.ensure_started()
             return EventStream("", source=_LiveStream(self, dict(request.query)))
         if len(rest) >= 2 and rest[0] == "tasks":
-            task_id = self.api.parse_task_id(rest[1])
+            task_id = parse_task_id(rest[1])
             if len(rest) == 2:
-                self.api._allow(method, ("GET",))
+                allow_method(method, ("GET",))
                 yield from self.check(request, "dashboard")
                 return (yield from self._task_page(request, task_id))
             if rest[2:] == ["fragment"]:
-                self.api._allow(method, ("GET",))
+                allow_method(method, ("GET",))
                 yield from self.check(request, "dashboard")
                 record = yield from self._find(task_id)
                 return _json(self.task_fragments(record, task_id))
             if len(rest) == 3 and rest[2] in ("revoke", "retry", "dismiss"):
-                self.api._allow(method, ("POST",))
+                allow_method(method, ("POST",))
                 yield from self.check(request, f"dashboard.{rest[2]}")
                 self.check_csrf(request, body)
                 return (yield from getattr(self, f"_{rest[2]}")(request, task_id, body))
@@ -254,7 +255,7 @@ class _LiveStream:
         self.dashboard, self.query = dashboard, query
         self.task_id = query.get("task") or None
         if self.task_id is not None:
-            TaskAPI.parse_task_id(self.task_id)
+            parse_task_id(self.task_id)
 
     def payload(self) -> bytes:
         board = self.dashboard

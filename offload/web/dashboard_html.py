@@ -221,7 +221,7 @@ def _queues(queues: dict[str, int | None]) -> str:
 
 def _on_workers(ctx: Context, tasks: dict[str, Any], revoked: int) -> str:
     rows = []
-    for what, state in (("active", states.STARTED), ("reserved", states.RECEIVED), ("scheduled", "SCHEDULED")):
+    for what in ("active", "reserved", "scheduled"):
         for worker, items in (tasks.get(what) or {}).items():
             for item in items or ():
                 request = item.get("request", item) if what == "scheduled" else item
@@ -261,7 +261,7 @@ def _failed(ctx: Context, failed: list[TaskRecord], facets: tuple[list[str], lis
     names, kinds = facets
 
     def select(field: str, label: str, options: list[str], current: str | None) -> str:
-        opts = [f'<option value="">all</option>'] + [
+        opts = ['<option value="">all</option>'] + [
             f'<option value="{_e(o)}"{" selected" if o == current else ""}>{_e(o)}</option>' for o in options]
         return f'<label>{_e(label)} <select name="{field}">{"".join(opts)}</select></label>'
 

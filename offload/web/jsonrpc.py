@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from . import strict_json
-from .app import Handler, HTTPError, RequestInfo, Response, json_response
+from .steps import HTTPError, Handler, RequestInfo, Response, Steps, json_response, parse_task_id
 
 __all__ = ["PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
            "TASK_FAILED", "FORBIDDEN", "UNAVAILABLE", "NOT_FINISHED", "UNKNOWN_TASK", "handle_rpc"]
@@ -111,7 +111,7 @@ def _valid_id(value: Any) -> bool:
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
-def _one(api: Any, request: RequestInfo, call: Any, deadline: float) -> Handler:
+def _one(api: Any, request: RequestInfo, call: Any, deadline: float) -> Steps[dict[str, Any] | None]:
     """One call's answer, or None for a notification."""
     if not isinstance(call, dict):
         return _error(INVALID_REQUEST, "Invalid Request: a call is a JSON object")
@@ -159,7 +159,7 @@ def _task_id(api: Any, params: Any) -> str:
     if not isinstance(raw, str):
         raise RPCError(INVALID_PARAMS, "Invalid params: the task id is a string")
     try:
-        return api.parse_task_id(raw)
+        return parse_task_id(raw)
     except HTTPError as exc:
         raise RPCError(INVALID_PARAMS, f"Invalid params: {exc.message}") from None
 
@@ -168,7 +168,7 @@ def _failure(shown: dict[str, Any]) -> RPCError:
     return RPCError(TASK_FAILED, f"{shown['error']['type']}: {shown['error']['message']}", shown)
 
 
-def _dispatch(api: Any, request: RequestInfo, method: str, params: Any, deadline: float) -> Handler:
+def _dispatch(api: Any, request: RequestInfo, method: str, params: Any, deadline: float) -> Steps[Any]:
     from ..exceptions import BrokerUnavailable
 
     if method == "task.status":

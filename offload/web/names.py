@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ..core import exposed_name as short_name
 from ..exceptions import ConfigurationError
+from .schema import matches, schema_of
 
 __all__ = ["ArgumentsError", "ExposedTasks", "short_name"]
 
@@ -129,8 +130,6 @@ class ExposedTasks:
         except TypeError as exc:
             raise ArgumentsError(f"{exc}: the task is {shown}") from None
         # The JSON types the type hints promise (and openapi.json publishes).
-        from .openapi import matches, schema_of
-
         for name, value in bound.arguments.items():
             param = sig.parameters[name]
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

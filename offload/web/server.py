@@ -31,7 +31,8 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["AutoHTTPProtocol", "H11Protocol", "HttpToolsProtocol", "OneSendPerTurn"]
+# The three protocols are made on first use, by the module's __getattr__.
+__all__ = ["AutoHTTPProtocol", "H11Protocol", "HttpToolsProtocol", "OneSendPerTurn"]  # noqa: F822
 
 
 class OneSendPerTurn:

@@ -12,12 +12,12 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .app import (
+from .steps import (
+    API,
     CONTENT_LENGTH,
     EventStream,
     RequestInfo,
     Response,
-    TaskAPI,
     drive_sync,
     error_response,
     parse_query,
@@ -61,7 +61,7 @@ class _LengthRequired(Exception):
 class WSGIApp:
     """``api.wsgi``: serve a :class:`TaskAPI` to any WSGI server or framework."""
 
-    def __init__(self, api: TaskAPI) -> None:
+    def __init__(self, api: API) -> None:
         self.api = api
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

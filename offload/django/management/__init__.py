@@ -1,0 +1,1 @@
+"""Django management commands of offload: ``manage.py offload ...`` (:mod:`.commands.offload`)."""

@@ -1,6 +1,5 @@
 """An entry point inside an allowed package: importing it runs the program."""
 
-import os
 import sys
 
 from testapp.allowed.magic import marker

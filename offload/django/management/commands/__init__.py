@@ -1,0 +1,1 @@
+"""The ``offload`` management command (``manage.py offload worker|cluster|status|...``)."""
