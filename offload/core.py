@@ -31,7 +31,7 @@ from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, ins
 from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
-from .frameworks import is_flask_app
+from .frameworks import INTEGRATIONS, AppHooks, integration_for
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .intake import finite
@@ -217,9 +217,10 @@ class Offload:
         self.import_name = _caller_module()
         """The module that created this Offload; its package is allowed by default."""
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
-        #: The Flask app given to init_app() (:mod:`offload.flask`), which
-        #: local workers must build too; None without Flask.
-        self.flask_app: Any = None
+        #: What the integration that configured this Offload from a web app
+        #: (``init_app``) says of that app: how local workers build it too, how
+        #: a worker reads the starter's settings through it. None without one.
+        self.app_hooks: AppHooks | None = None
         self._workers: Any = None
         self._monitor: Any = None
         self._exposed: dict[str, Any] = {}
@@ -251,7 +252,7 @@ class Offload:
         """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
         """The translated settings (:func:`offload.config.translate`)."""
-        if config is not None and is_flask_app(config):
+        if config is not None and any(recognises(config) for recognises, _ in INTEGRATIONS):
             self.init_app(config)
         else:
             self.configure(config)
@@ -311,11 +312,16 @@ class Offload:
     def init_app(self, app: Any) -> None:
         """Read settings from a Flask app's ``config``; tasks run in its app context.
 
-        See :func:`offload.flask.init_app`.
-        """
-        from .flask import init_app
+        The app's integration does the work (:func:`offload.flask.init_app`),
+        found by the app's kind (:mod:`offload.frameworks`).
 
-        init_app(self, app)
+        Raises:
+            TypeError: when ``app`` is not a Flask app.
+        """
+        init = integration_for(app)
+        if init is None:
+            raise TypeError(f"init_app() takes a Flask app (with a .config mapping), got {app!r}")
+        init(self, app)
 
     def add_task_context(self, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         """Run every task inside ``factory()`` (an app context, a request, ...)."""
