@@ -12,9 +12,9 @@ import contextlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import FrameType
-from typing import Any, Concatenate, Literal, overload
+from typing import Any, Literal, overload
 
 from celery import Celery
 from celery import Task as _CeleryTask
@@ -37,7 +37,7 @@ from .hub import ResultHub, TaskEvent, stores_results
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal
-from .task import P, R, Task
+from .task import AsyncTask, BoundTaskDecorator, P, R, Task, TaskDecorator
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
@@ -410,6 +410,12 @@ class Offload:
 
     # Tasks -------------------------------------------------------------------
 
+    # An async def function's task: its futures hold what the coroutine returns.
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *, name: str | None = None,
+             queue: str | None = None, expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (), **options: Any) -> AsyncTask[P, R]: ...
+
     @overload
     def task(self, fn: Callable[P, R], /, *, name: str | None = None, queue: str | None = None,
              expose: bool = False, schedule: Any = None,
@@ -420,13 +426,13 @@ class Offload:
     def task(self, fn: None = None, /, *, bind: Literal[True], name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (),
-             **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+             **options: Any) -> BoundTaskDecorator: ...
 
     @overload
     def task(self, fn: None = None, /, *, name: str | None = None, queue: str | None = None,
              expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (),
-             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+             **options: Any) -> TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
@@ -537,6 +543,11 @@ class Offload:
 
     # Submitting -------------------------------------------------------------
 
+    # An async def function: the worker awaits the coroutine, the future holds its result.
+    @overload
+    def submit(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args,
+               **kwargs: P.kwargs) -> Future[R]: ...
+
     @overload
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
 
@@ -544,8 +555,16 @@ class Offload:
     # mypy reads P.kwargs as taking any keyword and so calls these two
     # unreachable, yet it does fall back on them when the first one fails.
     @overload
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               queue: str | None, **kwargs: Any) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
                **kwargs: Any) -> Future[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               on_commit: bool, **kwargs: Any) -> Future[R]: ...
 
     @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, on_commit: bool,  # type: ignore[overload-cannot-match]
@@ -604,8 +623,16 @@ class Offload:
         send_now()
         return future
 
+    @overload
+    def map(self, fn: Callable[..., Coroutine[Any, Any, R]], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future[R]]: ...
+
+    @overload
     def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None, **options: Any) -> list[Future[R]]:
+            chunksize: int | None = None, **options: Any) -> list[Future[R]]: ...
+
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future[Any]]:
         """Submit ``fn`` once per item: a list/tuple is ``*args``, a dict ``**kwargs``.
 
         Calls of a plain function go several to a message, which a worker
@@ -864,9 +891,17 @@ class _Submitter:
         self._exposed = exposed
 
     @overload
+    def submit(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args,
+               **kwargs: P.kwargs) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
 
     @overload  # as Offload.submit's: reachable although mypy says not
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               queue: str | None, **kwargs: Any) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
                **kwargs: Any) -> Future[R]: ...
 
@@ -882,8 +917,16 @@ class _Submitter:
         """Send ``fn(*args, **kwargs)`` with these options; no keyword is reserved."""
         return self._off._submit(fn, args, kwargs, dict(self._options), exposed=self._exposed)
 
+    @overload
+    def map(self, fn: Callable[..., Coroutine[Any, Any, R]], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future[R]]: ...
+
+    @overload
     def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None) -> list[Future[R]]:
+            chunksize: int | None = None) -> list[Future[R]]: ...
+
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future[Any]]:
         """Submit ``fn`` once per item; nothing is sent unless every item can be.
 
         Each item's arguments are checked and encoded before the first
