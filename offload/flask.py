@@ -12,7 +12,8 @@ Examples:
 
 Each Flask app keeps its state where Flask's extension guide has it, in
 ``app.extensions["offload"]`` (the Offload it was given to); nothing is kept
-in module globals, and the Offload has no attribute naming a Flask app. One
+in module globals, and nothing Flask-specific on the Offload (which knows
+the app only through the framework-neutral ``off.app_hooks`` below). One
 Offload may be given to several apps (an app factory called again, in
 tests): each finds it in its own ``extensions``, and the app given last is
 the one whose settings the Offload reads, whose context tasks run in, and

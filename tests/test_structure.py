@@ -141,8 +141,8 @@ def test_the_embedded_transport_imports_without_celery_or_the_core() -> None:
 
 
 def test_the_core_imports_no_framework_integration_at_its_top() -> None:
-    # Offload.init_app(app) calls offload.flask when a user asks for the Flask extension; the core
-    # recognises a Flask app through offload.frameworks, which imports no framework.
+    # The core recognises a Flask app, and finds its integration, through offload.frameworks, which
+    # imports no framework (the next test: nor any integration, not even inside a function).
     path = PACKAGE / "core.py"
     top = set()
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
