@@ -32,12 +32,9 @@ from types import ModuleType
 from typing import Any
 
 from .exceptions import ConfigurationError
-from .frameworks import is_flask_app, offload_of
+from .frameworks import FACTORY_NAMES, is_flask_app, offload_of
 
 __all__ = ["AppNotFound", "find_offload", "spec_from_env"]
-
-#: Factory names a bare module is searched for, as Flask's CLI does.
-FACTORY_NAMES = ("create_app", "make_app")
 #: Attribute names a bare module is searched for first.
 APP_NAMES = ("off", "offload", "app", "application")
 
@@ -331,13 +328,9 @@ def apply_starter_settings(off: Any) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(
             f"cannot read the settings of the process that started this worker ({path}): {exc}") from exc
-    app = off.flask_app
-    if app is not None:
-        for key in [k for k in app.config if isinstance(k, str) and is_setting(k)]:
-            if key not in values and key not in kept:
-                del app.config[key]
-        app.config.update(values)
-        off.init_app(app)
+    hooks = off.app_hooks
+    if hooks is not None:  # configured from a web app: through it (offload.flask: app.config)
+        hooks.reconfigure(values, kept)
     else:
         own = {k: v for k, v in off.configured_from.items() if k in kept or not is_setting(k)}
         off.configure({**own, **values})

@@ -12,9 +12,9 @@ import contextlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import FrameType
-from typing import Any, Concatenate, Literal, overload
+from typing import Any, Literal, overload
 
 from celery import Celery
 from celery import Task as _CeleryTask
@@ -31,13 +31,13 @@ from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, ins
 from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
 from .executor import Executor
 from .exposure import Exposures
-from .frameworks import is_flask_app
+from .frameworks import INTEGRATIONS, AppHooks, integration_for
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal
-from .task import P, R, Task
+from .task import AsyncTask, BoundTaskDecorator, P, R, Task, TaskDecorator
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]
 
@@ -217,9 +217,10 @@ class Offload:
         self.import_name = _caller_module()
         """The module that created this Offload; its package is allowed by default."""
         self._contexts: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
-        #: The Flask app given to init_app() (:mod:`offload.flask`), which
-        #: local workers must build too; None without Flask.
-        self.flask_app: Any = None
+        #: What the integration that configured this Offload from a web app
+        #: (``init_app``) says of that app: how local workers build it too, how
+        #: a worker reads the starter's settings through it. None without one.
+        self.app_hooks: AppHooks | None = None
         self._workers: Any = None
         self._monitor: Any = None
         self._exposed: dict[str, Any] = {}
@@ -251,7 +252,7 @@ class Offload:
         """Which task ids the web task API may show (:mod:`offload.exposure`)."""
         self.settings = Settings()
         """The translated settings (:func:`offload.config.translate`)."""
-        if config is not None and is_flask_app(config):
+        if config is not None and any(recognises(config) for recognises, _ in INTEGRATIONS):
             self.init_app(config)
         else:
             self.configure(config)
@@ -311,11 +312,16 @@ class Offload:
     def init_app(self, app: Any) -> None:
         """Read settings from a Flask app's ``config``; tasks run in its app context.
 
-        See :func:`offload.flask.init_app`.
-        """
-        from .flask import init_app
+        The app's integration does the work (:func:`offload.flask.init_app`),
+        found by the app's kind (:mod:`offload.frameworks`).
 
-        init_app(self, app)
+        Raises:
+            TypeError: when ``app`` is not a Flask app.
+        """
+        init = integration_for(app)
+        if init is None:
+            raise TypeError(f"init_app() takes a Flask app (with a .config mapping), got {app!r}")
+        init(self, app)
 
     def add_task_context(self, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         """Run every task inside ``factory()`` (an app context, a request, ...)."""
@@ -404,6 +410,12 @@ class Offload:
 
     # Tasks -------------------------------------------------------------------
 
+    # An async def function's task: its futures hold what the coroutine returns.
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *, name: str | None = None,
+             queue: str | None = None, expose: bool = False, schedule: Any = None,
+             public_errors: Iterable[type[BaseException]] = (), **options: Any) -> AsyncTask[P, R]: ...
+
     @overload
     def task(self, fn: Callable[P, R], /, *, name: str | None = None, queue: str | None = None,
              expose: bool = False, schedule: Any = None,
@@ -414,13 +426,13 @@ class Offload:
     def task(self, fn: None = None, /, *, bind: Literal[True], name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (),
-             **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+             **options: Any) -> BoundTaskDecorator: ...
 
     @overload
     def task(self, fn: None = None, /, *, name: str | None = None, queue: str | None = None,
              expose: bool = False, schedule: Any = None,
              public_errors: Iterable[type[BaseException]] = (),
-             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+             **options: Any) -> TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
              queue: str | None = None, expose: bool = False, schedule: Any = None,
@@ -531,6 +543,11 @@ class Offload:
 
     # Submitting -------------------------------------------------------------
 
+    # An async def function: the worker awaits the coroutine, the future holds its result.
+    @overload
+    def submit(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args,
+               **kwargs: P.kwargs) -> Future[R]: ...
+
     @overload
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
 
@@ -538,8 +555,16 @@ class Offload:
     # mypy reads P.kwargs as taking any keyword and so calls these two
     # unreachable, yet it does fall back on them when the first one fails.
     @overload
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               queue: str | None, **kwargs: Any) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
                **kwargs: Any) -> Future[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               on_commit: bool, **kwargs: Any) -> Future[R]: ...
 
     @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, on_commit: bool,  # type: ignore[overload-cannot-match]
@@ -598,8 +623,16 @@ class Offload:
         send_now()
         return future
 
+    @overload
+    def map(self, fn: Callable[..., Coroutine[Any, Any, R]], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future[R]]: ...
+
+    @overload
     def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None, **options: Any) -> list[Future[R]]:
+            chunksize: int | None = None, **options: Any) -> list[Future[R]]: ...
+
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None, **options: Any) -> list[Future[Any]]:
         """Submit ``fn`` once per item: a list/tuple is ``*args``, a dict ``**kwargs``.
 
         Calls of a plain function go several to a message, which a worker
@@ -858,9 +891,17 @@ class _Submitter:
         self._exposed = exposed
 
     @overload
+    def submit(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args,
+               **kwargs: P.kwargs) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
 
     @overload  # as Offload.submit's: reachable although mypy says not
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any,  # type: ignore[overload-cannot-match]
+               queue: str | None, **kwargs: Any) -> Future[R]: ...
+
+    @overload
     def submit(self, fn: Callable[..., R], /, *args: Any, queue: str | None,  # type: ignore[overload-cannot-match]
                **kwargs: Any) -> Future[R]: ...
 
@@ -876,8 +917,16 @@ class _Submitter:
         """Send ``fn(*args, **kwargs)`` with these options; no keyword is reserved."""
         return self._off._submit(fn, args, kwargs, dict(self._options), exposed=self._exposed)
 
+    @overload
+    def map(self, fn: Callable[..., Coroutine[Any, Any, R]], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future[R]]: ...
+
+    @overload
     def map(self, fn: Callable[..., R], iterable: Iterable[Any], /, *,
-            chunksize: int | None = None) -> list[Future[R]]:
+            chunksize: int | None = None) -> list[Future[R]]: ...
+
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any], /, *,
+            chunksize: int | None = None) -> list[Future[Any]]:
         """Submit ``fn`` once per item; nothing is sent unless every item can be.
 
         Each item's arguments are checked and encoded before the first

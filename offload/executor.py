@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent import futures
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from .futures import Future
 
@@ -66,7 +66,15 @@ class Executor(futures.Executor):
         self._pending: set[Future[Any]] = set()
         self._prune_at = 64
 
-    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    # An async def function: the worker awaits the coroutine, the future holds its result.
+    @overload
+    def submit(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args,
+               **kwargs: P.kwargs) -> Future[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a worker; its :class:`offload.Future`.
 
         Every keyword goes to ``fn`` (``queue=`` included: set the queue with

@@ -10,11 +10,20 @@ Examples:
     >>> offload_of(app) is off
     True
 
-Each Flask app keeps its state where Flask extensions keep theirs, in
+Each Flask app keeps its state where Flask's extension guide has it, in
 ``app.extensions["offload"]`` (the Offload it was given to); nothing is kept
-in module globals. An Offload serves one Flask app at a time: a second
-``init_app`` (an app factory called again, in tests) re-reads the settings
-and moves the tasks' app context to the new app.
+in module globals, and nothing Flask-specific on the Offload (which knows
+the app only through the framework-neutral ``off.app_hooks`` below). One
+Offload may be given to several apps (an app factory called again, in
+tests): each finds it in its own ``extensions``, and the app given last is
+the one whose settings the Offload reads, whose context tasks run in, and
+which local workers build again.
+
+What the core must know of that app it gets as :class:`offload.frameworks.AppHooks`
+(``off.app_hooks``), kept here: how a worker process builds the same app
+(the module attribute holding it, ``FLASK_APP``, or the module's
+``create_app``/``make_app`` factory), and how a worker applies the settings
+of the process that started it through ``app.config``.
 
 Flask-SQLAlchemy works in tasks as in views: a task runs inside an app
 context, whose teardown removes the session (Flask-SQLAlchemy's own
@@ -31,20 +40,23 @@ importing this integration.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import os
+import sys
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
-from .frameworks import EXTENSION_KEY, is_flask_app, offload_of
+from .config import is_setting
+from .frameworks import EXTENSION_KEY, FACTORY_NAMES, is_flask_app, offload_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXTENSION_KEY", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
+__all__ = ["EXTENSION_KEY", "FlaskHooks", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
 
 
 class _Configurable(Protocol):
     """What the integration needs of an Offload."""
 
-    flask_app: Any
+    app_hooks: Any
 
     def configure(self, config: Mapping[str, Any] | None, *, default_data_dir: str | None = None) -> None: ...
 
@@ -58,7 +70,8 @@ class _Configurable(Protocol):
 def init_app(off: _Configurable, app: Any) -> None:
     """Configure ``off`` from ``app.config``; tasks then run in ``app``'s context.
 
-    The data folder defaults to the app's ``instance_path``.
+    The data folder defaults to the app's ``instance_path``. Given another
+    app before, ``off`` moves to this one (see the module's docstring).
 
     Raises:
         TypeError: when ``app`` is not a Flask app.
@@ -67,14 +80,59 @@ def init_app(off: _Configurable, app: Any) -> None:
     if not is_flask_app(app) or not isinstance(app.config, Mapping):
         raise TypeError(f"init_app() takes a Flask app (with a .config mapping), got {app!r}")
     off.configure(app.config, default_data_dir=getattr(app, "instance_path", None))
-    previous = off.flask_app
-    if previous is not None and previous is not app:
-        off.remove_task_context(previous.app_context)
+    previous = off.app_hooks
+    if isinstance(previous, FlaskHooks) and previous.app is not app:
+        off.remove_task_context(previous.app.app_context)
     app.extensions[EXTENSION_KEY] = off
-    off.flask_app = app
+    off.app_hooks = FlaskHooks(off, app)
     off.add_task_context(app.app_context)
     off.add_commit_hook(_after_commit_of_session)
     _after_fork_in_pool(off)
+
+
+class FlaskHooks:
+    """What the core may ask of the Flask app an Offload was last given (:class:`offload.frameworks.AppHooks`)."""
+
+    def __init__(self, off: _Configurable, app: Any) -> None:
+        self.off = off
+        #: The Flask app; the tasks' app context is this app's.
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<FlaskHooks {self.app!r}>"
+
+    def worker_spec(self) -> tuple[str, list[str]] | None:
+        """The module attribute holding the app, else ``FLASK_APP``, else the module's factory.
+
+        A worker must build this app (its settings, its extensions, the
+        context its tasks run in), not just import a bare Offload.
+        """
+        from .workers import importable_spec, module_attr_holding
+
+        module_name = getattr(self.app, "import_name", "")
+        attr = module_attr_holding(module_name, self.app)
+        if attr:
+            return importable_spec(module_name, attr)
+        if os.environ.get("FLASK_APP", "").strip():
+            return os.environ["FLASK_APP"].strip(), []
+        module = sys.modules.get(module_name)
+        for factory in FACTORY_NAMES:
+            if callable(getattr(module, factory, None)):
+                return importable_spec(module_name, factory)
+        return None
+
+    def reconfigure(self, settings: Mapping[str, Any], kept: Collection[str]) -> None:
+        """Put the starter's settings in ``app.config`` and read them again.
+
+        So that ``current_app.config`` in a task reads what the starting
+        script set, not only what the factory did.
+        """
+        config = self.app.config
+        for key in [k for k in config if isinstance(k, str) and is_setting(k)]:
+            if key not in settings and key not in kept:
+                del config[key]
+        config.update(settings)
+        init_app(self.off, self.app)
 
 
 def _after_commit_of_session(send: Any) -> bool:
@@ -122,12 +180,12 @@ def _after_fork_in_pool(off: _Configurable) -> None:
     from celery.signals import worker_process_init
 
     def drop_inherited_connections(**_: Any) -> None:
-        app = off.flask_app
-        if app is not None:
-            dispose_inherited_engines(app)
+        hooks = off.app_hooks
+        if isinstance(hooks, FlaskHooks):
+            dispose_inherited_engines(hooks.app)
 
     # One receiver per Offload however often init_app runs; it reads the
-    # Offload's app when the pool process starts.
+    # app the Offload was last given when the pool process starts.
     worker_process_init.connect(drop_inherited_connections, weak=False,
                                 dispatch_uid=f"offload.flask.{id(off)}")
 

@@ -12,20 +12,19 @@ stops *waiting*. ``Future.cancel()`` is the one way to revoke a task.
 
 Coroutines are woken through their event loop's :class:`LoopInbox` (no
 thread per waiter, and one ``call_soon_threadsafe`` per batch of ended tasks
-rather than one per waiter). For asyncio code that follows a task by id (a
-web API), two entry points:
+rather than one per waiter). asyncio code has one way to wait for a task's
+end, ``await``: ``await fut``, ``await off.get(task_id)`` for a task known
+by id, under ``asyncio.wait_for(..., timeout)`` for a deadline (the latest
+state is then ``fut.state`` and ``fut.progress``). To see every state as it
+comes (server-sent events), :class:`TaskEvents`: ``async with
+TaskEvents(hub, task_id) as events: async for event in events: ...`` yields
+the latest known state first, then each change (STARTED, each new PROGRESS
+meta), and stops after the final one. A consumer slower than the task's
+progress reports gets the newest PROGRESS, not a backlog. (``wait_event``,
+a second way to wait for the end, is deprecated.)
 
-* long-poll, "wait until done or timeout": ``event = await wait_event(hub,
-  task_id, timeout=25)`` returns the final :class:`~offload.hub.TaskEvent`,
-  or the latest one (``event.ready`` false) when the timeout passes;
-* server-sent events, "every state as it comes": ``async with
-  TaskEvents(hub, task_id) as events: async for event in events: ...``
-  yields the latest known state first, then each change (STARTED, each new
-  PROGRESS meta), and stops after the final one. A consumer slower than the
-  task's progress reports gets the newest PROGRESS, not a backlog.
-
-Leaving either (a timeout, ``break``, a cancelled coroutine) closes the
-subscription and leaves the task alone.
+Leaving either (a timeout, ``break``, a cancelled coroutine) stops the
+waiting and leaves the task alone.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import collections
 import inspect
 import logging
 import threading
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import CancelledError
@@ -62,7 +62,9 @@ class Future(_BaseFuture[T]):
 
     Besides the standard API it has ``id``, ``state`` (Celery's state name,
     which never moves backwards) and ``progress`` (the latest ``progress()``
-    report), and it can be awaited. Done-callbacks run on the hub's callback
+    report), and it can be awaited: ``await fut`` (under ``asyncio.wait_for``
+    for a deadline) is how asyncio code waits for a task, holding no thread
+    and never cancelling the task. Done-callbacks run on the hub's callback
     threads, never on the thread that follows results, so a callback that
     blocks holds up no other future.
 
@@ -509,7 +511,14 @@ class TaskEvents:
         return event
 
     async def wait_ready(self, timeout: float | None) -> TaskEvent:
-        """The final event, or the latest one once ``timeout`` seconds pass."""
+        """Deprecated: ``await asyncio.wait_for(off.get(task_id), timeout)`` waits for the end.
+
+        The final event, or the latest one once ``timeout`` seconds pass.
+        """
+        warnings.warn(_DEPRECATED_WAIT.format(name="TaskEvents.wait_ready()"), DeprecationWarning, stacklevel=2)
+        return await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float | None) -> TaskEvent:
         loop = self._loop
         deadline = None if timeout is None else loop.time() + timeout
         while not self.latest.ready:
@@ -537,14 +546,23 @@ class TaskEvents:
         self.close()
 
 
-async def wait_event(hub: ResultHub, task_id: str, timeout: float | None) -> TaskEvent:
-    """Long-poll: the final event of ``task_id``, or its latest after ``timeout`` s.
+_DEPRECATED_WAIT = (
+    "{name} is deprecated and will be removed: await the task's future instead, "
+    "`await asyncio.wait_for(off.get(task_id), timeout)` (asyncio.TimeoutError when the time "
+    "is up, the task left alone; its latest state is then the future's .state and .progress)")
 
+
+async def wait_event(hub: ResultHub, task_id: str, timeout: float | None) -> TaskEvent:
+    """Deprecated: ``await asyncio.wait_for(off.get(task_id), timeout)`` is the one way to wait.
+
+    The final event of ``task_id``, or its latest after ``timeout`` seconds.
     Giving up (the timeout, or this coroutine being cancelled) never revokes
     the task.
     """
+    warnings.warn(_DEPRECATED_WAIT.format(name="offload.futures.wait_event()"), DeprecationWarning,
+                  stacklevel=2)
     async with TaskEvents(hub, task_id) as events:
-        return await events.wait_ready(timeout)
+        return await events._wait_ready(timeout)
 
 
 # The worker's side ----------------------------------------------------------------

@@ -16,16 +16,26 @@ as Celery has it, untyped::
 
 ``submit``'s reserved keywords (``queue=``, ``on_commit=``) are not the
 function's own; a call that gives one is checked for its result type only.
+
+A task of an ``async def`` function is an :class:`AsyncTask`: its worker
+awaits the coroutine, so its futures hold what the coroutine returns::
+
+    @off.task
+    async def fetch(url: str) -> bytes: ...
+
+    fetch.submit("https://example.org/")   # Future[bytes]
+    fetch.run("https://example.org/")      # the coroutine, as the function gives it
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 if TYPE_CHECKING:
     from .futures import Future
 
-__all__ = ["Task"]
+__all__ = ["AsyncTask", "BoundTaskDecorator", "Task", "TaskDecorator"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,7 +52,7 @@ class Task(Protocol[P, R]):
     public_errors: tuple[type[BaseException], ...]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function here, in this process (Celery's ``Task.__call__``)."""
+        """Run the function here, in this process (Celery's ``Task.__call__``; a coroutine is awaited)."""
         ...
 
     def run(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -116,4 +126,48 @@ class Task(Protocol[P, R]):
     @property
     def backend(self) -> Any:
         """The task's result backend."""
+        ...
+
+
+class AsyncTask(Task[P, R], Protocol[P, R]):
+    """A registered task of an ``async def`` function ``(*P) -> Coroutine[..., R]``.
+
+    Its futures, and a call of the task itself, give the coroutine's result
+    (the worker runs it to its end, :mod:`offload.aio`); :meth:`run` is the
+    function, which makes a coroutine.
+    """
+
+    # At run time both are the same Celery task class, which an AsyncTask is
+    # a Task to every caller of submit; only run, the bare function, differs
+    # (seen as a Task, its result type reads R: call run on the AsyncTask).
+    def run(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        """The decorated ``async def`` function itself."""
+        ...
+
+
+class TaskDecorator(Protocol):
+    """What ``@off.task(...)`` with options returns: applied to a function, its task."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Any:
+        """Register ``fn`` as a task."""
+        ...
+
+
+class BoundTaskDecorator(Protocol):
+    """What ``@off.task(bind=True, ...)`` returns: the function's first parameter is the task itself."""
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[Any, P], R], /) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Any:
+        """Register ``fn`` as a task bound to itself."""
         ...

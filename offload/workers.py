@@ -71,8 +71,8 @@ from .supervise import (BOOT_APP, Backoff, Child, StarterLock, Supervisor, Worke
                         describe_exit, start_process)
 
 __all__ = ["BOOT_APP", "INSPECT_TARGETS", "SETTINGS_FILE_ENV", "Backoff", "LocalWorkers", "WorkerExited",
-           "WorkerSpec", "WorkerStarted", "WorkersNotReady", "check_broker", "inspect", "status", "starter_settings",
-           "worker_specs"]
+           "WorkerSpec", "WorkerStarted", "WorkersNotReady", "check_broker", "importable_spec", "inspect",
+           "module_attr_holding", "status", "starter_settings", "worker_specs"]
 
 if TYPE_CHECKING:  # the scheduler is imported only when something is scheduled
     from .beat import BeatProcess
@@ -145,7 +145,8 @@ def starter_settings(off: Any) -> tuple[dict[str, Any], list[str]]:
     return values, left
 
 
-def _module_attr_holding(module_name: str, obj: Any) -> str | None:
+def module_attr_holding(module_name: str, obj: Any) -> str | None:
+    """The name under which the module ``module_name`` holds ``obj``, or None."""
     module = sys.modules.get(module_name)
     for attr, value in vars(module).items() if module is not None else ():
         if value is obj and not attr.startswith("__"):
@@ -168,6 +169,12 @@ def _importable_name(module_name: str) -> tuple[str, str | None]:
             "import; create it in a module, or set OFFLOAD_APP=module:attr")
     folder, filename = os.path.split(os.path.abspath(path))
     return os.path.splitext(filename)[0], folder
+
+
+def importable_spec(module_name: str, attr: str) -> tuple[str, list[str]]:
+    """``module:attr`` as a fresh process imports it, and the folders it needs on its path."""
+    name, folder = _importable_name(module_name)
+    return f"{name}:{attr}", [f for f in (folder, _root_of(module_name)) if f]
 
 
 def _root_of(module_name: str) -> str | None:
@@ -196,7 +203,8 @@ class LocalWorkers:
     def __init__(self, off: Any, backoff: Backoff | None = None) -> None:
         self._off = off
         #: How a worker process imports the app (``module:attr``, a Flask
-        #: factory or a Pyramid ini); found from ``off`` when None.
+        #: factory or a Pyramid ini); found from ``off`` when None (its
+        #: ``app_hooks``, else the module attribute holding it).
         self.app_spec: str | None = None
         #: Folders a worker process must import from besides the current
         #: one (an integration's project root, such as Django's BASE_DIR).
@@ -288,26 +296,18 @@ class LocalWorkers:
         env = os.environ.get("OFFLOAD_APP", "").strip()
         if env:
             return env, folders
-        flask_app = off.flask_app
-        if flask_app is not None:
-            # Configured by a Flask app: the worker must build that app, not
-            # just import a bare, unconfigured Offload.
-            module_name = getattr(flask_app, "import_name", "")
-            attr = _module_attr_holding(module_name, flask_app)
-            if attr:
-                name, folder = _importable_name(module_name)
-                return f"{name}:{attr}", folders + [f for f in (folder, _root_of(module_name)) if f]
-            if os.environ.get("FLASK_APP"):
-                return os.environ["FLASK_APP"].strip(), folders
-            module = sys.modules.get(module_name)
-            for factory in ("create_app", "make_app"):
-                if callable(getattr(module, factory, None)):
-                    name, folder = _importable_name(module_name)
-                    return f"{name}:{factory}", folders + [f for f in (folder, _root_of(module_name)) if f]
-        attr = _module_attr_holding(off.import_name, off)
+        # Configured from a web app (off.init_app(app)): the worker must
+        # build that app, not just import a bare, unconfigured Offload; its
+        # integration knows how (offload.flask: the app's module, a factory).
+        hooks = off.app_hooks
+        found = hooks.worker_spec() if hooks is not None else None
+        if found is not None:
+            return found[0], folders + found[1]
+        attr = module_attr_holding(off.import_name, off)
         if attr:
-            name, folder = _importable_name(off.import_name)
-            return f"{name}:{attr}", folders + [f for f in (folder, _root_of(off.import_name)) if f]
+            spec, extra = importable_spec(off.import_name, attr)
+            return spec, folders + extra
+        # The app discovery's last variable (offload._boot: OFFLOAD_APP, else FLASK_APP).
         if os.environ.get("FLASK_APP"):
             return os.environ["FLASK_APP"].strip(), folders
         raise ConfigurationError(

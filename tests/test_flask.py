@@ -55,11 +55,65 @@ def test_tasks_run_in_the_context_of_the_app_given_last(tmp_path):
         app.teardown_appcontext(lambda exc, name=app.name: torn_down.append(name))
     off = Offload(first)
     off.init_app(second)  # an app factory called again
-    assert off.flask_app is second
+    assert off.app_hooks.app is second
     with off.task_context():
         assert flask.current_app._get_current_object() is second
     # The first app's context was not pushed as well.
     assert torn_down == ["second"]
+
+
+def test_one_offload_given_to_several_apps_keeps_its_state_on_each_app(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.delenv("FLASK_APP", raising=False)
+    monkeypatch.delenv("OFFLOAD_APP", raising=False)
+    # Two apps of two modules, as an app factory in each would make them.
+    modules = {name: types.ModuleType(f"severalapps_{name}") for name in ("first", "second")}
+    apps = {}
+    for name, module in modules.items():
+        apps[name] = module.app = make_app(tmp_path, module.__name__, CELERY_DEFAULT_QUEUE=name)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    off = Offload()
+    assert off.app_hooks is None and not hasattr(off, "flask_app")  # no app kept on the Offload itself
+    given = []
+    for name in ("first", "second", "first"):
+        off.init_app(apps[name])
+        given.append(name)
+        # Each app finds the Offload in its own extensions; the one given last rules.
+        assert all(offload_of(apps[each]) is off for each in given)
+        assert off.celery.conf.task_default_queue == name
+        assert off.workers.resolve_app_spec()[0] == f"severalapps_{name}:app"
+        with off.task_context():
+            assert flask.current_app._get_current_object() is apps[name]
+    assert off._contexts == [apps["first"].app_context]
+
+
+def test_a_worker_builds_the_app_from_its_factory_or_flask_app(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.delenv("OFFLOAD_APP", raising=False)
+    module = types.ModuleType("factoryapp")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    module.create_app = lambda: None  # the factory's module holds no app
+    app = make_app(tmp_path, module.__name__)
+    off = Offload(app)
+    monkeypatch.setenv("FLASK_APP", "factoryapp:create_app('prod')")
+    assert off.app_hooks.worker_spec() == ("factoryapp:create_app('prod')", [])
+    monkeypatch.delenv("FLASK_APP")
+    assert off.app_hooks.worker_spec()[0] == "factoryapp:create_app"
+    del module.create_app
+    assert off.app_hooks.worker_spec() is None
+
+
+def test_a_worker_reads_the_starters_settings_through_the_app(tmp_path):
+    app = make_app(tmp_path, CELERY_DEFAULT_QUEUE="mine", CELERY_ROUTES={"x": "y"}, S3_BUCKET="kept")
+    off = Offload(app)
+    off.app_hooks.reconfigure({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/8",
+                               "CELERY_DEFAULT_QUEUE": "theirs"}, kept={"CELERY_ROUTES"})
+    assert app.config["CELERY_DEFAULT_QUEUE"] == "theirs" and app.config["S3_BUCKET"] == "kept"
+    assert app.config["CELERY_ROUTES"] == {"x": "y"}  # JSON could not carry it: kept as the import made it
+    assert off.celery.conf.task_default_queue == "theirs"
+    assert off.celery.conf.broker_url == "redis://127.0.0.1:6379/8"
 
 
 def test_detecting_a_flask_app():

@@ -401,23 +401,49 @@ def test_a_cancelled_future_counts_as_done_for_wait(off, gate):
 # asyncio adapter: long-poll and event streams --------------------------------------
 
 
-def test_wait_event_long_polls_and_events_stream(off):
+def test_awaiting_a_future_long_polls_and_events_stream(off):
     future = off.submit(crunch, 3, 0.3)
 
     async def main():
-        first = await wait_event(off.hub, future.id, timeout=0.05)
-        final = await wait_event(off.hub, future.id, timeout=30)
+        follower = off.get(future.id)  # a task known by its id, as a web view has it
+        try:
+            await asyncio.wait_for(follower, 0.05)
+            timed_out = False
+        except asyncio.TimeoutError:
+            timed_out = True
+        first_state = follower.state
+        final = await asyncio.wait_for(off.get(future.id), 30)
         streamed = []
         async with TaskEvents(off.hub, future.id) as events:
             async for event in events:
                 streamed.append(event)
-        return first, final, streamed
+        return timed_out, first_state, final, follower.done(), streamed
 
-    first, final, streamed = asyncio.run(main())
-    assert not first.ready  # the timeout passed: the latest state, task untouched
-    assert final.ready and final.state == "SUCCESS" and final.result is True
+    timed_out, first_state, final, follower_done, streamed = asyncio.run(main())
+    assert timed_out and first_state in ("PENDING", "STARTED", "PROGRESS")  # the task untouched
+    assert final is True and follower_done  # the future that timed out still completed
     # Subscribed after the end: the final state at once, then the end.
     assert [e.state for e in streamed] == ["SUCCESS"]
+    assert future.result(timeout=1) is True
+
+
+def test_wait_event_is_a_deprecated_second_way_to_wait_that_still_works(off):
+    future = off.submit(crunch, 3, 0.3)
+
+    async def main():
+        with pytest.warns(DeprecationWarning, match=r"wait_event\(\) is deprecated.*asyncio.wait_for"):
+            first = await wait_event(off.hub, future.id, timeout=0.05)
+        with pytest.warns(DeprecationWarning, match=r"wait_event\(\) is deprecated"):
+            final = await wait_event(off.hub, future.id, timeout=30)
+        async with TaskEvents(off.hub, future.id) as events:
+            with pytest.warns(DeprecationWarning, match=r"TaskEvents.wait_ready\(\) is deprecated"):
+                again = await events.wait_ready(1)
+        return first, final, again
+
+    first, final, again = asyncio.run(main())
+    assert not first.ready  # the timeout passed: the latest state, task untouched
+    assert final.ready and final.state == "SUCCESS" and final.result is True
+    assert again.state == "SUCCESS"
     assert future.result(timeout=1) is True
 
 

@@ -141,8 +141,8 @@ def test_the_embedded_transport_imports_without_celery_or_the_core() -> None:
 
 
 def test_the_core_imports_no_framework_integration_at_its_top() -> None:
-    # Offload.init_app(app) calls offload.flask when a user asks for the Flask extension; the core
-    # recognises a Flask app through offload.frameworks, which imports no framework.
+    # The core recognises a Flask app, and finds its integration, through offload.frameworks, which
+    # imports no framework (the next test: nor any integration, not even inside a function).
     path = PACKAGE / "core.py"
     top = set()
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
@@ -151,3 +151,30 @@ def test_the_core_imports_no_framework_integration_at_its_top() -> None:
     integrations = {"flask", "pyramid", "django", "web", "errors", "demo"}
     assert not {module.split(".")[0] for module in top} & integrations, sorted(top)
     assert "frameworks" in top
+
+
+def test_the_core_workers_and_boot_import_no_integration_at_all() -> None:
+    # Function-local imports included: integrations import the core, never the other way. A web
+    # app's integration is found by the app's kind in offload.frameworks, whose table is checked below.
+    graph = import_graph()
+    integrations = ("offload.flask", "offload.pyramid", "offload.django")
+    for name in ("offload.core", "offload.workers", "offload._boot", "offload.frameworks"):
+        reached = sorted(target for target in graph[name]
+                         if any(target == i or target.startswith(i + ".") for i in integrations))
+        assert not reached, f"{name} imports {reached}"
+
+
+
+def test_the_core_loads_an_integration_only_when_given_an_app_of_its_kind() -> None:
+    # offload.frameworks names each integration's module; Offload(app) imports it for an app of its kind.
+    probe = ("import sys\n"
+             "from offload import Offload\n"
+             "Offload({'CELERY_ALWAYS_EAGER': True})\n"
+             "before = sorted(m for m in sys.modules if m.startswith(('offload.flask', 'offload.pyramid')))\n"
+             "import flask\n"
+             "off = Offload(flask.Flask('probe'))\n"
+             "print(before, 'offload.flask' in sys.modules, type(off.app_hooks).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=str(PACKAGE.parent))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] True FlaskHooks"

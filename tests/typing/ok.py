@@ -6,12 +6,13 @@ Checked by ``mypy`` (tests/test_typing.py), never imported by pytest.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Coroutine
 from typing import Any
 
 from typing_extensions import assert_type
 
 from offload import Future, Offload
-from offload.task import Task
+from offload.task import AsyncTask, Task
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
 
@@ -33,6 +34,25 @@ def fetch(self: Any, url: str) -> bytes:
 
 def square(x: float) -> float:
     return x * x
+
+
+@off.task
+async def double_later(x: int) -> int:
+    return 2 * x
+
+
+@off.task(queue="slow", expose=True)
+async def label(n: int, *, unit: str = "s") -> str:
+    return f"{n}{unit}"
+
+
+@off.task(bind=True)
+async def fetch_later(self: Any, url: str) -> bytes:
+    return url.encode()
+
+
+async def halve(x: float) -> float:
+    return x / 2
 
 
 # @off.task keeps the function: bare and with options.
@@ -64,6 +84,23 @@ assert_type(off.options(countdown=1).submit(square, 3.0), Future[float])
 assert_type(off.options(countdown=1).map(square, [[3.0]]), list[Future[float]])
 assert_type(off.get("some-id"), Future[Any])
 
+# async def: the worker awaits the coroutine, the future holds its result.
+typed_async: AsyncTask[[int], int] = double_later
+assert_type(double_later.submit(21), Future[int])
+assert_type(double_later(21), int)  # calling the task runs the coroutine to its end
+coroutines = [assert_type(double_later.run(21), Coroutine[Any, Any, int])]  # run: the function itself
+assert_type(label.submit(3, unit="ms"), Future[str])
+assert_type(label.submit(3, queue="high"), Future[str])
+assert_type(fetch_later.submit("https://example.org/"), Future[bytes])
+assert_type(off.submit(halve, 3.0), Future[float])
+assert_type(off.submit(halve, 3.0, queue="high"), Future[float])
+assert_type(off.submit(halve, 3.0, on_commit=True), Future[float])
+assert_type(off.submit(double_later, 4), Future[int])
+assert_type(off.map(halve, [[1.0], {"x": 2.0}]), list[Future[float]])
+assert_type(off.map(double_later, [[1], [2]], chunksize=2), list[Future[int]])
+assert_type(off.options(countdown=1).submit(halve, 3.0), Future[float])
+assert_type(off.options(countdown=1).map(halve, [[3.0]]), list[Future[float]])
+
 # Future is a concurrent.futures.Future of the result type.
 fut = off.submit(add, 1, 2)
 base: concurrent.futures.Future[int] = fut
@@ -83,3 +120,4 @@ async def waits() -> None:
 with off.executor() as ex:
     assert_type(ex.submit(add, 1, 2), Future[int])
     assert_type(list(ex.map(square, [1.0, 2.0])), list[float])
+    assert_type(ex.submit(halve, 1.0), Future[float])
