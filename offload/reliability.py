@@ -23,7 +23,10 @@ been *revoked*: REVOKED is stored once the store is back, futures raise
 revoked: the task is lost. :class:`Request` makes a cancellation a hand-back:
 nothing is written, the message stays unacknowledged, and once the worker
 has reconnected :class:`HandBack` puts the messages it held back on their
-queue at once (Redis), rather than after the visibility timeout.
+queue at once (Redis), rather than after the visibility timeout. (offload's
+own Redis transport does so for every message a lost connection held,
+those of requests received but not started too, which Celery drops when it
+reconnects: :mod:`offload.transport.redis`. The step covers kombu's.)
 """
 
 from __future__ import annotations
