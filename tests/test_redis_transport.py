@@ -566,19 +566,21 @@ def test_what_a_channel_held_when_redis_went_away_goes_back_once_it_answers(tmp_
     options = {"visibility_timeout": 3600}
     try:
         with kombu.Connection(url, transport_options=options) as connection:
-            publish(connection, q, ["held", "acked", "ran on", "queued"])
+            publish(connection, q, ["held", "acked", "ran on", "requeued", "queued"])
             channel = connection.channel()
-            held, acked, ran_on = (channel.basic_get(q.name) for _ in range(3))
+            held, acked, ran_on, requeued = (channel.basic_get(q.name) for _ in range(4))
             server.kill()
             acked.ack()  # fails: its lease stays
+            requeued.requeue()  # fails too (a result store that went down with Redis)
             channel.close()  # its restore fails too: nothing raised
             scope = channel.lease_scope
             assert {tag: restore for tag, (restore, _at) in orphans.held(scope).items()} == {
-                held.delivery_tag: True, acked.delivery_tag: False, ran_on.delivery_tag: True}
+                held.delivery_tag: True, acked.delivery_tag: False, ran_on.delivery_tag: True,
+                requeued.delivery_tag: True}
             ran_on.ack()  # a task that ran on through the outage ends
             assert orphans.held(scope)[ran_on.delivery_tag][0] is False
         server.start()
-        assert client.hlen("unacked") == 3, "still leased: nothing reached Redis"
+        assert client.hlen("unacked") == 4, "still leased: nothing reached Redis"
         # Another holder has taken "held" again since (a sweep, a worker elsewhere):
         # its lease is newer than the close, so not this process's to give back.
         client.zadd("unacked_index", {held.delivery_tag: time.time() + 60}, xx=True)
@@ -586,7 +588,8 @@ def test_what_a_channel_held_when_redis_went_away_goes_back_once_it_answers(tmp_
         with kombu.Connection(url, transport_options=options) as connection:
             with connection.Consumer(q, callbacks=[lambda body, m: (got.append(body), m.ack())]):
                 assert not orphans.held(scope), "the new consumer settled them before taking anything"
-                assert wait_until(lambda: _drain(connection) or got == ["queued"], 20), got
+                assert wait_until(lambda: _drain(connection) or len(got) == 2, 20), got
+            assert got == ["requeued", "queued"], "given back at the head of the queue"
             assert q(connection).get(no_ack=True) is None
         # "acked" and "ran on" were acknowledged: gone; "held" is its new holder's.
         assert client.hkeys("unacked") == [held.delivery_tag.encode()]

@@ -289,9 +289,11 @@ class QoS(kombu_redis.QoS):
         try:
             self.restore_by_tag(delivery_tag, leftmost=True)
         except self.channel.connection_errors:
-            # The lease is still there: the restore sweep requeues it.
-            logger.warning("could not requeue %s now; its lease will bring it back",
-                           delivery_tag, exc_info=True)
+            # The lease is still there: the next sweep that reaches Redis,
+            # on this channel or the next, puts it back.
+            orphans.hold(self.channel.lease_scope, {delivery_tag: (True, time())})
+            logger.warning("could not requeue %s now (Redis unreachable); it goes back as soon as "
+                           "Redis answers", delivery_tag, exc_info=True)
         finally:
             virtual.QoS.ack(self, delivery_tag)
 
