@@ -425,11 +425,16 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
     if str(celery_settings.get("result_backend") or "").strip().lower() in ("amqp", "amqp://"):
         removed_backend = celery_settings.pop("result_backend")
     scheme = str(celery_settings["broker_url"]).partition("://")[0]
-    if scheme in ("offload+redis", "offload+rediss"):
-        # Another spelling of offload-redis:// (kombu reads "a+b://" as transport "a").
-        scheme = scheme.partition("+")[2]
-        celery_settings["broker_url"] = scheme + str(celery_settings["broker_url"])[len("offload+" + scheme):]
+    if scheme in ("offload-redis", "offload+redis", "offload+rediss"):
+        # offload's Redis transport named in the URL (offload+redis:// is
+        # another spelling: kombu reads "a+b://" as transport "a"): a Redis
+        # broker like any other, so it gets the Redis defaults below. Without
+        # them kombu's defaults apply (a lease of an hour, swept every 100 s): a
+        # message a worker held when Redis went away came back an hour later.
+        redis_scheme = "redis" if scheme == "offload-redis" else scheme.partition("+")[2]
+        celery_settings["broker_url"] = redis_scheme + str(celery_settings["broker_url"])[len(scheme):]
         celery_settings["broker_transport"] = "offload-redis"
+        scheme = redis_scheme
     if scheme in ("redis", "rediss"):
         options = dict(REDIS_TRANSPORT_DEFAULTS)
         options.update(celery_settings.get("broker_transport_options") or {})

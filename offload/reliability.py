@@ -23,7 +23,10 @@ been *revoked*: REVOKED is stored once the store is back, futures raise
 revoked: the task is lost. :class:`Request` makes a cancellation a hand-back:
 nothing is written, the message stays unacknowledged, and once the worker
 has reconnected :class:`HandBack` puts the messages it held back on their
-queue at once (Redis), rather than after the visibility timeout.
+queue at once (Redis), rather than after the visibility timeout. (offload's
+own Redis transport does so for every message a lost connection held,
+those of requests received but not started too, which Celery drops when it
+reconnects: :mod:`offload.transport.redis`; the step is for kombu's.)
 """
 
 from __future__ import annotations
@@ -150,9 +153,10 @@ def _is_connection_error(exc: BaseException, backend: Any) -> bool:
 class HandBack(bootsteps.StartStopStep):
     """A consumer step: once reconnected, put the cancelled tasks' messages back.
 
-    On Redis a message stays leased to the old connection until the
-    visibility timeout; the new connection puts it back on its queue at once
-    (``QoS.restore_by_tag``). RabbitMQ requeues a closed connection's
+    On kombu's Redis transport a message stays leased to the old connection
+    until the visibility timeout; the new connection puts it back on its
+    queue at once (``QoS.restore_by_tag``). offload's Redis transport does
+    that itself (:mod:`offload.transport.redis`). RabbitMQ requeues a closed connection's
     messages itself, and the embedded broker returns them when the lease of
     the process that held them lapses: nothing to do there.
     """
@@ -163,8 +167,14 @@ class HandBack(bootsteps.StartStopStep):
         if not _handed_back:
             return
         channel = getattr(getattr(c, "task_consumer", None), "channel", None)
-        restore = getattr(getattr(channel, "qos", None), "restore_by_tag", None)
-        if restore is None:
+        qos = getattr(channel, "qos", None)
+        restore = getattr(qos, "restore_by_tag", None)
+        if restore is None or hasattr(qos, "settle_orphans"):
+            # Nothing to restore here, or offload's Redis transport, which
+            # gives back every message a lost connection held (and a failed
+            # requeue) itself, unless another worker has taken it since: a
+            # restore here, after that, could requeue a message running
+            # elsewhere.
             _handed_back.clear()
             return
         for tag in list(_handed_back):

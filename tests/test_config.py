@@ -9,7 +9,7 @@ import pytest
 
 from offload import ConfigurationError, Offload
 from offload.config import (
-    AMQP_PUBLISH_RETRY_POLICY, AMQP_TRANSPORT_DEFAULTS, celery_key, coerce, default_data_dir,
+    AMQP_PUBLISH_RETRY_POLICY, AMQP_TRANSPORT_DEFAULTS, REDIS_TRANSPORT_DEFAULTS, celery_key, coerce, default_data_dir,
     read_settings, translate,
 )
 
@@ -270,3 +270,17 @@ def test_offload_plus_redis_is_another_spelling_of_offload_redis():
     settings = translate({"CELERY_BROKER_URL": "offload+redis://127.0.0.1:6379/4"})
     assert settings.celery["broker_url"] == "redis://127.0.0.1:6379/4"
     assert settings.celery["broker_transport"] == "offload-redis"
+
+
+@pytest.mark.parametrize("url", ["offload-redis://127.0.0.1:6379/4", "offload+redis://127.0.0.1:6379/4",
+                                 "redis://127.0.0.1:6379/4"])
+def test_an_offload_redis_url_gets_offloads_redis_defaults(url):
+    # Without them kombu's defaults apply: a message a worker held when Redis went
+    # away stayed leased for an hour (visibility_timeout 3600), swept back
+    # every 100 s at best.
+    settings = translate({"CELERY_BROKER_URL": url,
+                          "CELERY_BROKER_TRANSPORT_OPTIONS": {"unacked_restore_interval": 1}})
+    celery = settings.celery
+    assert (celery["broker_url"], celery["broker_transport"]) == ("redis://127.0.0.1:6379/4", "offload-redis")
+    assert celery["broker_transport_options"] == {**REDIS_TRANSPORT_DEFAULTS, "unacked_restore_interval": 1}
+    assert celery["result_backend"] == "redis://127.0.0.1:6379/4"

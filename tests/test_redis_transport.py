@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import kombu
@@ -21,9 +22,10 @@ import pytest
 import redis
 
 import test_reliability as reliability
+from test_broker_restart import DurableRedis
 from conftest import require_service, wait_ready, wait_until, worker_env
 from offload import BrokerUnavailable, Offload
-from offload.transport.redis import Transport
+from offload.transport.redis import Transport, orphans
 from testapp import noop, test_id
 from testapp.reliable import tally
 
@@ -529,19 +531,67 @@ def test_pipelined_puts_send_in_order_when_the_block_ends_and_nothing_if_it_rais
         assert q(connection).get(no_ack=True).payload == "after"
 
 
-def test_closing_a_channel_after_its_connection_was_collected_raises_only_a_connection_error(own_redis):
+def test_closing_a_channel_after_its_connection_was_collected_leaves_its_messages_to_the_next(own_redis):
     """A worker that loses Redis closes its connection a second time after
     kombu dropped the channel's pools and the transport's client: the restore
-    of its unacked messages must fail as a connection error (which that close
-    ignores), not an AttributeError (which stopped the worker for good)."""
-    _proc, port, _client = own_redis
+    of its unacked messages must not raise an AttributeError (which stopped
+    the worker for good); what it held is left to the next channel."""
+    _proc, port, client = own_redis
     q = queue("collected")
     with kombu.Connection(f"offload-redis://127.0.0.1:{port}/0") as connection:
         publish(connection, q, ["held"])
         channel = connection.channel()
-        assert channel.basic_get(q.name) is not None  # unacked: close restores it
+        message = channel.basic_get(q.name)  # unacked: close restores it
+        assert message is not None
         # What a collected connection leaves behind (kombu.Connection.collect).
         channel._disconnect_pools()
         channel.connection.client = None
-        with pytest.raises(tuple(connection.connection_errors)):
-            channel.close()
+        channel.close()
+        assert set(orphans.held(channel.lease_scope)) == {message.delivery_tag}
+        assert client.hexists("unacked", message.delivery_tag)
+    with kombu.Connection(f"offload-redis://127.0.0.1:{port}/0") as connection:
+        assert connection.default_channel.qos.settle_orphans() == 1
+        assert q(connection).get(no_ack=True).payload == "held"
+    assert not orphans.held(channel.lease_scope) and not client.hexists("unacked", message.delivery_tag)
+
+
+def test_what_a_channel_held_when_redis_went_away_goes_back_once_it_answers(tmp_path):
+    """kombu restores a closing channel's unacknowledged messages; when Redis
+    is why it closes, that fails and they would wait out the visibility
+    timeout (an hour here). The next channel of the process settles them."""
+    server = DurableRedis(tmp_path)  # killed and started again: its AOF keeps every write
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    url = f"offload-redis://127.0.0.1:{server.port}/0"
+    q = queue("orphans")
+    options = {"visibility_timeout": 3600}
+    try:
+        with kombu.Connection(url, transport_options=options) as connection:
+            publish(connection, q, ["held", "acked", "ran on", "requeued", "queued"])
+            channel = connection.channel()
+            held, acked, ran_on, requeued = (channel.basic_get(q.name) for _ in range(4))
+            server.kill()
+            acked.ack()  # fails: its lease stays
+            requeued.requeue()  # fails too (a result store that went down with Redis)
+            channel.close()  # its restore fails too: nothing raised
+            scope = channel.lease_scope
+            assert {tag: restore for tag, (restore, _at) in orphans.held(scope).items()} == {
+                held.delivery_tag: True, acked.delivery_tag: False, ran_on.delivery_tag: True,
+                requeued.delivery_tag: True}
+            ran_on.ack()  # a task that ran on through the outage ends
+            assert orphans.held(scope)[ran_on.delivery_tag][0] is False
+        server.start()
+        assert client.hlen("unacked") == 4, "still leased: nothing reached Redis"
+        # Another holder has taken "held" again since (a sweep, a worker elsewhere):
+        # its lease is newer than the close, so not this process's to give back.
+        client.zadd("unacked_index", {held.delivery_tag: time.time() + 60}, xx=True)
+        got = []
+        with kombu.Connection(url, transport_options=options) as connection:
+            with connection.Consumer(q, callbacks=[lambda body, m: (got.append(body), m.ack())]):
+                assert not orphans.held(scope), "the new consumer settled them before taking anything"
+                assert wait_until(lambda: _drain(connection) or len(got) == 2, 20), got
+            assert got == ["requeued", "queued"], "given back at the head of the queue"
+            assert q(connection).get(no_ack=True) is None
+        # "acked" and "ran on" were acknowledged: gone; "held" is its new holder's.
+        assert client.hkeys("unacked") == [held.delivery_tag.encode()]
+    finally:
+        server.stop()

@@ -48,6 +48,18 @@ redelivered. This transport is kombu's, with that one step changed:
   acknowledgement, lease renewal or restore sweep; if the process dies
   first, the lease brings the message back (at least once, never lost).
 
+* **What a closed channel held goes back once Redis answers again.** When
+  a channel closes, kombu puts the messages it holds unacknowledged back on
+  their queue; when Redis is the reason it closes (killed, restarted, cut
+  off), that restore fails and the messages stay leased until the
+  visibility timeout, though nothing in this process will run them: Celery
+  drops the requests it had received but not started when it reconnects.
+  Here the leases the close could not restore (and the acknowledgements it
+  could not send) are kept in the process (:data:`orphans`) and settled by
+  the next channel of the process that reaches the same Redis, at its
+  first sweep: put back at the head of their queue (or removed, for a
+  message acknowledged meanwhile), unless the lease was taken again since.
+
 Everything else is kombu's: priorities (the same per-priority list names),
 fanout over pub/sub (remote control, ``celery inspect``, events), the event
 loop integration and its health checks, ``global_keyprefix``, queue expiry.
@@ -62,6 +74,8 @@ default through Celery's ``broker_transport`` setting.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import monotonic, time
@@ -72,7 +86,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-__all__ = ["Channel", "PUT", "QoS", "Transport", "TAKE"]
+__all__ = ["Channel", "Orphans", "PUT", "QoS", "Transport", "TAKE", "orphans"]
 
 logger = logging.getLogger("offload.transport.redis")
 
@@ -193,6 +207,49 @@ def _delivery_tag(payload: Any) -> Any:
         return None
 
 
+class Orphans:
+    """Leases that closed channels of this process could not settle.
+
+    Keyed by the channel's *lease scope* (the Redis it reached and its
+    ``unacked`` keys), each held delivery tag maps to what is owed: ``True``
+    to put the message back on its queue (it was held, unacknowledged, when
+    its channel closed), ``False`` to remove the lease (it was acknowledged
+    while Redis could not be told); and to the time its channel let go of
+    it: a lease renewed or taken again after that is another holder's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Any, dict[Any, tuple[bool, float]]] = {}
+
+    def hold(self, scope: Any, tags: dict[Any, tuple[bool, float]]) -> None:
+        """Keep ``tags`` ({tag: (restore?, let go at)}) for the next channel on ``scope``."""
+        if tags:
+            with self._lock:
+                self._held.setdefault(scope, {}).update(tags)
+
+    def take(self, scope: Any) -> dict[Any, tuple[bool, float]]:
+        """Remove and return what is held for ``scope`` (the caller holds back what it cannot settle)."""
+        with self._lock:
+            return self._held.pop(scope, None) or {}
+
+    def held(self, scope: Any) -> dict[Any, tuple[bool, float]]:
+        """What is held for ``scope`` now (a copy)."""
+        with self._lock:
+            return dict(self._held.get(scope) or {})
+
+    def clear(self) -> None:
+        """Forget everything (a forked child: the messages are its parent's)."""
+        with self._lock:
+            self._held.clear()
+
+
+#: The process's leases left unsettled by closed channels (see :class:`Orphans`).
+orphans = Orphans()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=orphans.clear)
+
+
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS for messages whose lease the take already wrote.
 
@@ -210,6 +267,8 @@ class QoS(kombu_redis.QoS):
         self.leased: set[Any] = set()
         #: Tags acknowledged locally whose lease removal failed, oldest first.
         self.pending_acks: dict[Any, None] = {}
+        #: When the channel closed and let go of its messages (None while open).
+        self.released_at: float | None = None
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         if delivery_tag in self.leased:
@@ -230,9 +289,11 @@ class QoS(kombu_redis.QoS):
         try:
             self.restore_by_tag(delivery_tag, leftmost=True)
         except self.channel.connection_errors:
-            # The lease is still there: the restore sweep requeues it.
-            logger.warning("could not requeue %s now; its lease will bring it back",
-                           delivery_tag, exc_info=True)
+            # The lease is still there: the next sweep that reaches Redis,
+            # on this channel or the next, puts it back.
+            orphans.hold(self.channel.lease_scope, {delivery_tag: (True, time())})
+            logger.warning("could not requeue %s now (Redis unreachable); it goes back as soon as "
+                           "Redis answers", delivery_tag, exc_info=True)
         finally:
             virtual.QoS.ack(self, delivery_tag)
 
@@ -251,6 +312,13 @@ class QoS(kombu_redis.QoS):
             self.flush_pending_acks()
             self._remove_from_indices(delivery_tag).execute()
         except self.channel.connection_errors:
+            if self.channel.closed:
+                # Acknowledged after its channel closed (a task that ran on
+                # through the outage): the next channel removes the lease.
+                orphans.hold(self.channel.lease_scope, {delivery_tag: (False, self.released_at or time())})
+                logger.warning("could not acknowledge %s now (Redis unreachable); "
+                               "the next connection will", delivery_tag)
+                return
             self.pending_acks[delivery_tag] = None
             logger.warning("could not acknowledge %s now (Redis unreachable); "
                            "retrying on the next acknowledgement or sweep",
@@ -298,7 +366,79 @@ class QoS(kombu_redis.QoS):
             self.flush_pending_acks()
         except self.channel.connection_errors:
             logger.debug("pending acknowledgements not flushed", exc_info=True)
+        try:
+            self.settle_orphans()
+        except self.channel.connection_errors:
+            logger.debug("leases of closed channels not settled", exc_info=True)
         super().restore_visible(start=start, num=num, interval=interval)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """Put every held message back on its queue (kombu's, at close).
+
+        What Redis cannot be reached for, and the acknowledgements that
+        never reached it, are left to the next channel of the process
+        (:data:`orphans`) instead of to the visibility timeout.
+        """
+        released_at = self.released_at = time()
+        left = list(self._delivered)
+        self._delivered.clear()
+        owed = {tag: (False, released_at) for tag in self.pending_acks}
+        try:
+            self.flush_pending_acks()
+            owed.clear()
+            with self.channel.conn_or_acquire(client) as client:
+                while left:
+                    self.restore_by_tag(left[0], client=client)
+                    left.pop(0)
+        except self.channel.connection_errors:
+            owed.update((tag, (True, released_at)) for tag in left)
+            orphans.hold(self.channel.lease_scope, owed)
+            self.pending_acks.clear()
+            logger.warning("Redis is unreachable: %d message(s) this connection held go back to their "
+                           "queue as soon as a new connection reaches it", len(owed))
+
+    def settle_orphans(self) -> int:
+        """Settle the leases closed channels of this process left on this Redis.
+
+        Each goes back to the head of its queue (or is removed, if its
+        message was acknowledged), unless it was taken or renewed since its
+        channel let go of it. Returns how many were settled. Raises the
+        connection error if Redis is unreachable; what is left stays held.
+        """
+        scope = self.channel.lease_scope
+        owed = orphans.take(scope)
+        if not owed:
+            return 0
+        settled = 0
+        try:
+            with self.channel.conn_or_acquire() as client:
+                for tag, (restore, released_at) in list(owed.items()):
+                    self._settle(client, tag, restore, released_at)
+                    del owed[tag]
+                    settled += 1
+        finally:
+            orphans.hold(scope, owed)
+        logger.info("settled %d message(s) held when the Redis connection was lost: back on their queue "
+                    "unless acknowledged or taken again since", settled)
+        return settled
+
+    def _settle(self, client: Any, tag: Any, restore: bool, released_at: float) -> None:
+        def settle(pipe: Any) -> None:
+            score = pipe.zscore(self.unacked_index_key, tag)
+            if score is None or score > released_at:
+                # Restored already (the visibility sweep), or leased again
+                # since: another holder's now. (Scores are the holders'
+                # clocks: this trusts them to agree within a take's time.)
+                pipe.multi()
+                return
+            raw = pipe.hget(self.unacked_key, tag) if restore else None
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if raw:
+                message, exchange, routing_key = loads(bytes_to_str(raw))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe)
+
+        client.transaction(settle, self.unacked_key, self.unacked_index_key)
 
 
 class Channel(kombu_redis.Channel):
@@ -333,6 +473,10 @@ class Channel(kombu_redis.Channel):
         except kombu_redis.exceptions.TimeoutError:
             connection.mark_silent()
             raise
+        #: Which leases this channel's are (see :class:`Orphans`): read now,
+        #: as the connection forgets its URL when it closes.
+        self.lease_scope: tuple[str, str, str, str] = (
+            connection.client.as_uri(), self.global_keyprefix, self.unacked_key, self.unacked_index_key)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # A worker that loses Redis closes its connection twice (Celery's
@@ -406,6 +550,13 @@ class Channel(kombu_redis.Channel):
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         self._no_ack_queues[queue] = bool(no_ack)
+        if orphans.held(self.lease_scope):
+            # A consumer starting again after a lost connection: what the
+            # old one held goes back before this one takes anything.
+            try:
+                self.qos.settle_orphans()
+            except self.connection_errors:
+                logger.debug("leases of closed channels not settled", exc_info=True)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
@@ -570,7 +721,10 @@ class Channel(kombu_redis.Channel):
         # A message taken while the channel closes goes back to the head of
         # its queue (the right end, where the take pops).
         if recorded:
-            self.qos.restore_by_tag(tag)
+            try:
+                self.qos.restore_by_tag(tag)
+            except self.connection_errors:
+                orphans.hold(self.lease_scope, {tag: (True, time())})
         else:
             with self.conn_or_acquire() as client:
                 client.rpush(key, item)
