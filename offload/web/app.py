@@ -30,7 +30,7 @@ from .names import ArgumentsError, ExposedTasks
 from .steps import (RPC_TYPES, TASK_NAME, Authorize, Call, EventStream, Handler, HTTPError, RequestInfo, Response,
                     Step, Steps, Wait, allow_method, error_response, json_response, parse_json, parse_task_id, require_json)
 # Defined here once; still importable from here.
-from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, TASK_ID, Answer, drive_sync  # noqa: F401
+from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, Answer, drive_sync  # noqa: F401
 from .steps import parse_query, too_many_fields  # noqa: F401
 from .waiting import TaskSnapshot, compact_json, lookup
 
