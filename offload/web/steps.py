@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 from ..exposure import Exposure
 from ..ids import RULE, is_task_id
 from . import strict_json
+from .interface import OffloadLike
 from .waiting import TaskSnapshot, compact_json
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ def parse_task_id(raw: str) -> str:
 class API(Protocol):
     """What the drivers and the routes use of a :class:`offload.web.TaskAPI`."""
 
-    off: Any
+    off: OffloadLike
     prefix: str
     cors: CorsConfig
     authorize: Authorize | None

@@ -12,6 +12,7 @@ from typing_extensions import assert_type
 
 from offload import Future, Offload
 from offload.task import Task
+from offload.web.interface import OffloadLike
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
 
@@ -83,3 +84,7 @@ async def waits() -> None:
 with off.executor() as ex:
     assert_type(ex.submit(add, 1, 2), Future[int])
     assert_type(list(ex.map(square, [1.0, 2.0])), list[float])
+
+
+# An Offload is what the web task API's modules take (offload.web.interface).
+web_side: OffloadLike = off
