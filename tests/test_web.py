@@ -10,53 +10,17 @@ import uuid
 import httpx
 import pytest
 
-from conftest import require_service
 from offload import Offload
 from offload.exceptions import ConfigurationError, InvalidTaskId
 from offload.ids import RULE
 from offload.web import TaskAPI
 from testapp import webtasks
 from testapp.webservers import serve
+from web_fixtures import ALLOWED, make_api, start
 
-ALLOWED = "http://app.example:8080"
 OTHER = "http://evil.example"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def any_off(request, _workers):
-    if request.param == "redis":
-        require_service("redis")
-    return _workers(f"web_{request.param}")[0]
-
-
-@pytest.fixture
-def web_off(_workers):
-    return _workers("web_embedded")[0]
-
-
-@pytest.fixture(params=["wsgi", "asgi"])
-def kind(request) -> str:
-    return request.param
-
-
-def make_api(off, **options) -> TaskAPI:
-    options.setdefault("cors_origins", [ALLOWED])
-    options.setdefault("max_wait", 20)
-    return TaskAPI(off, prefix="/offload", **options)
-
-
-@pytest.fixture
-def client(web_off, kind):
-    with serve(kind, make_api(web_off)) as url, httpx.Client(base_url=url, timeout=60) as c:
-        yield c
-
-
-def start(client, name, *args, **kwargs) -> str:
-    answer = client.post(f"/offload/tasks/{name}", json={"args": list(args), "kwargs": kwargs})
-    assert answer.status_code == 202, answer.text
-    return answer.json()["id"]
 
 
 def final(client, task_id) -> dict:
