@@ -32,9 +32,9 @@ from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError
 from .executor import Executor
 from .exposure import Exposures
 from .frameworks import is_flask_app
-from .ids import check_task_id
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
+from .ids import check_task_id
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal

@@ -10,16 +10,17 @@ Celery's ``apply_async(task_id=...)``). Whatever its source, a task id is
 
 Those are the characters a URL path segment carries as they are (RFC 3986's
 ``pchar`` without percent-escapes), so an id is safe in
-``{prefix}/tasks/{id}``, in a Redis key, a log line or a file name; the two
+``{prefix}/tasks/{id}``, in a Redis key and in a log line; the two
 dot segments are left out because a browser or proxy would resolve them as
 paths. What breaks the rule (a space, a ``/``, a control character, anything
 outside ASCII, a whole request body) is refused before it reaches a result
 backend, where it could only read as PENDING.
 
 ``off.get``, ``off.options(task_id=...)``, Pyramid's
-``request.get_task_result`` (:class:`InvalidTaskId`, a ``ValueError``) and
-the web task API (400 ``BadTaskId``) check it with :func:`check_task_id` or
-:func:`is_task_id`.
+``request.get_task_result`` (:class:`InvalidTaskId`, a ``ValueError``), the
+web task API (400 ``BadTaskId``), a worker's intake (which dead-letters a
+message whose id breaks it) and Django's ``TaskBackend.get_result`` check it
+with :func:`check_task_id` or :func:`is_task_id`.
 
 >>> check_task_id("c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5")
 'c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5'
