@@ -31,7 +31,7 @@ from kombu.serialization import registry as serializers
 from kombu.utils.url import as_url, maybe_sanitize_url
 
 from .datadir import DEFAULT_FOLDER_NAME, fallback_data_dir
-from .dispatch import refusal
+from .dispatch import check_allow
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -407,14 +407,7 @@ def translate(mapping: Mapping[str, Any] | None, *, default_data_dir: str | None
     _read_old_broker_settings(celery_settings)
     if not settings.allow_pickle:
         _refuse_pickle(celery_settings)
-    allow = settings.allow if settings.allow is not None else list(default_allow)
-    for package in allow:
-        reason = refusal(package)
-        if reason is not None:
-            raise ConfigurationError(
-                f"OFFLOAD_ALLOW: {reason}. List the packages of your own functions "
-                "(OFFLOAD_ALLOW = ['myapp']) or register functions with @off.task.")
-    settings.allow = list(allow)
+    settings.allow = list(check_allow(settings.allow if settings.allow is not None else default_allow))
     settings.data_dir = os.path.abspath(
         settings.data_dir or default_data_dir or fallback_data_dir())
     if not celery_settings.get("broker_url"):

@@ -34,6 +34,7 @@ from .exposure import Exposures
 from .frameworks import INTEGRATIONS, AppHooks, integration_for
 from .futures import Future, SkipRevoked
 from .hub import ResultHub, TaskEvent, stores_results
+from .ids import check_task_id
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
 from .reliability import HandBack, RedisLeaseRenewal
@@ -67,10 +68,6 @@ MAP_MIN_CHUNKS = 16
 #: Options that name or bound a single task; with them, map's default keeps
 #: one message per call (a time limit or expiry would apply to a whole chunk).
 _PER_CALL_OPTIONS = frozenset({"task_id", "link", "link_error", "time_limit", "soft_time_limit", "expires"})
-
-#: The longest task id off.get() accepts (Celery's are 36-character UUIDs; a
-#: task_id= of the app's own may be longer, but not a whole request body).
-_MAX_TASK_ID = 255
 
 #: ``hook(send) -> bool``: run ``send`` once the current transaction commits
 #: (and never if it rolls back), returning True; or False when no
@@ -667,6 +664,10 @@ class Offload:
         (:mod:`offload.web`) show and cancel the calls sent, for a view that
         starts work for the browser to follow; ``public_errors=(ValueError,)``
         then names the exception types whose message it shows.
+
+        Raises:
+            TypeError: an option offload does not know, or one of the wrong type.
+            InvalidTaskId: ``task_id=`` cannot be a task id (:mod:`offload.ids`).
         """
         unknown = set(options) - SUBMIT_OPTIONS - EXPOSE_OPTIONS
         if unknown:
@@ -674,6 +675,8 @@ class Offload:
                 f"unknown submit option(s) {sorted(unknown)}; valid: {sorted(SUBMIT_OPTIONS)}, "
                 f"and offload's {sorted(EXPOSE_OPTIONS)}"
             )
+        if options.get("task_id") is not None:  # None: Celery makes one
+            check_task_id(options["task_id"])
         expose = options.pop("expose", False)
         if not isinstance(expose, bool):
             raise TypeError(f"expose is True or False, got {expose!r}")
@@ -690,15 +693,12 @@ class Offload:
         this process's own tasks.
 
         Raises:
-            ValueError: ``task_id`` cannot be a task id (not a string, empty,
-                over 255 characters, spaces or control characters). A view
+            InvalidTaskId: ``task_id`` cannot be a task id (:mod:`offload.ids`
+                says what can: up to 255 letters, digits and the characters
+                a URL path segment carries). It is a ``ValueError``: a view
                 that passes an id from the client answers 400 for it.
         """
-        if (not isinstance(task_id, str) or not 0 < len(task_id) <= _MAX_TASK_ID
-                or not task_id.isprintable() or any(c.isspace() for c in task_id)):
-            shown = task_id if not isinstance(task_id, str) or len(task_id) <= 60 else task_id[:60] + "..."
-            raise ValueError(f"{shown!r} is not a task id: a task id is a non-empty string of at most "
-                             f"{_MAX_TASK_ID} printable characters, without spaces")
+        check_task_id(task_id)
         if self.celery.conf.task_always_eager:
             future: Future[Any] = Future(task_id, app=self.celery)
             result = self.celery.AsyncResult(task_id)

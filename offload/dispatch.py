@@ -48,8 +48,8 @@ from .result_store import batches_results, read_states, results_channel, store_r
 
 __all__ = [
     "CHUNK_TASK", "DISPATCH_TASK", "RUNNABLE_OFFLOAD_MODULES", "AllowList", "batches_results",
-    "chunk_call_ids", "default_allow", "dispatch_shape_error", "fail_calls", "install_chunk_dispatcher",
-    "install_dispatcher", "lookup", "read_states", "reference", "refusal", "results_channel",
+    "check_allow", "chunk_call_ids", "default_allow", "dispatch_shape_error", "fail_calls", "install_chunk_dispatcher",
+    "install_dispatcher", "lookup", "read_states", "reference", "refusal", "refused", "results_channel",
     "store_results",
 ]
 
@@ -98,6 +98,22 @@ def refusal(package: Any) -> str | None:
     if root == "offload" and package not in RUNNABLE_OFFLOAD_MODULES:
         return f"{package!r} is offload itself, whose functions are not for messages to run"
     return None
+
+
+def check_allow(packages: Iterable[Any]) -> tuple[str, ...]:
+    """``packages`` as an allow-list, or ConfigurationError naming the first that may not be one.
+
+    The one check of ``OFFLOAD_ALLOW``, made when settings are read and when
+    an :class:`AllowList` is given its packages.
+    """
+    packages = tuple(packages)
+    for package in packages:
+        reason = refusal(package)
+        if reason is not None:
+            raise ConfigurationError(
+                f"OFFLOAD_ALLOW: {reason}. List the packages of your own functions "
+                "(OFFLOAD_ALLOW = ['myapp']) or register functions with @off.task.")
+    return packages
 
 
 def default_allow(module: str) -> tuple[str, ...]:
@@ -315,12 +331,7 @@ class AllowList:
 
     @packages.setter
     def packages(self, packages: Iterable[str]) -> None:
-        packages = tuple(packages)
-        for package in packages:
-            reason = refusal(package)
-            if reason is not None:
-                raise ConfigurationError(f"OFFLOAD_ALLOW: {reason}.")
-        self._packages = packages
+        self._packages = check_allow(packages)
         self._resolved = {}
 
     def register(self, fn: Callable[..., Any], task: Any = None) -> None:
@@ -337,13 +348,33 @@ class AllowList:
         self._registered[ref] = known + tuple(obj for obj in (fn, task) if obj is not None)
         self._resolved.pop(ref, None)
 
-    def is_allowed(self, ref: str) -> bool:
-        """Whether ``ref`` is registered or names a module inside an allowed package.
+    def refusal_of(self, ref: str, defined_in: str | None = None) -> str | None:
+        """Why the allow-list refuses to run ``ref``, or None: the one rule of what may run.
 
-        Only what the reference says: :meth:`resolve` also checks what it finds.
+        ``ref`` may run when it is registered with ``@off.task``, or when its
+        module is inside an allowed package and is no ``__main__``; and, once
+        the function it names is found (``defined_in``: the module that
+        function was defined in), when that module is inside one too. The
+        worker asks before it imports anything (``defined_in=None``) and again
+        with what it found (:meth:`resolve`).
         """
-        module = ref.partition(":")[0]
-        return ref in self._registered or _inside(module, self._packages)
+        module_name = ref.partition(":")[0]
+        if any(_is_main(part) for part in module_name.split(".")):
+            return "a __main__ module is a program's entry point, which importing runs"
+        if ref in self._registered:
+            return None
+        if not _inside(module_name, self._packages):
+            return "register it with @off.task or add its package to OFFLOAD_ALLOW"
+        if defined_in is not None and not _inside(defined_in, self._packages):
+            return f"it resolves to a function defined in {defined_in!r}, which is outside the allow-list"
+        return None
+
+    def is_allowed(self, ref: str) -> bool:
+        """Whether ``ref`` may run as far as its name tells (:meth:`refusal_of` is None).
+
+        :meth:`resolve` also checks what it finds there.
+        """
+        return self.refusal_of(ref) is None
 
     def resolve(self, ref: Any) -> Callable[..., Any]:
         """The function ``ref`` names, or :class:`NotAllowedError`."""
@@ -362,11 +393,10 @@ class AllowList:
             module_name, qualname = _split(ref)
         except ValueError as exc:
             raise self._refuse(ref, str(exc)) from None
-        if any(_is_main(part) for part in module_name.split(".")):
-            raise self._refuse(ref, "a __main__ module is a program's entry point, which importing runs")
+        why = self.refusal_of(ref)
+        if why is not None:
+            raise self._refuse(ref, why)
         registered = self._registered.get(ref)
-        if registered is None and not _inside(module_name, self._packages):
-            raise self._refuse(ref, "register it with @off.task or add its package to OFFLOAD_ALLOW")
         module = sys.modules.get(module_name)
         if module is None and registered is None:
             # Allowed by package: importing it is what the allow-list permits.
@@ -390,10 +420,9 @@ class AllowList:
         if function is None:
             raise self._refuse(ref, f"it names {_kind(found)}, not a function; only functions run")
         defined_in = getattr(getattr(function, "__func__", function), "__module__", None) or ""
-        if not _inside(defined_in, self._packages):
-            raise self._refuse(
-                ref, f"it resolves to a function defined in {defined_in!r}, which is "
-                     "outside the allow-list")
+        why = self.refusal_of(ref, defined_in)
+        if why is not None:
+            raise self._refuse(ref, why)
         return function
 
     def _registered_function(self, ref: str, found: Any, owner: Any,
@@ -412,9 +441,14 @@ class AllowList:
         raise self._refuse(ref, "it no longer names the function registered with @off.task")
 
     def _refuse(self, ref: Any, why: str) -> NotAllowedError:
-        shown = repr(ref)[:_LOGGED_CHARS]
-        logger.error("refused to run %s: %s (allow-list: %s)", shown, why, self._packages)
-        return NotAllowedError(f"{shown} is not allowed to run on this worker: {why}")
+        return refused(ref, why, f" (allow-list: {self._packages})")
+
+
+def refused(ref: Any, why: str, context: str = "") -> NotAllowedError:
+    """The error of a worker that will not run ``ref``, logged with ``context``."""
+    shown = repr(ref)[:_LOGGED_CHARS]
+    logger.error("refused to run %s: %s%s", shown, why, context)
+    return NotAllowedError(f"{shown} is not allowed to run on this worker: {why}")
 
 
 def call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:

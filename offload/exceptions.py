@@ -73,6 +73,16 @@ class TaskError(OffloadError):
     """
 
 
+class InvalidTaskId(OffloadError, ValueError):
+    """Something that cannot be a task id was given where one is expected.
+
+    Raised by ``off.get``, ``off.options(task_id=...)`` and Pyramid's
+    ``request.get_task_result``; the message says the rule
+    (:mod:`offload.ids`). It is a ``ValueError``: a view that passes an id
+    from the client answers 400 for it (offload.pyramid adds that view).
+    """
+
+
 class ResultBackendLimit(OffloadError):
     """The result backend cannot do what was asked (rpc:// serves one process)."""
 

@@ -57,6 +57,7 @@ from kombu.serialization import prepare_accept_content
 
 from .dispatch import dispatch_shape_error, fail_calls
 from .exceptions import RejectedMessage
+from .ids import is_task_id
 
 __all__ = ["MAX_DEPTH", "MAX_MESSAGE_BYTES", "MAX_WORKER_LOSSES", "Consumer", "DeadLetters", "Request",
            "limit_decompression", "payload_error", "strict_json"]
@@ -78,7 +79,6 @@ DEAD_LETTERS_MAX_BYTES = 8 * 1024 * 1024
 
 #: This much of a refused body is kept in the record, enough to recognise it.
 _SHOWN_BYTES = 200
-_MAX_TASK_ID = 255
 
 
 # Decompression ----------------------------------------------------------------
@@ -284,13 +284,9 @@ def _dead_letters(app: Any) -> DeadLetters:
     return DeadLetters(path if isinstance(path, str) else None)
 
 
-def _plausible_id(task_id: Any) -> bool:
-    return isinstance(task_id, str) and 0 < len(task_id) <= _MAX_TASK_ID and task_id.isprintable()
-
-
 def _fail_unless_ended(app: Any, task_id: Any, error: BaseException) -> None:
     """Mark ``task_id`` FAILURE with ``error`` unless it already has a final state."""
-    if not _plausible_id(task_id):
+    if not is_task_id(task_id):  # a forged message's id is not written as a key
         return
     from .hub import stores_results
 
@@ -352,7 +348,7 @@ class Consumer(_CeleryConsumer):
         name, task_id = headers.get("task"), headers.get("id")
         if name is None:
             return None  # Celery's message protocol 1: Celery checks its shape
-        if not isinstance(name, str) or not _plausible_id(task_id):
+        if not isinstance(name, str) or not is_task_id(task_id):
             return "its 'task' and 'id' headers are not a task name and a task id"
         try:
             payload = message.decode()

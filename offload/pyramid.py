@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,8 +39,9 @@ from typing import Any
 from kombu.exceptions import EncodeError
 
 from .core import CONNECTION_ERRORS, Offload
-from .exceptions import ConfigurationError, OffloadError, broker_unreachable
+from .exceptions import ConfigurationError, InvalidTaskId, OffloadError, broker_unreachable
 from .futures import Future
+from .ids import check_task_id
 
 __all__ = ["InvalidTaskId", "TaskNotRegistered", "includeme"]
 
@@ -54,24 +54,9 @@ _DISCRIMINATOR = "offload.task"
 #: pyramid_tm's tween, whose transaction a task reproduces.
 _TM_TWEEN = "pyramid_tm.tm_tween_factory"
 
-# The ids Celery gives tasks are UUIDs. Anything else that reaches
-# get_task_result came from somewhere else (a mistyped or forged URL): it is
-# refused before it reaches the result backend, where it would only ever read
-# as PENDING. (An app that sets its own task_id reads it with
-# request.offload.celery.AsyncResult(id).)
-_TASK_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
-
 
 class TaskNotRegistered(OffloadError, LookupError):
     """``request.delay_task`` got a function that was never registered."""
-
-
-class InvalidTaskId(OffloadError, ValueError):
-    """``request.get_task_result`` got something that is not a task id.
-
-    Raised from a view, it answers ``400 Bad Request`` (offload.pyramid adds
-    the exception view), since the id came from the client.
-    """
 
 
 # Settings and the registry ------------------------------------------------------
@@ -312,15 +297,16 @@ def delay_task(request: Any, fn: Callable[..., Any] | str, /, *args: Any, **kwar
 def get_task_result(request: Any, task_id: str) -> Any:
     """Celery's ``AsyncResult`` for a task id (``.ready()``, ``.result``, ``.state``).
 
+    An id the app chose (``task_id=``) is read as one Celery made, as long as
+    it keeps the rule of :mod:`offload.ids`.
+
     Raises:
-        InvalidTaskId: ``task_id`` cannot be a task id; from a view this
-            answers 400, as the id came from the client.
+        InvalidTaskId: ``task_id`` cannot be a task id (a mistyped or forged
+            URL); from a view this answers 400, as the id came from the
+            client. Refused before it reaches the result backend, where it
+            could only read as PENDING.
     """
-    if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
-        shown = task_id if not isinstance(task_id, str) or len(task_id) <= 60 else task_id[:60] + "..."
-        raise InvalidTaskId(f"{shown!r} is not a task id (task ids look like "
-                            "'c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5')")
-    return get_offload(request.registry).celery.AsyncResult(task_id)
+    return get_offload(request.registry).celery.AsyncResult(check_task_id(task_id))
 
 
 def submit(request: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:

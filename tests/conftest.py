@@ -21,6 +21,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
+#: Fixtures shared by the web task API's test modules (tests/web_fixtures.py).
+pytest_plugins = ["web_fixtures"]
+
 SERVICES = {"redis": ("127.0.0.1", 6379), "rabbitmq": ("127.0.0.1", 5672)}
 
 

@@ -28,11 +28,6 @@ from testapp.webservers import serve
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def web_off(_workers):
-    return _workers("web_embedded")[0]
-
-
 def event(kind: str, uuid: str, **fields):
     return {"type": f"task-{kind}", "uuid": uuid, "timestamp": time.time(), **fields}
 

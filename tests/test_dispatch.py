@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from offload import ConfigurationError, NotAllowedError
+from offload import ConfigurationError, NotAllowedError, Offload
 from offload.exceptions import RejectedMessage
 from offload.dispatch import AllowList, default_allow, reference, refusal
 from testapp import Shapes, add
@@ -137,10 +137,35 @@ def test_reference_refuses_what_a_worker_would_not_run():
     ("__main__", "script being run"),
     ("my-app", "dotted module name"),
 ])
-def test_refused_allow_list_entries(package, reason):
+def test_refused_allow_list_entries(package, reason, tmp_path):
     assert reason in refusal(package)
-    with pytest.raises(ConfigurationError, match=reason):
-        AllowList([package])
+    # One check, one message, whether the settings or the allow-list meet it first.
+    messages = []
+    for make in (lambda: AllowList([package]),
+                 lambda: Offload({"OFFLOAD_ALLOW": [package], "OFFLOAD_DATA_DIR": str(tmp_path)})):
+        with pytest.raises(ConfigurationError, match=reason) as caught:
+            make()
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "List the packages of your own functions" in messages[0]
+
+
+def test_one_rule_decides_what_may_run_before_and_after_the_worker_looks():
+    """refusal_of is what resolve raises, before importing and with what it found."""
+    allow = AllowList(["testapp"])
+    assert allow.refusal_of("testapp:add") is None and allow.is_allowed("testapp:add")
+    for ref in ("os:system", "testapplication:add"):
+        assert "add its package to OFFLOAD_ALLOW" in allow.refusal_of(ref)
+        with pytest.raises(NotAllowedError, match="add its package to OFFLOAD_ALLOW"):
+            allow.resolve(ref)
+    main = "testapp.__main__:x"
+    assert "entry point" in allow.refusal_of(main) and not allow.is_allowed(main)
+    with pytest.raises(NotAllowedError, match="entry point"):
+        allow.resolve(main)
+    # Named inside the package, defined outside it: known only once found.
+    assert allow.refusal_of("testapp:progress") is None
+    assert "outside the allow-list" in allow.refusal_of("testapp:progress", "offload.context")
+    with pytest.raises(NotAllowedError, match="defined in 'offload.context', which is outside"):
+        allow.resolve("testapp:progress")
 
 
 def test_default_allow_list_is_never_the_stdlib_nor_offload(monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import offload.errors
-import offload.errors.reporting
+import offload.errors.service
 from conftest import Spawned, wait_until
 from errors_fakes import Receiver
 
@@ -87,8 +87,8 @@ def seed(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("OFFLOAD_DATA_DIR", str(data))
         # This process is the seed's web process: no reporting of other tests' apps.
-        monkeypatch.setattr(offload.errors.reporting, "_latest", None)
-        monkeypatch.setattr(offload.errors.reporting, "_default", None)
+        monkeypatch.setattr(offload.errors.service, "_latest", None)
+        monkeypatch.setattr(offload.errors.service, "_default", None)
         monkeypatch.syspath_prepend(str(folder))
         monkeypatch.delitem(sys.modules, "myapp", raising=False)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))

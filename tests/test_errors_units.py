@@ -21,7 +21,7 @@ from offload import Offload
 from offload.errors import (ASGIErrorReporter, ErrorReporter, FogBugz, Log, Scrubber, SinkRefused,
                             SinkUnavailable, Spool, Webhook, setup)
 from offload.errors.pipeline import Pipeline
-from offload.errors.report import build_report, fingerprint, render_extra
+from offload.errors.capture import build_report, fingerprint, render_extra
 from offload.errors.sinks import parse_answer
 from offload.exceptions import ConfigurationError
 

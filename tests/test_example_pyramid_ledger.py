@@ -100,7 +100,7 @@ def test_the_seeds_using_session(clean_redis, tmp_path, how):
         assert status == 400 and "Must include `value`." in body
         status, body = get(f"{base}/append?value=x")
         assert status == 400 and "`value` must be an integer." in body
-        for bad in ("garbage", "", "%00", "x" * 4000):
+        for bad in ("garbage%3Cscript%3E", "no%20such%20id", "", "%00", "x" * 4000):
             status, body = get(f"{base}/result?id={bad}")
             assert status == 400 and "Traceback" not in body, (bad, body)
         status, body = get(f"{base}/result")

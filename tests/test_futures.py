@@ -179,7 +179,7 @@ def test_redis_watcher_survives_its_connection_being_killed(redis_off):
 
 
 def test_get_rejects_a_bad_id(redis_off):
-    with pytest.raises(ValueError, match="non-empty string"):
+    with pytest.raises(ValueError, match="is not a task id: a task id is 1 to 255 characters"):
         redis_off.get("")
     with pytest.raises(ValueError):
         redis_off.get(None)

@@ -108,6 +108,8 @@ ATTACKS = {
     "nan": dict(body='[["testapp:add", [NaN, 1], {}], {}, {}]'),
     # Headers the strategy reads without checking.
     "id-not-a-string": dict(body='[["testapp:add", [1, 2], {}], {}, {}]', headers={"id": ["x"]}),
+    # An id that breaks offload.ids' rule: it would become a path in a URL or key.
+    "id-a-path": dict(body='[["testapp:add", [1, 2], {}], {}, {}]', headers={"id": "../../keys"}),
 }
 
 REASONS = {
@@ -122,6 +124,7 @@ REASONS = {
     "non-finite": "non-finite number",
     "nan": "non-finite number",
     "id-not-a-string": "'id' headers are not",
+    "id-a-path": "'id' headers are not",
 }
 
 
@@ -139,15 +142,17 @@ def test_a_forged_message_is_dead_lettered_and_the_worker_keeps_running(intake, 
     from offload.exceptions import RejectedMessage
 
     reason = REASONS[attack]
-    if attack != "id-not-a-string":
+    if not attack.startswith("id-"):
         assert wait_until(lambda: any(entry["task_id"] == task_id for entry in dead_letters(off)))
         entries = [entry for entry in dead_letters(off) if entry["task_id"] == task_id]
         assert len(entries) == 1 and reason in entries[0]["reason"], entries
         # Its future ends with the reason instead of waiting forever.
         error = off.get(task_id).exception(timeout=30)
         assert isinstance(error, RejectedMessage) and reason in str(error)
-    else:
-        assert wait_until(lambda: any(reason in entry["reason"] for entry in dead_letters(off)))
+    else:  # no result is written under an id that is not one
+        shown = str(spec["headers"]["id"])
+        assert wait_until(lambda: any(reason in entry["reason"] and entry["task_id"] == shown
+                                      for entry in dead_letters(off)))
     if attack == "gzip-bomb":
         # Refused without inflating it (kombu inflated 300 MB before any check).
         assert rss_mb(worker.pid) - before < 100

@@ -143,7 +143,7 @@ def test_delay_task_of_something_unregistered_says_what_to_do():
             env["request"].delay_task(double, 1, 2)
 
 
-@pytest.mark.parametrize("bad", ["garbage", "", "../../etc", "x" * 5000, 12, None,
+@pytest.mark.parametrize("bad", ["garbage<script>", "", "../../etc", "x" * 5000, 12, None, "no such id",
                                  "c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5\n"])
 def test_get_task_result_of_a_malformed_id(bad):
     config = make_config()
@@ -225,6 +225,16 @@ def test_request_submit_runs_a_plain_function_in_the_apps_request(pyramid_worker
     fut = request.submit(plain_greeting)
     assert fut.result(timeout=30) == "hello from the registry"
     assert request.offload.get(fut.id).result(timeout=5) == "hello from the registry"
+
+
+def test_get_task_result_reads_an_id_the_app_chose(pyramid_worker):
+    """Any id that keeps offload.ids' rule is read, not only Celery's UUIDs."""
+    request, _ = pyramid_worker
+    from testapp.pyramidtasks import plain_greeting
+
+    chosen = f"greeting:{uuid.uuid4().hex[:12]}"
+    request.offload.options(task_id=chosen).submit(plain_greeting)
+    assert request.get_task_result(chosen).get(timeout=30) == "hello from the registry"
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])

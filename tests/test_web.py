@@ -10,52 +10,17 @@ import uuid
 import httpx
 import pytest
 
-from conftest import require_service
 from offload import Offload
-from offload.exceptions import ConfigurationError
+from offload.exceptions import ConfigurationError, InvalidTaskId
+from offload.ids import RULE
 from offload.web import TaskAPI
 from testapp import webtasks
 from testapp.webservers import serve
+from web_fixtures import ALLOWED, make_api, start
 
-ALLOWED = "http://app.example:8080"
 OTHER = "http://evil.example"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def any_off(request, _workers):
-    if request.param == "redis":
-        require_service("redis")
-    return _workers(f"web_{request.param}")[0]
-
-
-@pytest.fixture
-def web_off(_workers):
-    return _workers("web_embedded")[0]
-
-
-@pytest.fixture(params=["wsgi", "asgi"])
-def kind(request) -> str:
-    return request.param
-
-
-def make_api(off, **options) -> TaskAPI:
-    options.setdefault("cors_origins", [ALLOWED])
-    options.setdefault("max_wait", 20)
-    return TaskAPI(off, prefix="/offload", **options)
-
-
-@pytest.fixture
-def client(web_off, kind):
-    with serve(kind, make_api(web_off)) as url, httpx.Client(base_url=url, timeout=60) as c:
-        yield c
-
-
-def start(client, name, *args, **kwargs) -> str:
-    answer = client.post(f"/offload/tasks/{name}", json={"args": list(args), "kwargs": kwargs})
-    assert answer.status_code == 202, answer.text
-    return answer.json()["id"]
 
 
 def final(client, task_id) -> dict:
@@ -155,6 +120,21 @@ def test_status_without_wait_and_bad_queries(client, web_off, tmp_path):
     assert client.get("/offload/nowhere").status_code == 404
     answer = client.put(f"/offload/tasks/{task_id}")
     assert answer.status_code == 405 and "GET" in answer.headers["allow"]
+
+
+def test_a_task_id_is_read_by_the_rule_of_offload_ids(client, web_off):
+    """An id the app chose is served like a UUID; what breaks the rule is 400 BadTaskId."""
+    chosen = f"report:{uuid.uuid4().hex[:8]}~(1)"
+    web_off.options(expose=True, task_id=chosen).submit(webtasks.add, 1, 2)
+    assert final(client, chosen) == {"id": chosen, "state": "SUCCESS", "progress": None, "result": 3}
+    for raw in ("%20bad%20id", "a%3Cb%3E", "%C3%A9t%C3%A9", "%2E%2E", "x" * 256, "a%00b", "a%5Cb"):
+        answer = client.get(f"/offload/tasks/{raw}")
+        assert answer.status_code == 400, raw
+        assert answer.json()["error"] == {"type": "BadTaskId", "message": RULE}, raw
+    status = rpc(client, {"jsonrpc": "2.0", "method": "task.status", "params": ["a b"], "id": 1})
+    assert status["error"]["code"] == -32602 and RULE in status["error"]["message"]
+    with pytest.raises(InvalidTaskId, match="is not a task id"):
+        web_off.options(task_id="a/b")
 
 
 def test_body_over_max_body_is_413(web_off, kind):

@@ -14,38 +14,16 @@ import httpx
 import pytest
 from testapp import webtasks
 from testapp.webservers import serve
+from web_fixtures import make_api, start
 
 from offload import TaskError
 from offload.exceptions import ConfigurationError
 from offload.web import TaskAPI
 from offload.web.cors import CorsConfig
 
-ALLOWED = "http://app.example:8080"
 JSON = {"content-type": "application/json"}
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def web_off(_workers):
-    return _workers("web_embedded")[0]
-
-
-@pytest.fixture(params=["wsgi", "asgi"])
-def kind(request) -> str:
-    return request.param
-
-
-def make_api(off, **options) -> TaskAPI:
-    options.setdefault("cors_origins", [ALLOWED])
-    options.setdefault("max_wait", 20)
-    return TaskAPI(off, prefix="/offload", **options)
-
-
-@pytest.fixture
-def client(web_off, kind):
-    with serve(kind, make_api(web_off)) as url, httpx.Client(base_url=url, timeout=60) as c:
-        yield c
 
 
 def strict(text: str | bytes):
@@ -54,12 +32,6 @@ def strict(text: str | bytes):
         raise AssertionError(f"{constant} is not JSON: {text[:200]!r}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def start(client, name, *args, **kwargs) -> str:
-    answer = client.post(f"/offload/tasks/{name}", json={"args": list(args), "kwargs": kwargs})
-    assert answer.status_code == 202, answer.text
-    return answer.json()["id"]
 
 
 def final(client, task_id) -> dict:

@@ -72,11 +72,6 @@ def test_one_turns_writes_leave_in_one_call_in_order():
     asyncio.run(main())
 
 
-@pytest.fixture
-def web_off(_workers):
-    return _workers("web_embedded")[0]
-
-
 @pytest.fixture(params=PROTOCOLS, ids=["httptools", "h11"])
 def url(request, web_off):
     if "HttpTools" in request.param:

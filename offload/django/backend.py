@@ -23,6 +23,7 @@ from celery import states
 
 from ..core import CONNECTION_ERRORS
 from ..exceptions import NotAllowedError, broker_unreachable
+from ..ids import is_task_id
 from . import _compat as fw
 from .attempt import _class_path, _iso, _new_result, _now, _reference, _result, _status, _task_as_enqueued
 from .records import RecordStore, UnsupportedResultBackend
@@ -165,7 +166,7 @@ class TaskBackend(fw.BaseTaskBackend):
         Raises:
             TaskResultDoesNotExist: no task was enqueued (and committed) under this id.
         """
-        if not isinstance(result_id, str) or not 0 < len(result_id) <= 255 or not result_id.isprintable():
+        if not is_task_id(result_id):
             raise fw.TaskResultDoesNotExist(repr(result_id)[:80])
         off = self.offload
         try:

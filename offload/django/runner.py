@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 import re
 import sys
 from typing import Any
 
-from ..exceptions import NotAllowedError
+from ..dispatch import refused as _refuse
 
 __all__ = ["RUN_TASK", "install_runner", "resolve_task"]
-
-logger = logging.getLogger("offload.django")
 
 #: The Celery task that runs Django tasks.
 RUN_TASK = "offload.django.run"
 
 _REFERENCE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\Z")
-_LOGGED_CHARS = 200
-
-
-def _refuse(ref: Any, why: str) -> NotAllowedError:
-    shown = repr(ref)[:_LOGGED_CHARS]
-    logger.error("refused to run %s: %s", shown, why)
-    return NotAllowedError(f"{shown} is not allowed to run on this worker: {why}")
 
 
 def _installed_app_of(module_name: str) -> str | None:
@@ -46,7 +36,7 @@ def _installed_app_of(module_name: str) -> str | None:
 
 
 def resolve_task(ref: Any) -> Any:
-    """The Django ``Task`` that ``ref`` (``module:qualname``) names, or :class:`NotAllowedError`.
+    """The Django ``Task`` that ``ref`` (``module:qualname``) names, or :class:`offload.NotAllowedError`.
 
     Nothing runs while looking: attributes are read statically
     (:func:`inspect.getattr_static`), and only modules of installed apps

@@ -24,7 +24,7 @@ form works too: ``celery = offload.errors.celery`` and
 from typing import Any
 
 from .middleware import ASGIErrorReporter, ErrorReporter
-from .reporting import SEND_TASK, SUBMIT_TASK, ErrorReporting, SubmitError, current, setup
+from .service import SEND_TASK, SUBMIT_TASK, ErrorReporting, SubmitError, current, setup
 from .scrub import Scrubber
 from .sinks import FogBugz, Log, Sink, SinkRefused, SinkUnavailable, Webhook
 from .spool import Spool

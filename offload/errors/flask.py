@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reporting import ErrorReporting, OffloadLike, setup
+from .service import ErrorReporting, OffloadLike, setup
 from .sinks import Sink
 
 __all__ = ["report_errors"]

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol
 
-from .reporting import OffloadLike, setup
+from .service import OffloadLike, setup
 from .sinks import Sink
 
 __all__ = ["ASGIErrorReporter", "Capturing", "ErrorReporter"]

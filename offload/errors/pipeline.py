@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .report import now_iso
+from .capture import now_iso
 from .spool import Spool
 
 __all__ = ["Pipeline"]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .reporting import ErrorReporting, OffloadLike, setup
+from .service import ErrorReporting, OffloadLike, setup
 from .sinks import Sink
 
 __all__ = ["add_error_reporting", "error_reporting_tween_factory", "includeme"]

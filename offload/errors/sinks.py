@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from ..exceptions import OffloadError
-from .report import render_extra
+from .capture import render_extra
 
 logger = logging.getLogger("offload.errors")
 

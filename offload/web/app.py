@@ -26,11 +26,12 @@ from celery import states
 from ..exceptions import BrokerUnavailable, ConfigurationError
 from ..exposure import Exposure
 from . import strict_json
+from .interface import OffloadLike
 from .names import ArgumentsError, ExposedTasks
 from .steps import (RPC_TYPES, TASK_NAME, Authorize, Call, EventStream, Handler, HTTPError, RequestInfo, Response,
                     Step, Steps, Wait, allow_method, error_response, json_response, parse_json, parse_task_id, require_json)
 # Defined here once; still importable from here.
-from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, TASK_ID, Answer, drive_sync  # noqa: F401
+from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, Answer, drive_sync  # noqa: F401
 from .steps import parse_query, too_many_fields  # noqa: F401
 from .waiting import TaskSnapshot, compact_json, lookup
 
@@ -91,7 +92,7 @@ class TaskAPI:
         ('/offload', '/offload/tasks/c7f6a7c5-897b-4c01-89b4-e1cc3f2a30d5')
     """
 
-    def __init__(self, off: Any, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
+    def __init__(self, off: OffloadLike, *, prefix: str = "/offload", cors_origins: Sequence[str] = (),
                  cors_credentials: bool = False, cors_max_age: int = 600,
                  authorize: Authorize | None = None, max_body: int = 1 << 20,
                  max_wait: float = 30.0, max_stream: float = 300.0, keepalive: float = 15.0,
@@ -408,11 +409,11 @@ class TaskAPI:
         return json_response(200, data)
 
 
-def _submit(off: Any, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _submit(off: OffloadLike, task: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return off.submit(task, *args, **kwargs)
 
 
-def _cancel(off: Any, task_id: str, terminate: bool) -> tuple[bool, TaskSnapshot]:
+def _cancel(off: OffloadLike, task_id: str, terminate: bool) -> tuple[bool, TaskSnapshot]:
     """Revoke as ``Future.cancel`` does; ``terminate`` also stops running work."""
     if terminate:
         off.celery.control.revoke(task_id, terminate=True)

@@ -33,6 +33,7 @@ from celery import states
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..events import Monitor, TaskRecord, literal_arguments
 from . import dashboard_html as page
+from .interface import OffloadLike
 from .steps import (API, Call, EventStream, Handler, HTTPError, RequestInfo, Response, Step, allow_method,
                     compact_json, parse_task_id)
 
@@ -332,7 +333,7 @@ def display_arguments(record: TaskRecord) -> tuple[str | None, str | None]:
     return record.args, record.kwargs
 
 
-def _from_backend(off: Any, task_id: str) -> TaskRecord | None:
+def _from_backend(off: OffloadLike, task_id: str) -> TaskRecord | None:
     """A record made from the result backend (a task this process has no events of)."""
     from ..hub import READY_STATES
 
@@ -362,7 +363,7 @@ def _from_backend(off: Any, task_id: str) -> TaskRecord | None:
     return record
 
 
-def _revoke(off: Any, task_id: str, terminate: bool) -> None:
+def _revoke(off: OffloadLike, task_id: str, terminate: bool) -> None:
     if terminate:
         off.celery.control.revoke(task_id, terminate=True)
     elif not off.get(task_id).cancel():
@@ -371,7 +372,7 @@ def _revoke(off: Any, task_id: str, terminate: bool) -> None:
         off.celery.control.revoke(task_id)
 
 
-def _retry(off: Any, record: TaskRecord) -> str:
+def _retry(off: OffloadLike, record: TaskRecord) -> str:
     """Send a failed task again with the same arguments; the new id."""
     if not record.name:
         raise HTTPError(409, "UnknownTask", "the task's name is not known, so it cannot be sent again")

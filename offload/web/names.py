@@ -8,32 +8,15 @@ name (``add`` for ``myapp.tasks.add``). Its full Celery name is accepted too.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
 from ..core import exposed_name as short_name
 from ..exceptions import ConfigurationError
+from .interface import OffloadLike
 from .schema import matches, schema_of
 
 __all__ = ["ArgumentsError", "ExposedTasks", "short_name"]
-
-
-class TaskLike(Protocol):
-    """What is used of a Celery task."""
-
-    name: str
-
-    def run(self, *args: Any, **kwargs: Any) -> Any: ...
-
-
-class OffloadLike(Protocol):
-    """What is used of :class:`offload.Offload`."""
-
-    @property
-    def exposed_tasks(self) -> Mapping[str, Any]: ...
-
-    @property
-    def celery(self) -> Any: ...
 
 
 class ArgumentsError(TypeError):

@@ -12,6 +12,7 @@ import inspect
 import typing
 from typing import Any
 
+from ..ids import PATTERN as TASK_ID_PATTERN
 from .names import signature_of
 from .schema import matches, schema_of
 
@@ -113,7 +114,7 @@ def openapi_document(api: Any) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``api`` (a :class:`offload.web.TaskAPI`)."""
     p = api.prefix
     task_id = {"name": "id", "in": "path", "required": True,
-               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"}}
+               "schema": {"type": "string", "pattern": TASK_ID_PATTERN}}
     paths: dict[str, Any] = {}
     for short, task in api.tasks:
         doc = inspect.getdoc(task.run) or ""

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Union
 from urllib.parse import parse_qsl
 
 from ..exposure import Exposure
+from ..ids import RULE, is_task_id
 from . import strict_json
+from .interface import OffloadLike
 from .waiting import TaskSnapshot, compact_json
 
 if TYPE_CHECKING:
@@ -30,8 +32,6 @@ __all__ = ["API", "Answer", "Authorize", "Call", "EventStream", "HTTPError", "Ha
            "Response", "Step", "Steps", "Wait", "allow_method", "drive_sync", "error_response", "json_response",
            "parse_json", "parse_query", "parse_task_id", "require_json", "too_many_fields"]
 
-#: A task id as Celery makes them (a UUID) or as a user may choose them.
-TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 #: A Content-Length header as HTTP defines it: digits only (no sign, no ``_``).
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
@@ -193,16 +193,16 @@ def allow_method(method: str, allowed: Sequence[str], also: Sequence[str] = ()) 
 
 
 def parse_task_id(raw: str) -> str:
-    """``raw`` if it can be a task id, else HTTPError 400 (``BadTaskId``)."""
-    if not TASK_ID.fullmatch(raw):
-        raise HTTPError(400, "BadTaskId", "a task id is 1-200 letters, digits and . _ : -")
+    """``raw`` if it can be a task id (:mod:`offload.ids`), else HTTPError 400 (``BadTaskId``)."""
+    if not is_task_id(raw):
+        raise HTTPError(400, "BadTaskId", RULE)
     return raw
 
 
 class API(Protocol):
     """What the drivers and the routes use of a :class:`offload.web.TaskAPI`."""
 
-    off: Any
+    off: OffloadLike
     prefix: str
     cors: CorsConfig
     authorize: Authorize | None

@@ -27,12 +27,13 @@ import queue
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from celery import states
 
 from ..futures import loop_inbox
 from ..hub import LOST, READY_STATES, TaskEvent
+from .interface import OffloadLike
 from .strict_json import dumps as compact_json
 
 __all__ = [
@@ -45,19 +46,6 @@ __all__ = [
     "wait_final",
     "wait_final_sync",
 ]
-
-
-class HubLike(Protocol):
-    """What this module uses of :class:`offload.hub.ResultHub`."""
-
-    def subscribe(self, task_id: str, listener: Any, *, grace: float = ...) -> Any: ...
-
-
-class OffloadLike(Protocol):
-    """What this module uses of :class:`offload.Offload`."""
-
-    hub: HubLike
-    celery: Any
 
 
 @dataclass(frozen=True)
@@ -325,7 +313,7 @@ def follow_sync(off: OffloadLike, task_id: str, *, timeout: float,
         subscription.close()
 
 
-def lookup(off: Any, task_id: str) -> TaskSnapshot:
+def lookup(off: OffloadLike, task_id: str) -> TaskSnapshot:
     """The task's snapshot read once from the result backend (blocks on it).
 
     For a look-up that does not wait: nothing is left watching the id

@@ -13,6 +13,7 @@ from typing_extensions import assert_type
 
 from offload import Future, Offload
 from offload.task import AsyncTask, Task
+from offload.web.interface import OffloadLike
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
 
@@ -121,3 +122,7 @@ with off.executor() as ex:
     assert_type(ex.submit(add, 1, 2), Future[int])
     assert_type(list(ex.map(square, [1.0, 2.0])), list[float])
     assert_type(ex.submit(halve, 1.0), Future[float])
+
+
+# An Offload is what the web task API's modules take (offload.web.interface).
+web_side: OffloadLike = off

@@ -1,4 +1,7 @@
-"""Building an error report: what failed, where, in which request; secrets scrubbed.
+"""Capturing an error as a report: what failed, where, in which request; secrets scrubbed.
+
+The report's data, and nothing of delivering it (:mod:`.service` sends it
+through the Offload's workers to the sinks).
 
 A report is a plain JSON-safe dict, so it travels as a task argument and is
 written to the spool as is. It carries the stack trace as frames (file, line,

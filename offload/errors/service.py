@@ -1,4 +1,7 @@
-"""Error reporting for one Offload: its tasks, its sinks, its pipeline.
+"""The error-reporting service of one Offload: its tasks, its sinks, its pipeline.
+
+Delivering what :mod:`.capture` captured; the entry points (``setup``,
+``ErrorReporting``, ``submit_error``) live here.
 
 :func:`setup` registers two tasks on the Offload's Celery app,
 ``offload.errors.send`` (deliver a report to every sink, retrying with
@@ -34,7 +37,7 @@ from ..datadir import fallback_data_dir
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..exceptions import ConfigurationError
 from .pipeline import Pipeline
-from .report import MAX_TRACEBACK, REQUEST_KEYS, ExcInfo, build_report, fingerprint, now_iso
+from .capture import MAX_TRACEBACK, REQUEST_KEYS, ExcInfo, build_report, fingerprint, now_iso
 from .scrub import FILTERED, SECRET_HEADERS, SECRET_NAME_PARTS, Scrubber, repr_safe
 from .sinks import FogBugz, Sink, SinkRefused
 from .spool import Spool
