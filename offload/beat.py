@@ -38,13 +38,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from celery import beat as celery_beat
 from celery.schedules import BaseSchedule, schedule as every
 
 from .datadir import fallback_data_dir, make_private_dirs
 from .exceptions import ConfigurationError
+from .interface import OffloadLike
 
 __all__ = ["SCHEDULER", "BeatProcess", "QueueLease", "RedisLease", "Scheduler", "scheduler_lease", "as_schedule", "has_schedule",
            "run_beat", "state_file", "task_entries"]
@@ -60,14 +61,6 @@ LOCK_RETRY = 0.5
 LEASE_TTL = 6.0
 
 logger = logging.getLogger(__name__)
-
-
-class _Offload(Protocol):
-    """What this module uses of an :class:`offload.Offload`."""
-
-    celery: Any
-    settings: Any
-    workers: Any
 
 
 def as_schedule(value: Any) -> BaseSchedule:
@@ -111,12 +104,12 @@ def task_entries(app: Any) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def has_schedule(off: _Offload) -> bool:
+def has_schedule(off: OffloadLike) -> bool:
     """True when a task has a schedule or ``CELERY_BEAT_SCHEDULE`` is set."""
     return bool(off.celery.conf.beat_schedule) or bool(task_entries(off.celery))
 
 
-def state_file(off: _Offload) -> Path:
+def state_file(off: OffloadLike) -> Path:
     """``OFFLOAD_DATA_DIR/beat/celerybeat-schedule``: the scheduler's state."""
     data_dir = off.settings.data_dir or fallback_data_dir()
     return Path(data_dir) / "beat" / "celerybeat-schedule"
@@ -373,7 +366,7 @@ def _read_pid(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def run_beat(off: _Offload, loglevel: str = "INFO") -> None:
+def run_beat(off: OffloadLike, loglevel: str = "INFO") -> None:
     """Run the scheduler in this process until it is stopped (``offload beat``).
 
     Raises:
@@ -400,7 +393,7 @@ class BeatProcess:
     by another process or on another host, wait.
     """
 
-    def __init__(self, off: _Offload) -> None:
+    def __init__(self, off: OffloadLike) -> None:
         self._off = off
         self.proc: subprocess.Popen[bytes] | None = None
 

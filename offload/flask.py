@@ -42,32 +42,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Protocol
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from .config import is_setting
 from .frameworks import EXTENSION_KEY, FACTORY_NAMES, is_flask_app, offload_of
+from .interface import OffloadLike
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXTENSION_KEY", "FlaskHooks", "dispose_inherited_engines", "init_app", "is_flask_app", "offload_of"]
 
 
-class _Configurable(Protocol):
-    """What the integration needs of an Offload."""
-
-    app_hooks: Any
-
-    def configure(self, config: Mapping[str, Any] | None, *, default_data_dir: str | None = None) -> None: ...
-
-    def add_task_context(self, factory: Any) -> None: ...
-
-    def remove_task_context(self, factory: Any) -> None: ...
-
-    def add_commit_hook(self, hook: Callable[[Callable[[], None]], bool]) -> None: ...
-
-
-def init_app(off: _Configurable, app: Any) -> None:
+def init_app(off: OffloadLike, app: Any) -> None:
     """Configure ``off`` from ``app.config``; tasks then run in ``app``'s context.
 
     The data folder defaults to the app's ``instance_path``. Given another
@@ -93,7 +80,7 @@ def init_app(off: _Configurable, app: Any) -> None:
 class FlaskHooks:
     """What the core may ask of the Flask app an Offload was last given (:class:`offload.frameworks.AppHooks`)."""
 
-    def __init__(self, off: _Configurable, app: Any) -> None:
+    def __init__(self, off: OffloadLike, app: Any) -> None:
         self.off = off
         #: The Flask app; the tasks' app context is this app's.
         self.app = app
@@ -175,7 +162,7 @@ def _after_commit_of_session(send: Any) -> bool:
     return True
 
 
-def _after_fork_in_pool(off: _Configurable) -> None:
+def _after_fork_in_pool(off: OffloadLike) -> None:
     """In each new pool process of a worker, drop the app's inherited DB connections."""
     from celery.signals import worker_process_init
 

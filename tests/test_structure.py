@@ -178,3 +178,15 @@ def test_the_core_loads_an_integration_only_when_given_an_app_of_its_kind() -> N
                           cwd=str(PACKAGE.parent))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] True FlaskHooks"
+
+
+def test_the_protocol_of_an_offload_imports_no_framework_celery_or_core() -> None:
+    # offload.interface is what every integration and service names an Offload by; it must stay
+    # importable without the core, Celery or any framework, or naming the type would drag them in.
+    probe = ("import sys, offload.interface\n"
+             "print(sorted(m for m in {'celery', 'offload.core', 'flask', 'pyramid', 'django', 'starlette'}"
+             " if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=str(PACKAGE.parent))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .service import ErrorReporting, OffloadLike, setup
+from ..interface import OffloadLike
+from .service import ErrorReporting, setup
 from .sinks import Sink
 
 __all__ = ["report_errors"]

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol
 
-from .service import OffloadLike, setup
+from ..interface import OffloadLike
+from .service import setup
 from .sinks import Sink
 
 __all__ = ["ASGIErrorReporter", "Capturing", "ErrorReporter"]

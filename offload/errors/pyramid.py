@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .service import ErrorReporting, OffloadLike, setup
+from ..interface import OffloadLike
+from .service import ErrorReporting, setup
 from .sinks import Sink
 
 __all__ = ["add_error_reporting", "error_reporting_tween_factory", "includeme"]

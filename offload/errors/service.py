@@ -27,7 +27,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from celery import bootsteps
@@ -36,6 +36,7 @@ from celery.signals import task_failure, worker_process_shutdown
 from ..datadir import fallback_data_dir
 from ..dispatch import CHUNK_TASK, DISPATCH_TASK
 from ..exceptions import ConfigurationError
+from ..interface import OffloadLike
 from .pipeline import Pipeline
 from .capture import MAX_TRACEBACK, REQUEST_KEYS, ExcInfo, build_report, fingerprint, now_iso
 from .scrub import FILTERED, SECRET_HEADERS, SECRET_NAME_PARTS, Scrubber, repr_safe
@@ -56,16 +57,6 @@ SEND_TASK = "offload.errors.send"
 """The name of the task that delivers a report to the sinks."""
 SUBMIT_TASK = "offload.errors.submit_error"
 """The name of the seed's task: ``submit_error.delay(url, user, project, area, description, extra)``."""
-
-
-class OffloadLike(Protocol):
-    """What error reporting uses of an :class:`offload.Offload`."""
-
-    celery: Any
-    settings: Any
-    import_name: str
-
-    def task(self, fn: Any = None, /, **options: Any) -> Any: ...
 
 
 def _app_version(name: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from offload import Future, Offload
+from offload.errors import setup
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
 
@@ -75,3 +76,6 @@ awaited: str = double_later.submit(1).result()  # E: Incompatible types in assig
 halves: list[Future[str]] = off.map(halve, [[1.0]])  # E: Argument 1 to "map" of "Offload" has incompatible type "Callable[[float], Coroutine[Any, Any, float]]"; expected "Callable[..., Coroutine[Any, Any, str]]"
 double_later.submit(1, 2)  # E: No overload variant of "submit" of "Task" matches argument types "int", "int"
 not_awaited: Future[int] = double_later.run(1)  # E: Incompatible types in assignment (expression has type "Coroutine[Any, Any, int]", variable has type "Future[int]")
+
+# What offload's services take is an Offload (offload.interface.OffloadLike), not its settings.
+setup({"CELERY_BROKER_URL": "redis://"})  # E: Argument 1 to "setup" has incompatible type "dict[str, str]"; expected "OffloadLike"

@@ -13,7 +13,8 @@ from typing_extensions import assert_type
 
 from offload import Future, Offload
 from offload.task import AsyncTask, Task
-from offload.web.interface import OffloadLike
+from offload.interface import OffloadLike
+from offload.web import interface as web
 
 off = Offload({"CELERY_ALWAYS_EAGER": True})
 
@@ -124,5 +125,8 @@ with off.executor() as ex:
     assert_type(ex.submit(halve, 1.0), Future[float])
 
 
-# An Offload is what the web task API's modules take (offload.web.interface).
-web_side: OffloadLike = off
+# An Offload is what the web task API, error reporting, beat and the Flask
+# integration take (offload.interface: one Protocol for all, which the web
+# re-exports); a member of it that drifts from Offload's fails here.
+any_side: OffloadLike = off
+web_side: web.OffloadLike = off
