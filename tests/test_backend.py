@@ -82,3 +82,64 @@ def test_results_reach_the_future_on_a_real_worker(_workers):
 
     futures = [off.submit(add, i, i) for i in range(50)]
     assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(50)]
+
+
+def test_changes_reads_each_write_once_in_commit_order(app):
+    backend = app.backend
+    start = backend.last_change()
+    backend.store_result("c1", 1, states.STARTED)
+    backend.store_result("c2", 2, states.SUCCESS)
+    backend.store_result("c1", 3, states.SUCCESS)  # replaces c1's row: one change, its latest value
+    backend.incr("a-counter")  # not a task's result: not in the feed
+    rows, after = backend.changes(start)
+    assert [(task_id, backend.decode_result(value)["result"]) for task_id, value in rows] == [("c2", 2), ("c1", 3)]
+    assert after == backend.last_change() > start
+    assert backend.changes(after) == ([], after)
+    rows, _ = backend.changes(start, limit=1)
+    assert [task_id for task_id, _ in rows] == ["c2"]
+
+
+def test_a_change_number_is_never_given_twice_after_a_delete(app):
+    backend = app.backend
+    backend.store_result("d1", 1, states.SUCCESS)
+    backend.store_result("d2", 2, states.SUCCESS)
+    seen = backend.last_change()
+    backend.forget("d2")  # the row holding the highest number
+    backend.store_result("d3", 3, states.SUCCESS)
+    rows, _ = backend.changes(seen)
+    assert [task_id for task_id, _ in rows] == ["d3"]  # a reader past d2 still sees d3
+
+
+def test_a_file_made_before_change_numbers_is_upgraded(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE results (key TEXT PRIMARY KEY, value, expires REAL)")
+        raw.execute("INSERT INTO results VALUES ('celery-task-meta-old', 'x', NULL)")
+    app = Celery("backend-upgrade", set_as_current=False)
+    app.conf.result_backend = f"sqlite:///{path}"
+    backend = app.backend
+    start = backend.last_change()
+    backend.store_result("new", 1, states.SUCCESS)
+    assert [task_id for task_id, _ in backend.changes(start)[0]] == ["new"]
+    assert backend.get("celery-task-meta-old") == "x"  # the old rows are kept
+
+
+def test_a_watch_is_woken_by_each_write_and_dropped_when_its_process_is_gone(app):
+    backend = app.backend
+    watch = backend.watch()
+    try:
+        assert not watch.wait(0)
+        backend.store_result("w1", 1, states.SUCCESS)
+        assert watch.wait(5)
+        backend.set_many([(backend.get_key_for_task("w2"), backend.encode({"status": "SUCCESS"}))])
+        assert watch.wait(5)
+    finally:
+        watch.close()
+    with sqlite3.connect(backend.path) as raw:
+        assert raw.execute("SELECT count(*) FROM result_watchers").fetchone()[0] == 0
+        # A watcher whose process died without closing: nobody listens at its address.
+        raw.execute("INSERT INTO result_watchers VALUES ('@offload-gone-for-good')")
+    backend._watchers_until = 0.0
+    backend.store_result("w3", 3, states.SUCCESS)
+    with sqlite3.connect(backend.path) as raw:
+        assert raw.execute("SELECT count(*) FROM result_watchers").fetchone()[0] == 0

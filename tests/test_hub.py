@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from offload.delivery import BatchPoll, RedisPush, RpcPush, strategy_for
+from offload.delivery import ChangeFeed, RedisPush, RpcPush, strategy_for
 from offload.hub import LOST, ResultHub, TaskEvent, state_rank
 from testapp import add, calls
 
@@ -79,11 +79,27 @@ def test_an_id_nothing_is_heard_of_is_told_lost_after_the_pending_limit(off):
     assert subscription.closed and hub.stats().watching == 0
 
 
+def test_a_result_stored_before_anyone_followed_it_is_found(off):
+    # Not through the hub's memory of recent ends: a hub of its own, and a
+    # result written straight into the backend, as another process would.
+    backend = off.celery.backend
+    stored, later = f"stored-{uuid.uuid4()}", f"later-{uuid.uuid4()}"
+    backend.store_result(stored, 11, "SUCCESS")
+    hub = ResultHub(lambda: off.celery.backend)
+    first, second = Recorder(), Recorder()
+    hub.subscribe(stored, first)
+    assert first.ended.wait(30), first.events
+    hub.subscribe(later, second)  # the hub is reading by now
+    backend.store_result(later, 12, "SUCCESS")
+    assert second.ended.wait(30), second.events
+    assert (first.events[-1].result, second.events[-1].result) == (11, 12)
+
+
 def test_the_strategy_follows_the_result_backend(off, broker):
     strategy = strategy_for(off.celery.backend)
     try:
-        # The embedded store is read in batches; Redis publishes (the RabbitMQ tests store results there).
-        assert isinstance(strategy, BatchPoll if broker == "embedded" else RedisPush)
+        # The embedded store's changes are read as they come; Redis publishes (the RabbitMQ tests store results there).
+        assert isinstance(strategy, ChangeFeed if broker == "embedded" else RedisPush)
         assert "task_id" in strategy.submit_options()
     finally:
         strategy.reset()

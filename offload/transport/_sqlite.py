@@ -171,8 +171,13 @@ def _prepare_folder(path: str) -> None:
 
 
 def connect(path: str, schema: str, synchronous: str = "NORMAL",
-            busy_timeout: float | None = None) -> sqlite3.Connection:
+            busy_timeout: float | None = None,
+            upgrade: Callable[[sqlite3.Connection], None] | None = None) -> sqlite3.Connection:
     """Open ``path`` in WAL mode with a busy timeout, creating ``schema`` once.
+
+    ``upgrade`` then brings a file an older release made up to date (a
+    column added since); it must be harmless to run again, and to run in two
+    processes at once.
 
     The connection is in autocommit mode (``isolation_level=None``): single
     statements commit by themselves and multi-statement writes use
@@ -196,6 +201,8 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL",
         # After a checkpoint the -wal file is cut back to this size.
         conn.execute("PRAGMA journal_size_limit=4194304")
         retrying(lambda: conn.executescript(schema), busy_timeout, path)
+        if upgrade is not None:
+            retrying(lambda: upgrade(conn), busy_timeout, path)
     except DatabaseLocked:
         conn.close()
         raise
@@ -218,9 +225,11 @@ class LocalConnections:
     """
 
     def __init__(self, path: str, schema: str, synchronous: str = "NORMAL",
-                 busy_timeout: float = BUSY_TIMEOUT) -> None:
+                 busy_timeout: float = BUSY_TIMEOUT,
+                 upgrade: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self.path = path
         self._schema = schema
+        self._upgrade = upgrade
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -229,7 +238,8 @@ class LocalConnections:
         local = self._local
         pid = os.getpid()
         if getattr(local, "pid", None) != pid:
-            local.conn = connect(self.path, self._schema, self._synchronous, self._busy_timeout)
+            local.conn = connect(self.path, self._schema, self._synchronous, self._busy_timeout,
+                                 self._upgrade)
             local.pid = pid
         return local.conn
 

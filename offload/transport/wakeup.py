@@ -59,11 +59,12 @@ class Waker:
         except (BlockingIOError, InterruptedError):
             pass
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until poked or ``timeout`` seconds pass."""
+    def wait(self, timeout: float) -> bool:
+        """Sleep until poked or ``timeout`` seconds pass; whether it was poked."""
         readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
         if readable:
             self.drain()
+        return bool(readable)
 
     def poke(self) -> None:
         """Wake this process's own sleeper (an ack freed room for more)."""
