@@ -190,7 +190,7 @@ def clients_main(mode: str, port: int, ids: list[str]) -> None:
                 for attempt in range(50):
                     try:
                         transport, _ = await loop.create_connection(
-                            lambda: Client(mode, task_id, port, stats), "127.0.0.1", port)
+                            lambda task_id=task_id: Client(mode, task_id, port, stats), "127.0.0.1", port)
                         break
                     except OSError:
                         await asyncio.sleep(0.05 * (attempt + 1))
