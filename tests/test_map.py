@@ -21,7 +21,7 @@ from celery.signals import before_task_publish
 import offload
 from offload import BrokerUnavailable, NotAllowedError, Offload
 from offload.exceptions import RejectedMessage
-from conftest import WorkerProcess, dead_broker_url, require_service, wait_ready, wait_until
+from conftest import WorkerProcess, closed_port, dead_broker_url, require_service, wait_ready, wait_until
 from testapp import test_id
 from offload.core import MAP_CHUNK_MAX, chunk_sizes
 from offload.dispatch import (CHUNK_TASK, DISPATCH_TASK, chunk_call_ids, read_states, results_channel,
@@ -237,6 +237,56 @@ def test_batched_results_read_as_celerys_own(off):
     meta = off.celery.backend.get_task_meta(failed, cache=False)
     assert meta["status"] == states.FAILURE and isinstance(meta["result"], KeyError)
     assert meta["traceback"] == "Traceback ..."
+
+
+def test_batched_results_stored_on_a_redis_that_refuses_scripts(tmp_path):
+    # On Redis a batch is stored by one script call; a server that takes no
+    # scripts (a managed Redis may refuse EVAL) gets the same writes and
+    # publishes by pipeline.
+    import shutil
+    import subprocess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = closed_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--rename-command", "EVALSHA", "", "--rename-command", "EVAL", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        assert wait_until(lambda: _pings(client), 20)
+        app = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"})
+        backend = app.celery.backend
+        listener = client.pubsub()
+        first = str(uuid.uuid4())
+        channel = results_channel(first[:8])
+        listener.subscribe(channel)
+        assert wait_until(lambda: listener.get_message(timeout=0.1) is not None, 10)  # the confirmation
+        ids = [first[:8] + str(uuid.uuid4())[8:] for _ in range(3)]
+        store_results(backend, [(task_id, states.SUCCESS, index, None) for index, task_id in enumerate(ids)])
+        for index, task_id in enumerate(ids):
+            meta = backend.get_task_meta(task_id, cache=False)
+            assert (meta["status"], meta["result"]) == (states.SUCCESS, index)
+            assert 0 < client.ttl(backend.get_key_for_task(task_id)) <= int(backend.expires)
+        message = None
+        deadline = time.monotonic() + 10
+        while message is None and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.5)
+        assert message is not None, "no batch message was published"
+        assert [meta["task_id"] for meta in json.loads(message["data"])] == ids
+        listener.close()
+        client.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
