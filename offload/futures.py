@@ -39,7 +39,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import CancelledError
 from concurrent.futures import Future as _BaseFuture
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from celery import bootsteps, states
 from celery.exceptions import TaskRevokedError
@@ -77,30 +77,28 @@ class Future(_BaseFuture[T]):
         (3, True, 'SUCCESS')
     """
 
-    # Defaults read from the class until set: a large ``map`` makes thousands
-    # of futures at once, and each attribute not set in __init__ is time saved.
-    _async_result: Any = None
-    _task_state: str = states.PENDING
-    _progress: Any = None
-    _subscription: Subscription | None = None
-    _cancel_notified = False
-    _fired = False
-    #: Done-callbacks and asyncio wakers, kept here, not in the base class's
-    #: list, so that they run where we choose (see _on_done); None until one comes.
-    _callbacks: list[Callable[[Future[T]], Any]] | None = None
-    _wakers: list[Callable[[], None]] | None = None
-
     def __init__(self, task_id: str, hub: ResultHub | None = None, *, app: Any = None,
                  name: str | None = None, queue: str | None = None) -> None:
         super().__init__()
         self._task_id = task_id
         # For the messages of a wait that gives up: which task, on which queue.
         self._name = name
-        self._queue = queue if queue is None or isinstance(queue, str) else getattr(queue, "name", queue)
+        self._queue = getattr(queue, "name", queue)  # a route may give a kombu Queue
         self._hub = hub
         self._app = app
+        self._async_result: Any = None
+        self._task_state: str = states.PENDING
+        self._progress: Any = None
+        self._subscription: Subscription | None = None
+        # Done-callbacks and asyncio wakers are kept here, not in the base
+        # class's list, so that they run where we choose (see _on_done).
         self._callback_lock = threading.Lock()
         self._cancel_lock = threading.Lock()
+        self._cancel_notified = False
+        self._callbacks: list[Callable[[Future[T]], Any]] = []
+        self._wakers: list[Callable[[], None]] = []
+        self._fired = False
+        super().add_done_callback(_fire)
 
     def __repr__(self) -> str:
         return f"<offload.Future {self.id} {self._task_state}>"
@@ -196,6 +194,7 @@ class Future(_BaseFuture[T]):
     @staticmethod
     def follow_all(futures: list[Future[Any]], hub: ResultHub, *, grace: float = 0.0) -> None:
         """:meth:`follow` for many futures in one call of the hub (``map``)."""
+        # A future starts PENDING: the hub need not say so to each new one.
         pending = all(future._task_state == states.PENDING for future in futures)
         subscriptions = hub.subscribe_many([(future._task_id, future) for future in futures], grace=grace,
                                            pending_known=pending)
@@ -244,8 +243,6 @@ class Future(_BaseFuture[T]):
         fn = _adapt_callback(fn)
         with self._callback_lock:
             if not self._fired:
-                if self._callbacks is None:
-                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         _call(fn, self)
@@ -276,8 +273,6 @@ class Future(_BaseFuture[T]):
     def _add_waker(self, wake: Callable[[], None]) -> None:
         with self._callback_lock:
             if not self._fired:
-                if self._wakers is None:
-                    self._wakers = []
                 self._wakers.append(wake)
                 return
         wake()
@@ -285,29 +280,18 @@ class Future(_BaseFuture[T]):
     def _remove_waker(self, wake: Callable[[], None]) -> None:
         with self._callback_lock:
             try:
-                self._wakers.remove(wake)  # type: ignore[union-attr]
-            except (AttributeError, ValueError):
+                self._wakers.remove(wake)
+            except ValueError:
                 pass
 
-    def _invoke_callbacks(self) -> None:
-        # concurrent.futures.Future calls this private method once the future
-        # is done (set_result, set_exception, cancel), in the completing
-        # thread; hooking it costs nothing per future, where registering a
-        # done-callback of the base class's took a third of a future's making.
-        # tests/test_library_internals.py fails if the base class stops calling it.
-        self._on_done()
-        super()._invoke_callbacks()  # type: ignore[misc]
-
     def _on_done(self) -> None:
-        # In the completing thread (the hub's): wake coroutines there
-        # (non-blocking), run callbacks elsewhere.
+        # The base class calls this in the completing thread (the hub's):
+        # wake coroutines there (non-blocking), run callbacks elsewhere.
         with self._callback_lock:
-            if self._fired:
-                return
             self._fired = True
-            callbacks, self._callbacks = self._callbacks, None
-            wakers, self._wakers = self._wakers, None
-        for wake in wakers or ():
+            callbacks, self._callbacks = self._callbacks, []
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
             wake()
         if not callbacks:
             return
@@ -374,6 +358,12 @@ class Future(_BaseFuture[T]):
                 self.set_result(result)
         except Exception:  # InvalidStateError: cancelled locally meanwhile
             pass
+
+
+def _fire(future: _BaseFuture[Any]) -> None:
+    # The base class's one done-callback (a plain function: no reference
+    # from the future to a bound method of itself).
+    cast(Future[Any], future)._on_done()
 
 
 def _resolve(woken: asyncio.Future[None]) -> None:

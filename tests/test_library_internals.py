@@ -102,27 +102,6 @@ def test_celery_builds_a_stored_meta_in_get_result_meta() -> None:
     assert _parameters(Backend._get_result_meta)[:4] == ["result", "state", "traceback", "request"]
 
 
-def test_concurrent_futures_runs_invoke_callbacks_once_a_future_is_done() -> None:
-    """offload.futures.Future hooks ``_invoke_callbacks``, which the standard
-    library's Future calls once done (set_result, set_exception, cancel), to
-    wake its waiters and run its callbacks without a done-callback of its own."""
-    from concurrent.futures import Future as BaseFuture
-
-    assert _parameters(BaseFuture._invoke_callbacks) == []  # type: ignore[attr-defined]
-    calls: list[str] = []
-
-    class Probe(BaseFuture[Any]):
-        def _invoke_callbacks(self) -> None:
-            calls.append(self._state)  # type: ignore[attr-defined]
-            super()._invoke_callbacks()  # type: ignore[misc]
-
-    done, failed, cancelled = Probe(), Probe(), Probe()
-    done.set_result(1)
-    failed.set_exception(ValueError("x"))
-    cancelled.cancel()
-    assert calls == ["FINISHED", "FINISHED", "CANCELLED"]
-
-
 def test_redis_py_connection_internals_the_subscriber_reads() -> None:
     """offload._resp.Subscriber polls a pooled connection's ``_sock`` itself
     and sends with ``send_command(..., check_health=False)``."""
