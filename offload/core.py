@@ -982,7 +982,7 @@ class _Submitter:
             off._mark_exposed(off._dispatcher, call_ids, first_options, self._exposed)
         name, queue = first_options["shadow"], options.get("queue")
         grace = _delay_of(options)
-        maxsize = off.celery.amqp.argsrepr_maxsize
+        maxsize, maxlevels = off.celery.amqp.argsrepr_maxsize, off.celery.conf.task_repr_maxlevels
         futures: list[Future[Any]] = []
         sent = 0
         try:
@@ -1015,7 +1015,7 @@ class _Submitter:
                     with pipelined() if pipelined is not None and len(group) > 1 else contextlib.nullcontext():
                         for chunk_id, chunk in group:
                             dispatch((ref, chunk), producer=producer, task_id=chunk_id,
-                                     argsrepr=_chunk_argsrepr(ref, chunk, maxsize), **options)
+                                     argsrepr=_chunk_argsrepr(ref, chunk, maxsize, maxlevels), **options)
                     sent = len(futures)
                     index = group_end
         except BaseException as exc:
@@ -1036,11 +1036,12 @@ MAP_SEND_GROUP = 512
 _REPR_CALLS = 3
 
 
-def _chunk_argsrepr(ref: str, chunk: list[list[Any]], maxsize: int) -> str | None:
+def _chunk_argsrepr(ref: str, chunk: list[list[Any]], maxsize: int, maxlevels: int) -> str | None:
     """What a chunk's ``argsrepr`` shows, or None for Celery's own (small chunks).
 
     Celery would build the repr of the whole chunk, cut to ``maxsize``
-    characters: the walk over a chunk of 128 calls costs more than sending it.
+    characters (and ``maxlevels`` deep, as here): the walk over a chunk of
+    128 calls costs more than sending it.
     The head stays the same, ``('module:qualname', [[args, kwargs], ...``, and
     the count of calls ends it.
     """
@@ -1048,7 +1049,7 @@ def _chunk_argsrepr(ref: str, chunk: list[list[Any]], maxsize: int) -> str | Non
         return None
     from celery.utils.saferepr import saferepr
 
-    shown = saferepr((ref, chunk[:_REPR_CALLS]), maxsize)
+    shown = saferepr((ref, chunk[:_REPR_CALLS]), maxsize, maxlevels=maxlevels)
     if shown.endswith("])"):
         shown = f"{shown[:-2]}, ... {len(chunk)} calls])"
     return str(shown)

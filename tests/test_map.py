@@ -51,6 +51,56 @@ def test_chunked_map_gives_each_call_its_own_future(off):
     assert off.get(futures[7].id).result(timeout=60) == 14
 
 
+def test_a_chunks_argsrepr_shows_its_head_and_its_count_of_calls(off):
+    # Monitors show a chunk by its reference and first calls, not a walk over
+    # all of them; the repr is in the headers only, not the properties too.
+    seen = []
+
+    def capture(sender=None, headers=None, properties=None, **kwargs):
+        if sender == CHUNK_TASK:
+            seen.append((headers.get("argsrepr"), dict(properties or {})))
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        futures = off.map(add, [[i, 1] for i in range(10)], chunksize=10)
+    finally:
+        before_task_publish.disconnect(capture)
+    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(10)]
+    (argsrepr, properties), = seen
+    # Celery's own repr of the first 3 calls (as deep as its task_repr_maxlevels), then the count.
+    from celery.utils.saferepr import saferepr
+
+    head = saferepr(("testapp:add", [[[i, 1], {}] for i in range(3)]), 1024,
+                    maxlevels=off.celery.conf.task_repr_maxlevels)
+    assert argsrepr == head[:-2] + ", ... 10 calls])", argsrepr
+    assert argsrepr.startswith("('testapp:add', [")
+    assert "argsrepr" not in properties and "kwargsrepr" not in properties
+
+
+def test_a_large_map_sends_its_chunks_in_groups_as_their_futures_are_made(off):
+    # The first chunk alone, then about MAP_SEND_GROUP calls' chunks at a time:
+    # every result still reaches its own future.
+    from offload.core import MAP_SEND_GROUP
+
+    total = 3 * MAP_SEND_GROUP
+    followed = []
+
+    def note(sender=None, **kwargs):
+        if sender == CHUNK_TASK:
+            followed.append(off.hub.stats().listeners)
+
+    before_task_publish.connect(note, weak=False)
+    try:
+        with Published() as published:
+            futures = off.map(add, [[i, 1] for i in range(total)], chunksize=100)
+    finally:
+        before_task_publish.disconnect(note)
+    assert [f.result(timeout=120) for f in futures] == [i + 1 for i in range(total)]
+    assert [count for _name, count in published.messages] == chunk_sizes(total, 100)
+    # When the first chunk left, only its own calls' futures were listening.
+    assert followed[0] < total and followed[-1] >= followed[0]
+
+
 class Published:
     """The task name and the number of calls of each message sent meanwhile."""
 
