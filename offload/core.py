@@ -967,31 +967,38 @@ class _Submitter:
         off = self._off
         if off.settings.start_local_workers and calls:
             off.workers.ensure_started()
-        prepared = [off._prepare(fn, args, kwargs, dict(self._options)) for args, kwargs in calls]
-        self._check_encodable(fn, prepared)
-        if off.celery.conf.task_always_eager:
-            return [off._send(fn, send, exposed=self._exposed) for send in prepared]
+        eager = off.celery.conf.task_always_eager
         if chunksize is None and (_PER_CALL_OPTIONS & self._options.keys()):
             chunksize = 1
-        if chunksize != 1 and self._can_chunk(fn):
+        if not eager and chunksize != 1 and self._can_chunk(fn):
             if "task_id" in self._options:
                 raise TypeError("task_id= names one task: it cannot be given with chunksize")
-            return self._send_chunks(fn, prepared, chunk_sizes(len(prepared), chunksize))
+            if not calls:
+                return []
+            # One call's options (queue, routing, shown name) for every chunk;
+            # the calls themselves go as [args, kwargs] pairs.
+            first = off._prepare(fn, calls[0][0], calls[0][1], dict(self._options))
+            pairs = [[list(args), kwargs] for args, kwargs in calls]
+            self._check_encodable(fn, pairs)
+            return self._send_chunks(fn, first[2], pairs, chunk_sizes(len(pairs), chunksize))
+        prepared = [off._prepare(fn, args, kwargs, dict(self._options)) for args, kwargs in calls]
+        self._check_encodable(fn, [call_args for _task, call_args, _options in prepared])
+        if eager:
+            return [off._send(fn, send, exposed=self._exposed) for send in prepared]
         # One producer (one connection) for the whole batch.
         with off.celery.producer_or_acquire() as producer:
             return [off._send(fn, send, producer, self._exposed) for send in prepared]
 
-    def _check_encodable(self, fn: Callable[..., Any],
-                         prepared: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> None:
+    def _check_encodable(self, fn: Callable[..., Any], calls: list[Any]) -> None:
         # One encoding of every call's arguments; item by item only to name
         # the one that fails.
         serializer = self._off.celery.conf.task_serializer
         try:
-            dumps([call_args for _task, call_args, _options in prepared], serializer=serializer)
+            dumps(calls, serializer=serializer)
             return
         except EncodeError:
             pass
-        for index, (_task, call_args, _options) in enumerate(prepared):
+        for index, call_args in enumerate(calls):
             try:
                 dumps(call_args, serializer=serializer)
             except EncodeError as exc:
@@ -1007,48 +1014,59 @@ class _Submitter:
         return (not _is_task(fn) and not self._options.get("ignore_result")
                 and stores_results(self._off.celery.backend))
 
-    def _send_chunks(self, fn: Callable[..., Any], prepared: list[tuple[Any, tuple[Any, ...], dict[str, Any]]],
+    def _send_chunks(self, fn: Callable[..., Any], first_options: dict[str, Any], calls: list[list[Any]],
                      sizes: list[int]) -> list[Future]:
         off = self._off
-        if not prepared:
-            return []
         ref = off._reference(fn)
         # Queue, routing and the name shown in monitors: as for one call.
-        options = {**off._publish_options,
-                   **{key: value for key, value in prepared[0][2].items() if key != "shadow"}}
-        options["shadow"] = f"{prepared[0][2]['shadow']}[chunk]"
+        options = {**off._publish_options, **{key: value for key, value in first_options.items() if key != "shadow"}}
+        options["shadow"] = f"{first_options['shadow']}[chunk]"
         hub = off.hub
         # A call's id is its chunk's id and its index there (chunk_call_ids):
         # a chunk's worker writes results to no id the message could choose.
         chunk_ids = hub.new_task_ids(len(sizes))
-        call_ids = [call_id for chunk_id, size in zip(chunk_ids, sizes)
-                    for call_id in chunk_call_ids(chunk_id, size)]
         if self._exposed is not None:
-            off._mark_exposed(off._dispatcher, call_ids, prepared[0][2], self._exposed)
-        name, queue = prepared[0][2]["shadow"], options.get("queue")
-        futures: list[Future[Any]] = [Future(call_id, app=off.celery, name=name, queue=queue)
-                                      for call_id in call_ids]
-        # Every future listens before the first chunk leaves: no result is missed.
-        Future.follow_all(futures, hub, grace=_delay_of(options))
-        calls = [[args, kwargs] for _task, ((_ref, args, kwargs),), _options in prepared]
-        chunks: list[list[list[Any]]] = []
-        start = 0
-        for size in sizes:
-            chunks.append(calls[start:start + size])
-            start += size
+            call_ids = [call_id for chunk_id, size in zip(chunk_ids, sizes)
+                        for call_id in chunk_call_ids(chunk_id, size)]
+            off._mark_exposed(off._dispatcher, call_ids, first_options, self._exposed)
+        name, queue = first_options["shadow"], options.get("queue")
+        grace = _delay_of(options)
+        maxsize, maxlevels = off.celery.amqp.argsrepr_maxsize, off.celery.conf.task_repr_maxlevels
+        futures: list[Future[Any]] = []
         sent = 0
         try:
             with off.celery.producer_or_acquire() as producer:
-                # The first chunk at once (workers start on it); the rest in
-                # one round trip where the transport can (offload-redis).
+                # Sent as they are made, group by group: the first chunk at
+                # once (workers start on it), then about SEND_GROUP calls'
+                # chunks at a time, in one round trip where the transport can
+                # (offload-redis). Every future of a group listens before its
+                # chunks leave: no result is missed, and the workers run the
+                # first chunks while the futures of the last are being made.
                 dispatch = off._chunk_dispatcher.apply_async
-                dispatch((ref, chunks[0]), producer=producer, task_id=chunk_ids[0], **options)
-                sent = len(chunks[0])
                 pipelined = getattr(producer.channel, "pipelined_puts", None)
-                with pipelined() if pipelined is not None else contextlib.nullcontext():
-                    for chunk_id, chunk in zip(chunk_ids[1:], chunks[1:]):
-                        dispatch((ref, chunk), producer=producer, task_id=chunk_id, **options)
-                sent = len(calls)
+                start = index = 0
+                while index < len(sizes):
+                    group_end = index + 1
+                    if index:
+                        grouped = sizes[index]
+                        while group_end < len(sizes) and grouped < MAP_SEND_GROUP:
+                            grouped += sizes[group_end]
+                            group_end += 1
+                    made: list[Future[Any]] = []
+                    group: list[tuple[str, list[list[Any]]]] = []
+                    for chunk_id, size in zip(chunk_ids[index:group_end], sizes[index:group_end]):
+                        made += [Future(call_id, app=off.celery, name=name, queue=queue)
+                                 for call_id in chunk_call_ids(chunk_id, size)]
+                        group.append((chunk_id, calls[start:start + size]))
+                        start += size
+                    Future.follow_all(made, hub, grace=grace)
+                    futures += made
+                    with pipelined() if pipelined is not None and len(group) > 1 else contextlib.nullcontext():
+                        for chunk_id, chunk in group:
+                            dispatch((ref, chunk), producer=producer, task_id=chunk_id,
+                                     argsrepr=_chunk_argsrepr(ref, chunk, maxsize, maxlevels), **options)
+                    sent = len(futures)
+                    index = group_end
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()
@@ -1057,6 +1075,33 @@ class _Submitter:
                 raise broker_unreachable(off.celery, cause, "send the tasks") from cause
             raise
         return futures
+
+
+#: ``map`` sends its chunks as it makes their futures, about this many calls'
+#: chunks in one round trip after the first chunk (see _Submitter._send_chunks).
+MAP_SEND_GROUP = 512
+
+#: A chunk's arguments as monitors show them: the reference and this many calls.
+_REPR_CALLS = 3
+
+
+def _chunk_argsrepr(ref: str, chunk: list[list[Any]], maxsize: int, maxlevels: int) -> str | None:
+    """What a chunk's ``argsrepr`` shows, or None for Celery's own (small chunks).
+
+    Celery would build the repr of the whole chunk, cut to ``maxsize``
+    characters (and ``maxlevels`` deep, as here): the walk over a chunk of
+    128 calls costs more than sending it.
+    The head stays the same, ``('module:qualname', [[args, kwargs], ...``, and
+    the count of calls ends it.
+    """
+    if len(chunk) <= _REPR_CALLS:
+        return None
+    from celery.utils.saferepr import saferepr
+
+    shown = saferepr((ref, chunk[:_REPR_CALLS]), maxsize, maxlevels=maxlevels)
+    if shown.endswith("])"):
+        shown = f"{shown[:-2]}, ... {len(chunk)} calls])"
+    return str(shown)
 
 
 def exception_types(value: Any, what: str) -> tuple[type[BaseException], ...]:

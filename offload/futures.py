@@ -189,13 +189,17 @@ class Future(_BaseFuture[T]):
     def follow(self, hub: ResultHub, *, grace: float = 0.0) -> Future[T]:
         """Have ``hub`` complete this future (``Offload`` calls this)."""
         self._hub = hub
-        self._subscription = hub.subscribe(self._task_id, self, grace=grace)
+        self._subscription = hub.subscribe_many([(self._task_id, self)], grace=grace,
+                                                pending_known=self._task_state == states.PENDING)[0]
         return self
 
     @staticmethod
     def follow_all(futures: list[Future[Any]], hub: ResultHub, *, grace: float = 0.0) -> None:
         """:meth:`follow` for many futures in one call of the hub (``map``)."""
-        subscriptions = hub.subscribe_many([(future._task_id, future) for future in futures], grace=grace)
+        # A future starts PENDING: the hub need not say so to each new one.
+        pending = all(future._task_state == states.PENDING for future in futures)
+        subscriptions = hub.subscribe_many([(future._task_id, future) for future in futures], grace=grace,
+                                           pending_known=pending)
         for future, subscription in zip(futures, subscriptions):
             future._hub = hub
             future._subscription = subscription

@@ -163,10 +163,10 @@ class HubStats:
 class _Entry:
     __slots__ = ("subscriptions", "latest", "since", "grace")
 
-    def __init__(self, task_id: str, grace: float) -> None:
+    def __init__(self, task_id: str, grace: float, since: float) -> None:
         self.subscriptions: list[Subscription] = []
         self.latest = TaskEvent(task_id, states.PENDING)
-        self.since = time.monotonic()
+        self.since = since
         self.grace = grace  # extra patience: a countdown or eta
 
 
@@ -289,17 +289,21 @@ class ResultHub:
         """
         return self.subscribe_many([(task_id, listener)], grace=grace)[0]
 
-    def subscribe_many(self, pairs: list[tuple[str, Listener]], *, grace: float = 0.0) -> list[Subscription]:
+    def subscribe_many(self, pairs: list[tuple[str, Listener]], *, grace: float = 0.0,
+                       pending_known: bool = False) -> list[Subscription]:
         """:meth:`subscribe` for each ``(task_id, listener)``, under one lock.
 
         What ``map`` uses: one lock, one check of the hub's thread and one
-        wake-up for the whole batch, not one per call.
+        wake-up for the whole batch, not one per call. ``pending_known``:
+        the listeners already take the task for PENDING (new futures), so
+        a PENDING latest state is not delivered to them (any other is).
         """
         subscriptions = [Subscription(self, task_id, listener) for task_id, listener in pairs]
         wake = False
+        now = time.monotonic()
         with self._lock:
             for subscription in subscriptions:
-                wake = self._add(subscription, grace) or wake
+                wake = self._add(subscription, grace, now, pending_known) or wake
             if wake:
                 self._get_strategy()
                 self._ensure_thread()
@@ -307,7 +311,7 @@ class ResultHub:
             self.wakeup.set()
         return subscriptions
 
-    def _add(self, subscription: Subscription, grace: float) -> bool:
+    def _add(self, subscription: Subscription, grace: float, now: float, pending_known: bool = False) -> bool:
         # With the lock held; True when the id is new to the hub.
         task_id = subscription.task_id
         final = self._recent.get(task_id)
@@ -317,14 +321,15 @@ class ResultHub:
             return False
         entry = self._entries.get(task_id)
         if entry is None:
-            entry = self._entries[task_id] = _Entry(task_id, grace)
+            entry = self._entries[task_id] = _Entry(task_id, grace, now)
             self._new.append(task_id)
             new = True
         else:
             entry.grace = max(entry.grace, grace)
             new = False
         entry.subscriptions.append(subscription)
-        self._notify(subscription, entry.latest)
+        if not pending_known or entry.latest.state != states.PENDING:
+            self._notify(subscription, entry.latest)
         return new
 
     def _unsubscribe(self, subscription: Subscription) -> None:

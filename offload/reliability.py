@@ -203,6 +203,10 @@ class AMQP(_CeleryAMQP):
 
         def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
             kwargs.pop("expiration", None)
+            # Already in the message's headers (create_task_message): Celery
+            # would copy them into its properties as well, a second time.
+            kwargs.pop("argsrepr", None)
+            kwargs.pop("kwargsrepr", None)
             return send(producer, name, message, **kwargs)
 
         return send_task_message

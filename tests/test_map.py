@@ -21,7 +21,7 @@ from celery.signals import before_task_publish
 import offload
 from offload import BrokerUnavailable, NotAllowedError, Offload
 from offload.exceptions import RejectedMessage
-from conftest import WorkerProcess, dead_broker_url, require_service, wait_ready, wait_until
+from conftest import WorkerProcess, closed_port, dead_broker_url, require_service, wait_ready, wait_until
 from testapp import test_id
 from offload.core import MAP_CHUNK_MAX, chunk_sizes
 from offload.dispatch import (CHUNK_TASK, DISPATCH_TASK, chunk_call_ids, read_states, results_channel,
@@ -49,6 +49,56 @@ def test_chunked_map_gives_each_call_its_own_future(off):
     assert all(f.state == states.SUCCESS for f in futures)
     # Each id is a task of its own for anyone who looks it up later.
     assert off.get(futures[7].id).result(timeout=60) == 14
+
+
+def test_a_chunks_argsrepr_shows_its_head_and_its_count_of_calls(off):
+    # Monitors show a chunk by its reference and first calls, not a walk over
+    # all of them; the repr is in the headers only, not the properties too.
+    seen = []
+
+    def capture(sender=None, headers=None, properties=None, **kwargs):
+        if sender == CHUNK_TASK:
+            seen.append((headers.get("argsrepr"), dict(properties or {})))
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        futures = off.map(add, [[i, 1] for i in range(10)], chunksize=10)
+    finally:
+        before_task_publish.disconnect(capture)
+    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(10)]
+    (argsrepr, properties), = seen
+    # Celery's own repr of the first 3 calls (as deep as its task_repr_maxlevels), then the count.
+    from celery.utils.saferepr import saferepr
+
+    head = saferepr(("testapp:add", [[[i, 1], {}] for i in range(3)]), 1024,
+                    maxlevels=off.celery.conf.task_repr_maxlevels)
+    assert argsrepr == head[:-2] + ", ... 10 calls])", argsrepr
+    assert argsrepr.startswith("('testapp:add', [")
+    assert "argsrepr" not in properties and "kwargsrepr" not in properties
+
+
+def test_a_large_map_sends_its_chunks_in_groups_as_their_futures_are_made(off):
+    # The first chunk alone, then about MAP_SEND_GROUP calls' chunks at a time:
+    # every result still reaches its own future.
+    from offload.core import MAP_SEND_GROUP
+
+    total = 3 * MAP_SEND_GROUP
+    followed = []
+
+    def note(sender=None, **kwargs):
+        if sender == CHUNK_TASK:
+            followed.append(off.hub.stats().listeners)
+
+    before_task_publish.connect(note, weak=False)
+    try:
+        with Published() as published:
+            futures = off.map(add, [[i, 1] for i in range(total)], chunksize=100)
+    finally:
+        before_task_publish.disconnect(note)
+    assert [f.result(timeout=120) for f in futures] == [i + 1 for i in range(total)]
+    assert [count for _name, count in published.messages] == chunk_sizes(total, 100)
+    # When the first chunk left, only its own calls' futures were listening.
+    assert followed[0] < total and followed[-1] >= followed[0]
 
 
 class Published:
@@ -237,6 +287,56 @@ def test_batched_results_read_as_celerys_own(off):
     meta = off.celery.backend.get_task_meta(failed, cache=False)
     assert meta["status"] == states.FAILURE and isinstance(meta["result"], KeyError)
     assert meta["traceback"] == "Traceback ..."
+
+
+def test_batched_results_stored_on_a_redis_that_refuses_scripts(tmp_path):
+    # On Redis a batch is stored by one script call; a server that takes no
+    # scripts (a managed Redis may refuse EVAL) gets the same writes and
+    # publishes by pipeline.
+    import shutil
+    import subprocess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = closed_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--rename-command", "EVALSHA", "", "--rename-command", "EVAL", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        assert wait_until(lambda: _pings(client), 20)
+        app = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"})
+        backend = app.celery.backend
+        listener = client.pubsub()
+        first = str(uuid.uuid4())
+        channel = results_channel(first[:8])
+        listener.subscribe(channel)
+        assert wait_until(lambda: listener.get_message(timeout=0.1) is not None, 10)  # the confirmation
+        ids = [first[:8] + str(uuid.uuid4())[8:] for _ in range(3)]
+        store_results(backend, [(task_id, states.SUCCESS, index, None) for index, task_id in enumerate(ids)])
+        for index, task_id in enumerate(ids):
+            meta = backend.get_task_meta(task_id, cache=False)
+            assert (meta["status"], meta["result"]) == (states.SUCCESS, index)
+            assert 0 < client.ttl(backend.get_key_for_task(task_id)) <= int(backend.expires)
+        message = None
+        deadline = time.monotonic() + 10
+        while message is None and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.5)
+        assert message is not None, "no batch message was published"
+        assert [meta["task_id"] for meta in json.loads(message["data"])] == ids
+        listener.close()
+        client.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
