@@ -8,7 +8,20 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 # Defined with the transports, which raise them and import nothing of offload outside offload.transport.
-from .transport.errors import ConfigurationError, OffloadError  # noqa: F401 (re-exported)
+from .transport.errors import ConfigurationError, OffloadError
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "InvalidTaskId",
+    "NotAllowedError",
+    "OffloadError",
+    "RejectedMessage",
+    "ResultBackendLimit",
+    "TaskError",
+    "TaskLost",
+]
 
 
 class NotAllowedError(OffloadError):
@@ -98,6 +111,6 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-#: What sending to an unreachable broker (or reading an unreachable result
-#: store) raises: kombu's, the standard library's and redis-py's errors.
 CONNECTION_ERRORS = _connection_errors()
+"""What sending to an unreachable broker (or reading an unreachable result
+store) raises: kombu's, the standard library's and redis-py's errors."""

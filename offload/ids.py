@@ -37,21 +37,21 @@ from .exceptions import InvalidTaskId
 
 __all__ = ["MAX_TASK_ID", "PATTERN", "RULE", "TASK_ID", "InvalidTaskId", "check_task_id", "is_task_id"]
 
-#: The longest task id (Celery's are 36 characters; one chosen by the app
-#: may be longer, but not a whole request body).
 MAX_TASK_ID = 255
+"""The longest task id (Celery's are 36 characters; one chosen by the app
+may be longer, but not a whole request body)."""
 
-#: The rule as a regular expression, in the syntax Python and JSON Schema
-#: (ECMAScript) share: the web task API's OpenAPI document shows it as the
-#: pattern of a task id in a path.
 PATTERN = r"^(?!\.\.?$)[A-Za-z0-9._~!$&'()*+,;=:@-]{1,%d}$" % MAX_TASK_ID
+"""The rule as a regular expression, in the syntax Python and JSON Schema
+(ECMAScript) share: the web task API's OpenAPI document shows it as the
+pattern of a task id in a path."""
 
-#: :data:`PATTERN` compiled; a task id matches it whole (``TASK_ID.fullmatch``).
 TASK_ID = re.compile(PATTERN)
+""":data:`PATTERN` compiled; a task id matches it whole (``TASK_ID.fullmatch``)."""
 
-#: The rule in words, as the errors say it.
 RULE = (f"a task id is 1 to {MAX_TASK_ID} characters, each an ASCII letter or digit or one of "
         "- . _ ~ ! $ & ' ( ) * + , ; = : @ (and not '.' or '..')")
+"""The rule in words, as the errors say it."""
 
 
 def is_task_id(value: Any) -> TypeGuard[str]:
