@@ -107,6 +107,14 @@ def _circle_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
     raise AssertionError(f"no circle in {component}")  # pragma: no cover
 
 
+def fresh_python(probe: str) -> subprocess.CompletedProcess[str]:
+    """Run ``probe`` in a new interpreter (the test process has long imported everything)."""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=str(PACKAGE.parent))
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_the_graph_sees_function_local_and_relative_imports() -> None:
     graph = import_graph()
     assert "offload.core" in graph["offload"]  # `from .core import Offload`
@@ -131,12 +139,9 @@ def test_the_transports_import_nothing_of_offload_outside_offload_transport() ->
 
 
 def test_the_embedded_transport_imports_without_celery_or_the_core() -> None:
-    # A fresh interpreter: the test process has long imported everything.
     probe = ("import sys, offload.transport.sqlite\n"
              "print(sorted({'celery', 'offload.core'} & set(sys.modules)))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          cwd=str(PACKAGE.parent))
-    assert done.returncode == 0, done.stderr
+    done = fresh_python(probe)
     assert done.stdout.strip() == "[]"
 
 
@@ -164,7 +169,6 @@ def test_the_core_workers_and_boot_import_no_integration_at_all() -> None:
         assert not reached, f"{name} imports {reached}"
 
 
-
 def test_the_core_loads_an_integration_only_when_given_an_app_of_its_kind() -> None:
     # offload.frameworks names each integration's module; Offload(app) imports it for an app of its kind.
     probe = ("import sys\n"
@@ -174,9 +178,7 @@ def test_the_core_loads_an_integration_only_when_given_an_app_of_its_kind() -> N
              "import flask\n"
              "off = Offload(flask.Flask('probe'))\n"
              "print(before, 'offload.flask' in sys.modules, type(off.app_hooks).__name__)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          cwd=str(PACKAGE.parent))
-    assert done.returncode == 0, done.stderr
+    done = fresh_python(probe)
     assert done.stdout.strip() == "[] True FlaskHooks"
 
 
@@ -186,7 +188,5 @@ def test_the_protocol_of_an_offload_imports_no_framework_celery_or_core() -> Non
     probe = ("import sys, offload.interface\n"
              "print(sorted(m for m in {'celery', 'offload.core', 'flask', 'pyramid', 'django', 'starlette'}"
              " if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          cwd=str(PACKAGE.parent))
-    assert done.returncode == 0, done.stderr
+    done = fresh_python(probe)
     assert done.stdout.strip() == "[]"
