@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -39,28 +41,34 @@ def answers(server: Spawned, port: int, path: str) -> bool:
         return False
 
 
-def test_async_wait_example(tmp_path):
+@contextmanager
+def async_wait_app(data_dir: Path) -> Iterator[httpx.Client]:
+    """examples/async_wait under uvicorn, answering: a client of it, the server stopped after."""
     port = closed_port()
     server = running([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
-                     EXAMPLES / "async_wait", tmp_path)
-    base = f"http://127.0.0.1:{port}"
+                     EXAMPLES / "async_wait", data_dir)
     try:
         assert wait_until(lambda: answers(server, port, "/offload/openapi.json"), timeout=90), server.text()
-        with httpx.Client(base_url=base, timeout=60) as c:
-            ok = c.get("/divide", params={"x": 1, "y": 4})
-            assert ok.status_code == 200 and ok.json() == {"result": 0.25}
-            assert int(ok.headers["x-elapsed-ms"]) >= 0  # the middleware kept working
-            failed = c.get("/divide", params={"x": 1, "y": 0})
-            assert failed.status_code == 500
-            assert "ZeroDivisionError: float division by zero" in failed.text
-            assert "Traceback" not in failed.text and "x-elapsed-ms" in failed.headers
-            late = c.get("/slow", params={"seconds": 3, "timeout": 0.3})
-            assert late.status_code == 504 and "x-elapsed-ms" in late.headers
-            assert c.get("/divide", params={"x": "a", "y": 1}).status_code == 400
-            assert "/offload/tasks/divide" in c.get("/offload/openapi.json").json()["paths"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
     finally:
         server.stop(timeout=30)
     assert server.proc.returncode is not None
+
+
+def test_async_wait_example(tmp_path):
+    with async_wait_app(tmp_path) as c:
+        ok = c.get("/divide", params={"x": 1, "y": 4})
+        assert ok.status_code == 200 and ok.json() == {"result": 0.25}
+        assert int(ok.headers["x-elapsed-ms"]) >= 0  # the middleware kept working
+        failed = c.get("/divide", params={"x": 1, "y": 0})
+        assert failed.status_code == 500
+        assert "ZeroDivisionError: float division by zero" in failed.text
+        assert "Traceback" not in failed.text and "x-elapsed-ms" in failed.headers
+        late = c.get("/slow", params={"seconds": 3, "timeout": 0.3})
+        assert late.status_code == 504 and "x-elapsed-ms" in late.headers
+        assert c.get("/divide", params={"x": "a", "y": 1}).status_code == 400
+        assert "/offload/tasks/divide" in c.get("/offload/openapi.json").json()["paths"]
 
 
 def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
