@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 
 from celery import Celery
 from celery import Task as _CeleryTask
+from celery.utils.saferepr import saferepr
 from kombu import Connection
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
@@ -1096,8 +1097,6 @@ def _chunk_argsrepr(ref: str, chunk: list[list[Any]], maxsize: int, maxlevels: i
     """
     if len(chunk) <= _REPR_CALLS:
         return None
-    from celery.utils.saferepr import saferepr
-
     shown = saferepr((ref, chunk[:_REPR_CALLS]), maxsize, maxlevels=maxlevels)
     if shown.endswith("])"):
         shown = f"{shown[:-2]}, ... {len(chunk)} calls])"
