@@ -16,6 +16,7 @@ hub, one subscription per running task, as any Future does.
 from __future__ import annotations
 
 import ast
+import bisect
 import collections
 import logging
 import re
@@ -165,7 +166,9 @@ class TaskLog:
                 record.traceback = _text(event.get("traceback"))
             if verb == "retried":
                 record.retries += 1
-            record.history.append((state, when))
+            # In time order: a sender's task-sent event may come after the
+            # worker's first (offload.sent sends them in batches).
+            bisect.insort(record.history, (state, when), key=_when)
             # Events can arrive out of order (received after started): never
             # step back from a later state of a run, nor leave a final one.
             if not record.final and (state in FINAL_STATES or state == states.RETRY
@@ -316,6 +319,10 @@ def _shown_name(name: Any, args: str | None) -> str | None:
         if found:
             return f"{found.group(1)}.{found.group(2)}"
     return name
+
+
+def _when(entry: tuple[str, float]) -> float:
+    return entry[1]
 
 
 def _rank(state: str) -> int:

@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import cached_property
 from typing import Any
 
 from celery import bootsteps
 from celery.app.amqp import AMQP as _CeleryAMQP
 from celery.worker.state import task_ready
+from kombu.transport.virtual import Channel as _VirtualChannel
 
 from .intake import Request as _IntakeRequest
+from .sent import SentEvents
 
 __all__ = ["AMQP", "HandBack", "RedisLeaseRenewal", "Request"]
 
@@ -196,6 +199,9 @@ class AMQP(_CeleryAMQP):
     in the task message, and the worker that takes it after that time skips
     it and records REVOKED, as on Redis and the embedded broker, which have
     no per-message TTL.
+
+    And each task's ``task-sent`` event is not a second publish of the
+    call's own: :class:`offload.sent.SentEvents` sends them in batches.
     """
 
     def _create_task_sender(self) -> Any:
@@ -207,6 +213,47 @@ class AMQP(_CeleryAMQP):
             # would copy them into its properties as well, a second time.
             kwargs.pop("argsrepr", None)
             kwargs.pop("kwargsrepr", None)
-            return send(producer, name, message, **kwargs)
+            if kwargs.get("declare") is None and _declared(producer, self, kwargs.get("queue"),
+                                                           kwargs.get("exchange")):
+                # kombu would check the same cache, after building a retrying
+                # wrapper around the check on every publish.
+                kwargs["declare"] = ()
+            sent = message.sent_event
+            if sent is None:
+                return send(producer, name, message, **kwargs)
+            # Its task-sent event leaves with others, from a thread of its
+            # own (offload.sent), not as a second round trip of this call.
+            result = send(producer, name, message._replace(sent_event=None), **kwargs)
+            queue, exchange = kwargs.get("queue"), kwargs.get("exchange")
+            qname = getattr(queue, "name", queue) or (self.default_queue.name if exchange is None else None)
+            sent.update(queue=qname, exchange=getattr(exchange, "name", exchange) or "",
+                        routing_key=kwargs.get("routing_key") or qname)
+            self.sent_events.add(sent)
+            return result
 
         return send_task_message
+
+    @cached_property
+    def sent_events(self) -> SentEvents:
+        """This app's ``task-sent`` events, sent in batches (one per process)."""
+        return SentEvents(self.app)
+
+
+def _declared(producer: Any, amqp: Any, queue: Any, exchange: Any) -> bool:
+    """Whether ``queue`` is declared already on a Redis-like broker's connection.
+
+    Virtual transports only (Redis, the embedded broker): a message to a
+    direct queue there needs no declaration to arrive, so a publish retried
+    on a new connection loses nothing without it. RabbitMQ keeps kombu's
+    declaration on every attempt.
+    """
+    channel = getattr(producer, "channel", None)
+    if not isinstance(channel, _VirtualChannel) or channel.connection is None:
+        return False
+    if queue is None and exchange is None:
+        queue = amqp.default_queue
+    elif isinstance(queue, str):
+        queue = amqp.queues.get(queue)
+    if queue is None or not queue.can_cache_declaration:
+        return False
+    return hash(queue) in channel.connection.client.declared_entities

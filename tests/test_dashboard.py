@@ -69,6 +69,19 @@ def test_events_out_of_order_never_take_a_task_back():
     assert [s for s, _ in record.history] == [states.STARTED, states.SUCCESS, states.RECEIVED]
 
 
+def test_a_late_sent_event_takes_its_place_in_the_history_by_time():
+    log = TaskLog()
+    sent = event("sent", "a", name="offload.dispatch", queue="celery")
+    sent["timestamp"] -= 1  # sent before the worker took it; its batch arrives later
+    log.on_event(event("received", "a", name="app.f"))
+    log.on_event(event("started", "a"))
+    log.on_event(sent)
+    record = log.get("a")
+    assert [s for s, _ in record.history] == [states.PENDING, states.RECEIVED, states.STARTED]
+    assert record.state == states.STARTED and record.first_seen == sent["timestamp"]
+    assert record.queue == "celery" and record.name == "app.f"
+
+
 def test_a_malformed_event_is_ignored():
     log = TaskLog()
     for bad in ({"type": "task-received"}, {"type": "task-nonsense", "uuid": "x"}, {"type": 3, "uuid": "x"},
