@@ -38,6 +38,7 @@ from .hub import ResultHub, TaskEvent, stores_results
 from .ids import check_task_id
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
+from .result_store import REVOKED_BEFORE_START, with_one_call_store
 from .reliability import HandBack, RedisLeaseRenewal
 from .task import AsyncTask, BoundTaskDecorator, P, R, Task, TaskDecorator
 
@@ -119,7 +120,8 @@ class _AMQP(ReliableAMQP):
 
 
 class _CeleryApp(Celery):
-    """Celery, minus a pub/sub subscription per sent task on a Redis backend.
+    """Celery, minus a pub/sub subscription per sent task on a Redis backend,
+    whose worker stores each state of a task in one round trip.
 
     Celery's Redis result backend subscribes to every task it sends, on the
     chance that someone will wait for it. offload's result watcher already
@@ -135,7 +137,12 @@ class _CeleryApp(Celery):
     dead_letters_path: str | None = None
 
     def _get_backend(self) -> Any:
-        backend = super()._get_backend()
+        # A Redis result backend stores each state in one round trip, not
+        # two (offload.result_store.OneCallStore).
+        from celery.app import backends
+
+        backend_cls, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
+        backend = with_one_call_store(backend_cls)(app=self, url=url)
         try:
             from celery.backends.redis import RedisBackend
         except ImportError:
@@ -147,6 +154,20 @@ class _CeleryApp(Celery):
 
 def _no_subscription(producer: Any, task_id: str) -> None:
     return None
+
+
+def _skip_revoked(task: Any, task_id: str) -> None:
+    """Skip a run whose task was revoked before it started: said, evented, acknowledged."""
+    import logging
+
+    from celery.exceptions import Ignore
+
+    logging.getLogger("offload.worker").info("Discarding revoked task: %s[%s]", task.name, task_id)
+    try:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False, retry=False)
+    except Exception:  # the dashboard misses it; the task is skipped all the same
+        logging.getLogger("offload.worker").debug("could not send task-revoked", exc_info=True)
+    raise Ignore()
 
 
 def _awaited(value: Any) -> Any:
@@ -385,6 +406,13 @@ class Offload:
             def submit(self, *args: Any, **kwargs: Any) -> Future:
                 """Send this task to a worker; an :class:`offload.Future`."""
                 return off.submit(self, *args, **kwargs)
+
+            def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+                # Revoked in the result store before this run began (its
+                # STARTED store found it, offload.result_store.OneCallStore):
+                # the function does not run, and the REVOKED stays.
+                if getattr(self.request, REVOKED_BEFORE_START, False):
+                    _skip_revoked(self, task_id)
 
             def update_state(self, task_id: str | None = None, state: str | None = None,
                              meta: Any = None, **kwargs: Any) -> Any:

@@ -581,7 +581,9 @@ class SkipRevoked(bootsteps.StartStopStep):
     the task is queued for the pool) and, if the task was revoked, marks it
     revoked in the worker, which then skips and acknowledges it as Celery
     does for any revoked task. Result backends that store nothing (rpc://,
-    none) are skipped.
+    none) are skipped, and so are the tasks whose STARTED store on a Redis
+    backend reads the state in the pool process instead
+    (:class:`offload.result_store.OneCallStore`).
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -603,6 +605,13 @@ class SkipRevoked(bootsteps.StartStopStep):
     def _on_received(self, sender: Any = None, request: Any = None, **kwargs: Any) -> None:
         from celery.worker import state as worker_state
 
+        task = request.task
+        if (getattr(task.backend, "checks_revoked_on_start", False) and task.track_started
+                and not (getattr(request, "ignore_result", False) or task.ignore_result)):
+            # The pool process's STARTED store reads the state anyway, and
+            # skips the task if it was revoked (offload.result_store.OneCallStore):
+            # no read here, on the consumer's one thread, for every task.
+            return
         try:
             meta = request.task.backend.get_task_meta(request.id, cache=False)
         except Exception:

@@ -15,8 +15,8 @@ from typing import Any
 
 from celery import states
 
-__all__ = ["batches_results", "is_redis", "is_rpc", "read_states", "results_channel", "store_results",
-           "stores_results"]
+__all__ = ["REVOKED_BEFORE_START", "OneCallStore", "batches_results", "is_redis", "is_rpc", "read_states", "results_channel",
+           "store_results", "stores_results", "with_one_call_store"]
 
 logger = logging.getLogger("offload.result_store")
 
@@ -177,12 +177,22 @@ def _stored_by_script(backend: Any, items: list[tuple[Any, Any]], expires: int,
         # This flush goes by the pipeline, which reports an error of the data
         # itself as before. A server where scripting is off or not allowed
         # (a managed Redis may refuse EVAL) stores by pipeline from now on.
-        text = str(exc).lower()
-        if "unknown command" in text or "noperm" in text or "not allowed" in text:
+        if _refuses_scripts(exc):
             logger.warning("the result store refused the store script (%s); storing with a pipeline", exc)
             _store_scripts[client] = None
         return False
     return True
+
+
+def _refuses_scripts(exc: BaseException) -> bool:
+    """Whether a Redis error says the server takes no scripts (off, or not for this user)."""
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    if isinstance(exc, NoPermissionError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, ResponseError) and (
+        "unknown command" in text or "noperm" in text or "not allowed" in text or "no permissions" in text)
 
 
 def results_channel(prefix: str) -> str:
@@ -227,3 +237,110 @@ class _MetaTemplates:
         meta = dict(template, result=backend.encode_result(result, state), traceback=tb)
         meta["task_id"] = task_id
         return backend.encode(meta)
+
+
+#: What :class:`OneCallStore` runs for one result: Celery's Redis backend
+#: reads the stored meta first and leaves a SUCCESS as it is (a lost
+#: worker's late write must not overwrite it), then SETs and PUBLISHes the
+#: new meta: two round trips, here one. A STARTED is not written over a
+#: REVOKED either: the task was cancelled before it ran. KEYS: the result
+#: key. ARGV: the meta, the seconds to keep it (0: for good), 1 when the
+#: meta is a STARTED. Returns 1 if stored, 0 if a SUCCESS stays, -1 if the
+#: task was revoked before it started.
+_STORE_ONE_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' then
+        if meta['status'] == 'SUCCESS' then
+            return 0
+        end
+        if meta['status'] == 'REVOKED' and ARGV[3] == '1' then
+            return -1
+        end
+    end
+end
+local ex = tonumber(ARGV[2])
+if ex > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ex)
+else
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class OneCallStore:
+    """A mixin for Celery's Redis result backends: a task's state stored in one round trip.
+
+    Celery stores each state of a task (STARTED, then SUCCESS or FAILURE)
+    with a GET, to leave a SUCCESS already there alone, then a
+    SET + PUBLISH: four round trips a task in the worker's pool process.
+    This does the same in one script call per state, with the same meta,
+    key, expiry and message. A server that refuses scripts (a managed Redis
+    without EVAL) gets Celery's own way from then on.
+
+    The STARTED it stores also tells whether the task was revoked in the
+    backend before it ran (``Future.cancel()`` records REVOKED for workers
+    that never heard the broadcast): then nothing is written, and the
+    request is marked :data:`REVOKED_BEFORE_START` for the task to skip its
+    function (offload's task base does). So the worker's consumer need not
+    read every task's state as it receives it
+    (:class:`offload.futures.SkipRevoked`).
+    """
+
+    _store_one: Any = None
+
+    #: The pool process's STARTED store tells a revoked task apart (see above).
+    checks_revoked_on_start = True
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        backend: Any = self
+        script = self._store_one
+        if script is False:
+            return super()._store_result(task_id, result, state, traceback=traceback,  # type: ignore[misc]
+                                         request=request, **kwargs)
+        from celery.exceptions import BackendStoreError
+        from kombu.utils.encoding import bytes_to_str
+
+        meta = backend._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        value = backend.encode(meta)
+        if isinstance(value, str) and len(value) > backend._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
+        expires = backend.failure_expires if state == states.FAILURE else None
+        if expires is None:
+            expires = backend.expires
+        if script is None:
+            script = self._store_one = backend.client.register_script(_STORE_ONE_SCRIPT)
+        started = state == states.STARTED
+        try:
+            stored = backend.ensure(script, ([backend.get_key_for_task(task_id)],
+                                             [value, int(expires or 0), 1 if started else 0]))
+        except Exception as exc:
+            if not _refuses_scripts(exc):
+                raise
+            logger.warning("the result store refused the store script (%s); storing as Celery does", exc)
+            self._store_one = False
+            return super()._store_result(task_id, result, state, traceback=traceback,  # type: ignore[misc]
+                                         request=request, **kwargs)
+        if started and stored == -1 and request is not None:
+            setattr(request, REVOKED_BEFORE_START, True)
+        return result
+
+
+#: The attribute a request gets when its STARTED store found the task revoked.
+REVOKED_BEFORE_START = "offload_revoked_before_start"
+
+
+def with_one_call_store(backend_cls: type) -> type:
+    """``backend_cls`` with :class:`OneCallStore` if it is a Redis result backend, else as it is."""
+    try:
+        from celery.backends.redis import RedisBackend
+    except ImportError:
+        return backend_cls
+    if not issubclass(backend_cls, RedisBackend) or issubclass(backend_cls, OneCallStore):
+        return backend_cls
+    return type(backend_cls.__name__, (OneCallStore, backend_cls), {"__module__": __name__})

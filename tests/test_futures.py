@@ -365,6 +365,8 @@ def test_cancel_is_kept_for_a_worker_that_starts_later(kind, _workers, data_root
         # revoked message was dealt with.
         marker = off.options(queue=queue).submit(add, 1, 1)
         assert marker.result(timeout=60) == 2, worker.log_tail()
+        assert wait_until(lambda: "Discarding revoked task" in worker.log_tail(200)
+                          and queued.id in worker.log_tail(200), timeout=10), worker.log_tail()
     finally:
         worker.stop()
     assert off.celery.AsyncResult(queued.id).state == "REVOKED"
