@@ -10,7 +10,8 @@ and kept running. Then, alternating the systems' order each round:
   end-to-end rate (first call sent to last result read), for offload
   ``map`` (default chunking, ``--chunksize`` (100), and one message per
   call), offload's ``submit`` loop, ``executor.map``, a raw Celery
-  ``.delay()`` loop, a raw Celery ``group``, Huey and Dramatiq; offload's
+  ``.delay()`` loop, a raw Celery ``group`` (Celery's own code, with the
+  settings offload gives its workers), Huey and Dramatiq; offload's
   ``map`` (default chunking) and ``submit`` also on the embedded broker;
 * latency: the round trip of a single task (send, wait for its result),
   median and p99 over ``--latency`` (500), for offload on Redis and on the
@@ -89,8 +90,12 @@ embedded = Offload({
 embedded_celery = embedded.celery
 
 raw = Celery("compare-raw", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+# Celery's own code with the settings offload gives its workers (late acks,
+# task events, STARTED states...), but not offload's classes: Celery's own
+# consumer, not offload.intake's.
 raw.conf.update({
-    **RELIABILITY_DEFAULTS, "broker_transport_options": dict(REDIS_TRANSPORT_DEFAULTS),
+    **{key: value for key, value in RELIABILITY_DEFAULTS.items() if key != "worker_consumer"},
+    "broker_transport_options": dict(REDIS_TRANSPORT_DEFAULTS),
     "task_serializer": "json", "result_serializer": "json", "accept_content": ["json"],
     "task_default_queue": f"compare-raw-{RUN_ID}",
 })

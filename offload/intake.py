@@ -24,6 +24,12 @@ What fails, and whatever else makes Celery's handler raise, goes to the
 (:class:`offload.exceptions.RejectedMessage`) unless it already ended, and
 acknowledged, so it is never delivered again.
 
+The same consumer sends the worker's task events (received, started,
+succeeded, ...) at most every :data:`EVENT_FLUSH_INTERVAL` seconds, a batch
+at a time, where Celery sends what it has buffered at the next turn of the
+event loop: under load, that was one broker write per event or two, on the
+one thread that also takes and acknowledges every task.
+
 A message whose task kills its pool process (a crash, ``os._exit``, the
 kernel's OOM killer) is given back to the queue, as ``acks_late`` and
 ``reject_on_worker_lost`` want; :class:`Request` counts those losses per
@@ -69,6 +75,10 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 #: How deep a task's arguments may nest (lists and dicts in one another).
 MAX_DEPTH = 100
+
+#: Seconds a worker's task events wait, once one is buffered, for others to
+#: be sent with it (Celery's buffer also goes out whenever it holds 24).
+EVENT_FLUSH_INTERVAL = 0.05
 
 #: A task whose pool process dies under it this many times is failed and
 #: dead-lettered instead of being given back to the queue again.
@@ -315,6 +325,24 @@ class Consumer(_CeleryConsumer):
         self._accepted = prepare_accept_content(conf.accept_content) or set()
         limit_decompression({name for name in (conf.task_compression, conf.result_compression) if name})
         strict_json()
+
+    #: When the buffered events' send is due (0: none scheduled).
+    _events_due = 0.0
+
+    def on_send_event_buffered(self) -> None:
+        hub = self.hub
+        if hub is None:
+            return super().on_send_event_buffered()
+        now = time.monotonic()
+        # Scheduled long past and still due: that timer went with a
+        # restarted connection's event loop; schedule again.
+        if not self._events_due or now > self._events_due + 1.0:
+            self._events_due = now + EVENT_FLUSH_INTERVAL
+            hub.call_later(EVENT_FLUSH_INTERVAL, self._send_buffered_events)
+
+    def _send_buffered_events(self) -> None:
+        self._events_due = 0.0
+        self._flush_events()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
         celery_handler = super().create_task_handler(*args, **kwargs)

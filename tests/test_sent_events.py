@@ -162,3 +162,25 @@ def test_an_unreachable_broker_keeps_a_bounded_backlog_and_says_so_once(caplog):
         sender.close(timeout=5)
     assert time.monotonic() - began < 6
     assert any("were not sent" in r.getMessage() for r in caplog.records)
+
+
+def test_a_workers_task_events_leave_in_batches_and_all_arrive(off, broker):
+    """The worker's consumer sends its buffered task events every 50 ms
+    (offload.intake.EVENT_FLUSH_INTERVAL), not at every turn of its loop."""
+    with tap(off.celery) as events:
+        futures = [off.submit(add, i, 2) for i in range(100)]
+        assert [f.result(timeout=60) for f in futures] == [i + 2 for i in range(100)]
+        ids = {f.id for f in futures}
+
+        def worker_events() -> list[dict]:
+            return [e for e in events.events() if e.get("uuid") in ids and e.get("type") != "task-sent"]
+
+        kinds = ("task-received", "task-started", "task-succeeded")
+        assert wait_until(lambda: len(worker_events()) >= 3 * len(ids), timeout=30), len(worker_events())
+        seen = {(e["uuid"], e["type"]) for e in worker_events()}
+        assert seen == {(task_id, kind) for task_id in ids for kind in kinds}
+        carried = sum(1 for body in list(events.bodies)
+                      if any(e.get("uuid") in ids and e.get("type") in kinds
+                             for e in (body if isinstance(body, list) else [body])))
+        if broker != "embedded":  # a worker with an event loop buffers its task events
+            assert carried <= len(seen) // 4, carried
