@@ -93,6 +93,8 @@ class SentEvents:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event queued so far has been published; False on timeout."""
+        if self._pid != os.getpid():
+            return True  # a forked child that has queued nothing yet (its parent's are not its own)
         with self._done:
             return self._done.wait_for(lambda: not self._pending and not self._busy, timeout)
 
