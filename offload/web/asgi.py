@@ -216,6 +216,26 @@ class ASGIApp:
         return b"".join(chunks)
 
 
+#: Headers as ASGI sends them, by ``(name, value)``: the API's answers repeat
+#: a few (``Content-Type``, ``Cache-Control``, CORS), encoded once each.
+_ENCODED: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_ENCODED_MAX = 256
+
+
+def _encoded(*groups: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for headers in groups:
+        for header in headers:
+            encoded = _ENCODED.get(header)
+            if encoded is None:
+                name, value = header
+                encoded = (name.lower().encode("latin-1"), value.encode("latin-1"))
+                if len(_ENCODED) < _ENCODED_MAX:  # the first few seen: the constant ones
+                    _ENCODED[header] = encoded
+            out.append(encoded)
+    return out
+
+
 class _EventStreamResponse:
     """Sends a task's server-sent events; stops following when the client leaves.
 
@@ -238,7 +258,7 @@ class _EventStreamResponse:
                 stream.cancel()
 
         watcher = asyncio.ensure_future(hang_up())
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
+        headers = _encoded(SSE_HEADERS, self.extra)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             source = self.stream.source
@@ -267,8 +287,7 @@ class _PlainResponse:
     def __init__(self, response: Response, extra: Sequence[tuple[str, str]] = ()) -> None:
         self.status = response.status
         self.body = response.body
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                        for k, v in (*response.headers, *extra)]
+        self.headers = _encoded(response.headers, extra)
         self.headers.append((b"content-length", str(len(self.body)).encode()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
