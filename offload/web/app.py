@@ -28,7 +28,7 @@ from ..exposure import Exposure
 from . import strict_json
 from .interface import OffloadLike
 from .names import ArgumentsError, ExposedTasks
-from .steps import (RPC_TYPES, TASK_NAME, Authorize, Call, EventStream, Handler, HTTPError, RequestInfo, Response,
+from .steps import (RPC_TYPES, TASK_NAME, Authorize, Call, EventStream, FindExposure, Handler, HTTPError, RequestInfo, Response,
                     Step, Steps, Wait, allow_method, error_response, json_response, parse_json, parse_task_id, require_json)
 # Defined here once; still importable from here.
 from .steps import CONTENT_LENGTH, JSON_TYPES, MAX_QUERY_FIELDS, Answer, drive_sync  # noqa: F401
@@ -286,7 +286,13 @@ class TaskAPI:
         answers the same 404.
         """
         exposure = self.off.exposures.known(task_id)  # no step for an id seen lately
-        if exposure is None or self.authorize is not None:
+        if exposure is None and self.authorize is None:
+            exposure = yield FindExposure(task_id)  # read with the other requests' lookups
+            if exposure is None:
+                raise HTTPError(404, "UnknownTaskId",
+                                f"no task {task_id!r} is served here (tasks started through this API "
+                                "or submitted with expose=True only)")
+        elif self.authorize is not None:
             exposure, allowed = yield Call(self._exposed_and_allowed, (request, task_id, exposure, cancel))
             if exposure is None:
                 raise HTTPError(404, "UnknownTaskId",

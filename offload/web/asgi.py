@@ -3,7 +3,9 @@
 Waits (long-poll, event streams, ``task.result``) run on the event loop and
 hold no thread: :mod:`offload.web.waiting` wakes them from the result
 watcher. Steps that block on the network (sending a task, reading a state
-once, an ``authorize`` hook) run in Starlette's thread pool.
+once, an ``authorize`` hook) run in Starlette's thread pool; the marks of
+tasks this process has not seen yet are read many at a time, in one of its
+threads (:class:`_ExposureLookups`).
 
 Cross-origin rules are :class:`offload.web.cors.CorsConfig`'s, the ones the
 WSGI side applies, rather than Starlette's ``CORSMiddleware``: one policy for
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +31,7 @@ from .steps import (
     CONTENT_LENGTH,
     Answer,
     EventStream,
+    FindExposure,
     Handler,
     RequestInfo,
     Response,
@@ -49,6 +53,67 @@ class _TooLarge(Exception):
     pass
 
 
+class _ExposureLookups:
+    """The mark lookups of one event loop, read together in one worker thread.
+
+    A request for a task this process has not seen yet must read the task's
+    mark from the result backend, which blocks. A thread-pool call each
+    would start a worker thread per request arriving together (anyio keeps
+    up to 40): here the ids asked for while one read runs wait for the
+    next, which reads them all at once (:meth:`Exposures.find_many`), so one
+    worker thread serves every lookup, and thousands of requests arriving
+    together cost a few backend reads.
+    """
+
+    def __init__(self, exposures: Any) -> None:
+        self.exposures = exposures
+        self.asked: dict[str, list[asyncio.Future[Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def find(self, task_id: str) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.asked.setdefault(task_id, []).append(future)
+        if self.reader is None:
+            self.reader = asyncio.ensure_future(self._read())
+        return await future
+
+    async def _read(self) -> None:
+        try:
+            while self.asked:
+                batch, self.asked = self.asked, {}
+                try:
+                    found = await run_in_threadpool(self.exposures.find_many, list(batch))
+                except Exception as exc:  # each request's handler decides, as with a Call
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for task_id, futures in batch.items():
+                    for future in futures:
+                        if not future.done():  # not cancelled (its client left)
+                            future.set_result(found.get(task_id))
+        finally:
+            self.reader = None
+            for futures in self.asked.values():  # only when the loop itself is closing
+                for future in futures:
+                    future.cancel()
+            self.asked = {}
+
+
+_LOOKUPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _ExposureLookups]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _find_exposure(api: API, task_id: str) -> Awaitable[Any]:
+    exposures = api.off.exposures
+    per_loop = _LOOKUPS.setdefault(asyncio.get_running_loop(), {})
+    lookups = per_loop.get(id(exposures))
+    if lookups is None or lookups.exposures is not exposures:
+        lookups = per_loop[id(exposures)] = _ExposureLookups(exposures)
+    return lookups.find(task_id)
+
+
 async def drive_async(api: API, handler: Handler) -> Answer:
     """Run a handler's steps: waits on the loop, blocking calls in a thread."""
     value: Any = None
@@ -62,6 +127,8 @@ async def drive_async(api: API, handler: Handler) -> Answer:
         try:
             if isinstance(step, Wait):
                 value = await wait_final(api.off, step.task_id, step.timeout)
+            elif isinstance(step, FindExposure):
+                value = await _find_exposure(api, step.task_id)
             else:
                 value = await run_in_threadpool(step.fn, *step.args)
         except Exception as exc:  # handed back to the handler, which decides
@@ -149,6 +216,26 @@ class ASGIApp:
         return b"".join(chunks)
 
 
+#: Headers as ASGI sends them, by ``(name, value)``: the API's answers repeat
+#: a few (``Content-Type``, ``Cache-Control``, CORS), encoded once each.
+_ENCODED: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_ENCODED_MAX = 256
+
+
+def _encoded(*groups: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for headers in groups:
+        for header in headers:
+            encoded = _ENCODED.get(header)
+            if encoded is None:
+                name, value = header
+                encoded = (name.lower().encode("latin-1"), value.encode("latin-1"))
+                if len(_ENCODED) < _ENCODED_MAX:  # the first few seen: the constant ones
+                    _ENCODED[header] = encoded
+            out.append(encoded)
+    return out
+
+
 class _EventStreamResponse:
     """Sends a task's server-sent events; stops following when the client leaves.
 
@@ -171,7 +258,7 @@ class _EventStreamResponse:
                 stream.cancel()
 
         watcher = asyncio.ensure_future(hang_up())
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *self.extra)]
+        headers = _encoded(SSE_HEADERS, self.extra)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             source = self.stream.source
@@ -200,8 +287,7 @@ class _PlainResponse:
     def __init__(self, response: Response, extra: Sequence[tuple[str, str]] = ()) -> None:
         self.status = response.status
         self.body = response.body
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                        for k, v in (*response.headers, *extra)]
+        self.headers = _encoded(response.headers, extra)
         self.headers.append((b"content-length", str(len(self.body)).encode()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .cors import CorsConfig
     from .names import ExposedTasks
 
-__all__ = ["API", "Answer", "Authorize", "Call", "EventStream", "HTTPError", "Handler", "RequestInfo",
+__all__ = ["API", "Answer", "Authorize", "Call", "EventStream", "FindExposure", "HTTPError", "Handler", "RequestInfo",
            "Response", "Step", "Steps", "Wait", "allow_method", "drive_sync", "error_response", "json_response",
            "parse_json", "parse_query", "parse_task_id", "require_json", "too_many_fields"]
 
@@ -115,7 +115,18 @@ class Call:
     args: tuple[Any, ...] = ()
 
 
-Step = Union[Wait, Call]
+@dataclass(frozen=True)
+class FindExposure:
+    """Step: the mark of ``task_id`` (:meth:`offload.exposure.Exposures.find`), or None.
+
+    Reads the result backend. Under ASGI the lookups that wait together are
+    read in one call, in one worker thread, rather than a thread each.
+    """
+
+    task_id: str
+
+
+Step = Union[Wait, Call, FindExposure]
 Answer = Union[Response, EventStream]
 T = TypeVar("T")
 #: A route, or a part of one: a generator of steps that returns a ``T``.
@@ -243,6 +254,8 @@ def drive_sync(api: API, handler: Handler) -> Answer:
         try:
             if isinstance(step, Wait):
                 value = wait_final_sync(api.off, step.task_id, step.timeout)
+            elif isinstance(step, FindExposure):
+                value = api.off.exposures.find(step.task_id)
             else:
                 value = step.fn(*step.args)
         except Exception as exc:  # handed back to the handler, which decides
