@@ -76,15 +76,16 @@ def spin(i: int) -> bool:
 
 # The systems, each an app the workers import from this module ------------------
 
+# Results kept 10 minutes (all the apps): a run leaves nothing that slows the next.
 off = Offload({
-    "CELERY_BROKER_URL": REDIS_URL,
+    "CELERY_BROKER_URL": REDIS_URL, "CELERY_RESULT_EXPIRES": 600,
     "CELERY_TASK_DEFAULT_QUEUE": f"compare-offload-{RUN_ID}",
     "OFFLOAD_ALLOW": ["compare"],
 }, name="compare-offload")
 offload_celery = off.celery
 
 embedded = Offload({
-    "OFFLOAD_DATA_DIR": os.path.join(DATA_DIR, "embedded"),
+    "OFFLOAD_DATA_DIR": os.path.join(DATA_DIR, "embedded"), "CELERY_RESULT_EXPIRES": 600,
     "OFFLOAD_ALLOW": ["compare"],
 }, name="compare-embedded")
 embedded_celery = embedded.celery
@@ -97,7 +98,7 @@ raw.conf.update({
     **{key: value for key, value in RELIABILITY_DEFAULTS.items() if key != "worker_consumer"},
     "broker_transport_options": dict(REDIS_TRANSPORT_DEFAULTS),
     "task_serializer": "json", "result_serializer": "json", "accept_content": ["json"],
-    "task_default_queue": f"compare-raw-{RUN_ID}",
+    "task_default_queue": f"compare-raw-{RUN_ID}", "result_expires": 600,
 })
 raw_noop = raw.task(name="compare.noop", shared=False)(noop)
 raw_spin = raw.task(name="compare.spin", shared=False)(spin)

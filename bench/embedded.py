@@ -40,6 +40,7 @@ def settings(kind: str, data_dir: str, queue: str) -> dict[str, Any]:
         "CELERY_TASK_DEFAULT_QUEUE": queue,
         "CELERY_CONTROL_EXCHANGE": queue,
         "OFFLOAD_ALLOW": ["embedded"],
+        "CELERY_RESULT_EXPIRES": 600,  # a run leaves nothing that slows the next
     }
     if kind == "sqlite":
         return common  # nothing configured: the embedded default

@@ -60,7 +60,8 @@ def raise_fd_limit() -> None:
 def make_offload():
     from offload import Offload
 
-    return Offload({"CELERY_BROKER_URL": REDIS_URL, "OFFLOAD_DATA_DIR": os.path.join(
+    # Results and marks kept 10 minutes: a run leaves nothing that slows the next.
+    return Offload({"CELERY_BROKER_URL": REDIS_URL, "CELERY_RESULT_EXPIRES": 600, "OFFLOAD_DATA_DIR": os.path.join(
         os.environ.get("TMPDIR", "/tmp"), "offload-bench-waiters")})
 
 
