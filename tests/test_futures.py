@@ -709,23 +709,27 @@ def test_a_hub_on_a_dead_backend_logs_the_outage_once_then_backs_off(tmp_path, c
     down instead of spinning."""
     import logging
 
+    from conftest import closed_port
     from offload import Offload
 
-    dead = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:9/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    # A port of this test's own: other tests' hubs on other dead ports may
+    # retry in this process too, and their lines must not mix with these.
+    port = closed_port()
+    dead = Offload({"CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
     caplog.set_level(logging.DEBUG, logger="offload.hub")
     future = dead.get(str(uuid.uuid4()))
     try:
         def retries():
             # This hub's only: other tests' hubs on dead ports may retry in this process too.
             return [r for r in caplog.records if r.name == "offload.hub" and "still unreachable" in r.getMessage()
-                    and "127.0.0.1:9." in r.getMessage()]
+                    and f"127.0.0.1:{port}." in r.getMessage()]
 
         assert wait_until(lambda: len(retries()) >= 3, 30), caplog.text
         # Only this hub's (other tests' hubs may log in this process too).
         warnings = [r for r in caplog.records if r.name == "offload.hub" and r.levelno >= logging.WARNING
-                    and "127.0.0.1:9/" in r.getMessage()]
+                    and f"127.0.0.1:{port}/" in r.getMessage()]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
-        assert "redis://127.0.0.1:9/0 is unreachable" in warnings[0].getMessage()
+        assert f"redis://127.0.0.1:{port}/0 is unreachable" in warnings[0].getMessage()
         assert warnings[0].exc_info is None
         assert all(r.levelno == logging.DEBUG for r in retries())
         records = retries()
