@@ -38,8 +38,8 @@ from .hub import ResultHub, TaskEvent, stores_results
 from .ids import check_task_id
 from .intake import finite
 from .reliability import AMQP as ReliableAMQP
-from .result_store import REVOKED_BEFORE_START, with_one_call_store
 from .reliability import HandBack, RedisLeaseRenewal
+from .result_store import REVOKED_BEFORE_START, with_one_call_store
 from .task import AsyncTask, BoundTaskDecorator, P, R, Task, TaskDecorator
 
 __all__ = ["CONNECTION_ERRORS", "REDIS_TRANSPORT_DEFAULTS", "RELIABILITY_DEFAULTS", "Offload", "exposed_name"]

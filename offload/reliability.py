@@ -213,8 +213,8 @@ class AMQP(_CeleryAMQP):
             # would copy them into its properties as well, a second time.
             kwargs.pop("argsrepr", None)
             kwargs.pop("kwargsrepr", None)
-            if kwargs.get("declare") is None and _declared(producer, self, kwargs.get("queue"),
-                                                           kwargs.get("exchange")):
+            queue, exchange = kwargs.get("queue"), kwargs.get("exchange")
+            if kwargs.get("declare") is None and _declared(producer, self, queue, exchange):
                 # kombu would check the same cache, after building a retrying
                 # wrapper around the check on every publish.
                 kwargs["declare"] = ()
@@ -224,7 +224,6 @@ class AMQP(_CeleryAMQP):
             # Its task-sent event leaves with others, from a thread of its
             # own (offload.sent), not as a second round trip of this call.
             result = send(producer, name, message._replace(sent_event=None), **kwargs)
-            queue, exchange = kwargs.get("queue"), kwargs.get("exchange")
             qname = getattr(queue, "name", queue) or (self.default_queue.name if exchange is None else None)
             sent.update(queue=qname, exchange=getattr(exchange, "name", exchange) or "",
                         routing_key=kwargs.get("routing_key") or qname)

@@ -15,8 +15,8 @@ from typing import Any
 
 from celery import states
 
-__all__ = ["REVOKED_BEFORE_START", "OneCallStore", "batches_results", "is_redis", "is_rpc", "read_states", "results_channel",
-           "store_results", "stores_results", "with_one_call_store"]
+__all__ = ["REVOKED_BEFORE_START", "OneCallStore", "batches_results", "is_redis", "is_rpc", "read_states",
+           "results_channel", "store_results", "stores_results", "with_one_call_store"]
 
 logger = logging.getLogger("offload.result_store")
 
@@ -141,9 +141,30 @@ end
 return #KEYS
 """
 
-#: The store script of each Redis client (None: the server refused scripts,
-#: so that client stores with a pipeline). Held weakly: a client goes with its backend.
-_store_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: The scripts registered on each Redis client, by their source (None: the
+#: server refused it, and that client does without). Held weakly: a client
+#: goes with its backend.
+_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _script(client: Any, source: str) -> Any:
+    """``source`` registered on ``client``; None if the server refused it before."""
+    try:
+        registered = _scripts.setdefault(client, {})
+    except TypeError:  # a client that cannot be held weakly
+        return None
+    if source not in registered:
+        registered[source] = client.register_script(source)
+    return registered[source]
+
+
+def _refused(client: Any, source: str, exc: BaseException, instead: str) -> bool:
+    """If ``exc`` says the server takes no scripts: ``client`` does without ``source`` from now on."""
+    if not _refuses_scripts(exc):
+        return False
+    logger.warning("the result store refused the store script (%s); %s", exc, instead)
+    _scripts.setdefault(client, {})[source] = None
+    return True
 
 
 def _stored_by_script(backend: Any, items: list[tuple[Any, Any]], expires: int,
@@ -154,15 +175,9 @@ def _stored_by_script(backend: Any, items: list[tuple[Any, Any]], expires: int,
     reply to read rather than 257, a third of a chunk's time on a worker.
     """
     client = backend.client
-    try:
-        script = _store_scripts.get(client, False)
-    except TypeError:  # a client that cannot be held weakly
-        return False
+    script = _script(client, _STORE_SCRIPT)
     if script is None:
         return False
-    if script is False:
-        script = client.register_script(_STORE_SCRIPT)
-        _store_scripts[client] = script
     args: list[Any] = [expires, len(messages)]
     for channel, message in messages:
         args += (channel, message)
@@ -177,9 +192,7 @@ def _stored_by_script(backend: Any, items: list[tuple[Any, Any]], expires: int,
         # This flush goes by the pipeline, which reports an error of the data
         # itself as before. A server where scripting is off or not allowed
         # (a managed Redis may refuse EVAL) stores by pipeline from now on.
-        if _refuses_scripts(exc):
-            logger.warning("the result store refused the store script (%s); storing with a pipeline", exc)
-            _store_scripts[client] = None
+        _refused(client, _STORE_SCRIPT, exc, "storing with a pipeline")
         return False
     return True
 
@@ -271,6 +284,10 @@ return 1
 """
 
 
+#: The attribute a request gets when its STARTED store found the task revoked.
+REVOKED_BEFORE_START = "offload_revoked_before_start"
+
+
 class OneCallStore:
     """A mixin for Celery's Redis result backends: a task's state stored in one round trip.
 
@@ -290,16 +307,14 @@ class OneCallStore:
     (:class:`offload.futures.SkipRevoked`).
     """
 
-    _store_one: Any = None
-
     #: The pool process's STARTED store tells a revoked task apart (see above).
     checks_revoked_on_start = True
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
         backend: Any = self
-        script = self._store_one
-        if script is False:
+        script = _script(backend.client, _STORE_ONE_SCRIPT)
+        if script is None:
             return super()._store_result(task_id, result, state, traceback=traceback,  # type: ignore[misc]
                                          request=request, **kwargs)
         from celery.exceptions import BackendStoreError
@@ -313,26 +328,18 @@ class OneCallStore:
         expires = backend.failure_expires if state == states.FAILURE else None
         if expires is None:
             expires = backend.expires
-        if script is None:
-            script = self._store_one = backend.client.register_script(_STORE_ONE_SCRIPT)
         started = state == states.STARTED
         try:
             stored = backend.ensure(script, ([backend.get_key_for_task(task_id)],
                                              [value, int(expires or 0), 1 if started else 0]))
         except Exception as exc:
-            if not _refuses_scripts(exc):
+            if not _refused(backend.client, _STORE_ONE_SCRIPT, exc, "storing as Celery does"):
                 raise
-            logger.warning("the result store refused the store script (%s); storing as Celery does", exc)
-            self._store_one = False
             return super()._store_result(task_id, result, state, traceback=traceback,  # type: ignore[misc]
                                          request=request, **kwargs)
         if started and stored == -1 and request is not None:
             setattr(request, REVOKED_BEFORE_START, True)
         return result
-
-
-#: The attribute a request gets when its STARTED store found the task revoked.
-REVOKED_BEFORE_START = "offload_revoked_before_start"
 
 
 def with_one_call_store(backend_cls: type) -> type:

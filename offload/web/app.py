@@ -286,21 +286,18 @@ class TaskAPI:
         answers the same 404.
         """
         exposure = self.off.exposures.known(task_id)  # no step for an id seen lately
-        if exposure is None and self.authorize is None:
-            exposure = yield FindExposure(task_id)  # read with the other requests' lookups
-            if exposure is None:
-                raise HTTPError(404, "UnknownTaskId",
-                                f"no task {task_id!r} is served here (tasks started through this API "
-                                "or submitted with expose=True only)")
-        elif self.authorize is not None:
+        allowed = True
+        if self.authorize is not None:
             exposure, allowed = yield Call(self._exposed_and_allowed, (request, task_id, exposure, cancel))
-            if exposure is None:
-                raise HTTPError(404, "UnknownTaskId",
-                                f"no task {task_id!r} is served here (tasks started through this API "
-                                "or submitted with expose=True only)")
-            if not allowed:
-                raise HTTPError(403, "Forbidden", f"not allowed to {'cancel' if cancel else 'read'} "
-                                                  f"task {task_id!r}")
+        elif exposure is None:
+            exposure = yield FindExposure(task_id)  # read with the other requests' lookups
+        if exposure is None:
+            raise HTTPError(404, "UnknownTaskId",
+                            f"no task {task_id!r} is served here (tasks started through this API "
+                            "or submitted with expose=True only)")
+        if not allowed:
+            raise HTTPError(403, "Forbidden", f"not allowed to {'cancel' if cancel else 'read'} "
+                                              f"task {task_id!r}")
         return exposure
 
     def _exposed_and_allowed(self, request: RequestInfo, task_id: str, exposure: Exposure | None,

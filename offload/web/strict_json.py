@@ -108,6 +108,7 @@ def non_finite(value: Any, name: str) -> str | None:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 
 
 def _c_dumps(data: Any) -> str:
@@ -130,8 +131,6 @@ def _fast_dumps_works() -> bool:
         return False
     return False
 
-
-_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 
 #: Compact standard JSON; raises ValueError for NaN or an infinity. A value
 #: JSON has no type for (a datetime from a custom serializer) is shown as
