@@ -33,6 +33,30 @@ def test_store_and_read_a_result(app):
     assert backend.get_task_meta("never")["status"] == states.PENDING
 
 
+def test_a_new_threads_read_does_not_wait_for_a_writer(app):
+    """Each thread opens its own connection; opening one takes no write lock,
+    so a read in a new thread (a web request's) answers while another
+    connection is mid-write, instead of queueing behind every writer."""
+    import threading
+
+    backend = app.backend
+    backend.store_result("t1", 1, states.SUCCESS)  # the file and its tables exist
+    writer = sqlite3.connect(backend.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("DELETE FROM results WHERE key = 'none'")
+    seen = []
+    try:
+        reader = threading.Thread(target=lambda: seen.append(backend.get_task_meta("t1", cache=False)))
+        reader.start()
+        reader.join(timeout=30)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    # Before, the new connection set auto_vacuum again (a write) and raised
+    # DatabaseLocked after lock_timeout.
+    assert seen and seen[0]["status"] == states.SUCCESS
+
+
 def test_mget_reads_many_keys_in_order(app):
     backend = app.backend
     for i in range(1200):  # more than one IN (...) chunk

@@ -337,7 +337,7 @@ def test_terminate_stops_a_running_task(web_off, gate):
                                     {"csrf": token_of(page), "terminate": "1"})
         assert status == 303
         log = web_off.monitor.log
-        assert wait_until(lambda: log.get(running.id).state == states.REVOKED, timeout=30)
+        assert wait_until(lambda: log.get(running.id) and log.get(running.id).state == states.REVOKED, timeout=30)
         assert 'data-action="revoke"' not in browser.get(f"/offload/dashboard/tasks/{running.id}")
 
 

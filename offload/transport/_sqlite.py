@@ -194,8 +194,11 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL",
         raise SQLiteFileError(f"cannot open the sqlite file {path!r}: {exc}") from None
     try:
         # auto_vacuum only takes effect before the first table exists: it is
-        # what lets the file shrink back when a queue drains.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        # what lets the file shrink back when a queue drains. Setting it takes
+        # the file's write lock, so it is set on a new file only: every
+        # connection a thread opens would otherwise queue behind the writers.
+        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            retrying(lambda: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), busy_timeout, path)
         retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), busy_timeout, path)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         # After a checkpoint the -wal file is cut back to this size.
