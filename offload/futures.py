@@ -581,9 +581,9 @@ class SkipRevoked(bootsteps.StartStopStep):
     the task is queued for the pool) and, if the task was revoked, marks it
     revoked in the worker, which then skips and acknowledges it as Celery
     does for any revoked task. Result backends that store nothing (rpc://,
-    none) are skipped, and so are the tasks whose STARTED store on a Redis
-    backend reads the state in the pool process instead
-    (:class:`offload.result_store.OneCallStore`).
+    none) are skipped, and so are the tasks whose STARTED store reads the
+    state in the pool process instead (on Redis,
+    :class:`offload.result_store.OneCallStore`; the embedded store's own).
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)

@@ -167,3 +167,33 @@ def test_a_watch_is_woken_by_each_write_and_dropped_when_its_process_is_gone(app
     backend.store_result("w3", 3, states.SUCCESS)
     with sqlite3.connect(backend.path) as raw:
         assert raw.execute("SELECT count(*) FROM result_watchers").fetchone()[0] == 0
+
+
+def test_a_state_is_stored_with_celerys_rules_in_one_statement(app):
+    """A SUCCESS stays; a STARTED over a REVOKED is not written and marks the
+    request; an expired row or one that is not JSON is written over."""
+    from offload.result_store import REVOKED_BEFORE_START
+
+    class Request:
+        pass
+
+    backend = app.backend
+    assert backend.checks_revoked_on_start
+    backend.store_result("s", {"pid": 1}, states.STARTED)
+    backend.store_result("s", 5, states.SUCCESS)
+    backend.store_result("s", {"pid": 2}, states.STARTED)
+    backend.store_result("s", ValueError("late"), states.FAILURE)
+    assert backend.get_task_meta("s", cache=False)["result"] == 5
+    backend.store_result("r", None, states.REVOKED)
+    request = Request()
+    backend.store_result("r", {"pid": 1}, states.STARTED, request=request)
+    assert backend.get_task_meta("r", cache=False)["status"] == states.REVOKED
+    assert getattr(request, REVOKED_BEFORE_START) is True
+    backend.store_result("r", ValueError("after"), states.FAILURE)  # other states do overwrite it
+    assert backend.get_task_meta("r", cache=False)["status"] == states.FAILURE
+    backend._conn.execute("UPDATE results SET value = 'not json' WHERE key = ?", ("celery-task-meta-r",))
+    backend.store_result("r", 7, states.SUCCESS)
+    assert backend.get_task_meta("r", cache=False)["result"] == 7
+    backend._conn.execute("UPDATE results SET expires = 1 WHERE key = ?", ("celery-task-meta-r",))
+    backend.store_result("r", {"pid": 3}, states.STARTED)  # an expired SUCCESS is no SUCCESS
+    assert backend.get_task_meta("r", cache=False)["status"] == states.STARTED

@@ -43,6 +43,15 @@ CREATE TABLE IF NOT EXISTS result_watchers (address TEXT PRIMARY KEY);
 _LAST_SEQ = ("max(coalesce((SELECT max(seq) FROM results), 0), "
              "coalesce((SELECT last FROM result_changes WHERE id = 1), 0))")
 _UPSERT = f"INSERT OR REPLACE INTO results (key, value, expires, seq) VALUES (?, ?, ?, {_LAST_SEQ} + 1)"
+#: A task's state (:meth:`SQLiteBackend._store_result`): stored unless a live
+#: row already holds SUCCESS, or, for a STARTED (the last ``?`` is 1),
+#: REVOKED. Celery's own store reads the row first, then writes.
+_STATUS_OF_ROW = "(CASE WHEN json_valid(CAST(results.value AS TEXT)) " \
+                 "THEN json_extract(CAST(results.value AS TEXT), '$.status') END)"
+_STORE_STATE = (f"{_UPSERT.replace('INSERT OR REPLACE', 'INSERT')} "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires, "
+                "seq = excluded.seq WHERE NOT ((results.expires IS NULL OR results.expires > ?) AND "
+                f"({_STATUS_OF_ROW} IS 'SUCCESS' OR (? AND {_STATUS_OF_ROW} IS 'REVOKED')))")
 #: Before a delete: keep the highest number in ``result_changes``.
 _KEEP_LAST_SEQ = ("INSERT INTO result_changes (id, last) VALUES (1, coalesce((SELECT max(seq) FROM results), 0)) "
                   "ON CONFLICT (id) DO UPDATE SET last = max(last, excluded.last)")
@@ -133,6 +142,36 @@ class SQLiteBackend(KeyValueStoreBackend):
         retrying(lambda: conn.execute(_UPSERT, params), path=self.path)
         self._wake_watchers()
         self._maybe_sweep()
+
+    #: A STARTED store tells a task revoked before it ran (offload.result_store.OneCallStore).
+    checks_revoked_on_start = True
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        """Celery's read-then-write of a task's state, as one statement.
+
+        The same meta and rules as Celery's key-value store (a SUCCESS stays),
+        and a STARTED is not written over a REVOKED: the request is marked
+        for offload's task base to skip the run.
+        """
+        from celery import states
+
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        value = self.encode(meta)
+        started = state == states.STARTED
+        conn = self._conn
+        params = (bytes_to_str(self.get_key_for_task(task_id)), value, self._ttl(), time.time(), int(started))
+        stored = retrying(lambda: conn.execute(_STORE_STATE, params).rowcount, path=self.path)
+        if stored:
+            self._wake_watchers()
+            self._maybe_sweep()
+        elif started and request is not None:
+            if self.get_task_meta(task_id, cache=False).get("status") == states.REVOKED:
+                from ..result_store import REVOKED_BEFORE_START
+
+                setattr(request, REVOKED_BEFORE_START, True)
+        return result
 
     def set_many(self, items: Sequence[tuple[Any, Any]]) -> None:
         """Store ``(key, value)`` pairs in one transaction (a chunk's results)."""
