@@ -15,6 +15,8 @@ from typing import Any
 
 from celery import states
 
+from .transport import REVOKED_BEFORE_START
+
 __all__ = ["REVOKED_BEFORE_START", "OneCallStore", "batches_results", "is_redis", "is_rpc", "read_states",
            "results_channel", "store_results", "stores_results", "with_one_call_store"]
 
@@ -282,10 +284,6 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
-
-
-#: The attribute a request gets when its STARTED store found the task revoked.
-REVOKED_BEFORE_START = "offload_revoked_before_start"
 
 
 class OneCallStore:

@@ -17,7 +17,12 @@ from kombu.transport import TRANSPORT_ALIASES
 from ._sqlite import (DEFAULT_BROKER_FILE, DEFAULT_RESULTS_FILE, DatabaseLocked, SQLiteFileError, parse_url,
                       require_sqlite)
 
-__all__ = ["DatabaseLocked", "SQLiteFileError", "default_settings", "expand_sqlite_urls"]
+__all__ = ["REVOKED_BEFORE_START", "DatabaseLocked", "SQLiteFileError", "default_settings", "expand_sqlite_urls"]
+
+#: The attribute a result store sets on a request whose STARTED store found the
+#: task revoked; offload's task base then skips the run. The sqlite backend
+#: sets it, and so does :class:`offload.result_store.OneCallStore` on Redis.
+REVOKED_BEFORE_START = "offload_revoked_before_start"
 
 # kombu resolves a URL's scheme through this table; `sqlite` is free in it.
 TRANSPORT_ALIASES.setdefault("sqlite", "offload.transport.sqlite:Transport")

@@ -25,6 +25,7 @@ from typing import Any
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
 
+from . import REVOKED_BEFORE_START
 from ._sqlite import DEFAULT_RESULTS_FILE, LocalConnections, parse_url, release_free_pages, retrying
 from .wakeup import Poker, Waker
 
@@ -168,8 +169,6 @@ class SQLiteBackend(KeyValueStoreBackend):
             self._maybe_sweep()
         elif started and request is not None:
             if self.get_task_meta(task_id, cache=False).get("status") == states.REVOKED:
-                from ..result_store import REVOKED_BEFORE_START
-
                 setattr(request, REVOKED_BEFORE_START, True)
         return result
 
