@@ -197,7 +197,7 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL",
         # what lets the file shrink back when a queue drains. Setting it takes
         # the file's write lock, so it is set on a new file only: every
         # connection a thread opens would otherwise queue behind the writers.
-        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+        if not retrying(lambda: conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone(), busy_timeout, path):
             retrying(lambda: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), busy_timeout, path)
         retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), busy_timeout, path)
         conn.execute(f"PRAGMA synchronous={synchronous}")
