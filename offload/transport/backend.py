@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
 
@@ -155,8 +156,6 @@ class SQLiteBackend(KeyValueStoreBackend):
         and a STARTED is not written over a REVOKED: the request is marked
         for offload's task base to skip the run.
         """
-        from celery import states
-
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         value = self.encode(meta)
