@@ -500,6 +500,31 @@ def test_the_file_shrinks_back_once_drained(conn, db):
         assert raw.execute("PRAGMA freelist_count").fetchone()[0] < 16
 
 
+def test_a_checkpoint_a_reader_blocked_is_done_at_the_next_compact(tmp_path):
+    """The vacuum frees pages at once, but they leave the disk only at a
+    checkpoint; one that a reader stopped short is tried again later."""
+    db = tmp_path / "broker.db"
+    store = Store(str(db))
+    store.declare_queue("q", None)
+    for _ in range(300):
+        store.put("q", 0, "x" * 4000)
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    full = disk_size(db)
+    while store.take("q", None) is not None:  # no owner: each is removed as it is taken
+        pass
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()  # a read snapshot held open
+    store.compact()
+    assert store.conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # vacuumed...
+    assert disk_size(db) >= full  # ...but the file and its log are as large as before
+    reader.execute("COMMIT")
+    reader.close()
+    store.compact()  # nothing new to vacuum: the checkpoint alone
+    assert disk_size(db) < full / 4, (full, disk_size(db))
+    store.close()
+
+
 def test_a_waiting_consumer_wakes_within_milliseconds(conn, db, child_env):
     queue = Queue("wake", Exchange("wake"), "wake")
     queue(conn.default_channel).declare()

@@ -72,6 +72,8 @@ class Store:
         self.pid = os.getpid()
         self.lock_timeout = lock_timeout
         self._conns = LocalConnections(path, SCHEMA, synchronous, busy_timeout=lock_timeout)
+        #: A vacuum freed pages but its checkpoint could not finish yet.
+        self._checkpoint_due = False
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -322,13 +324,18 @@ class Store:
     def compact(self, min_free_pages: int = 16) -> None:
         """Give free pages back to the file system once enough piled up."""
         conn = self.conn
-        if not release_free_pages(conn, min_free_pages):
+        if release_free_pages(conn, min_free_pages):
+            self._checkpoint_due = True
+        if not self._checkpoint_due:
             return
         # The truncation reaches the main file at a checkpoint, and TRUNCATE
-        # also cuts the -wal file to nothing; never wait long for it, though.
+        # also cuts the -wal file to nothing. A reader in another process
+        # makes it stop short; it is tried again at the next call, without
+        # ever waiting long.
         conn.execute("PRAGMA busy_timeout=50")
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self._checkpoint_due = bool(busy)
         except sqlite3.OperationalError:
             pass
         finally:
