@@ -305,8 +305,9 @@ class ResultHub:
             for subscription in subscriptions:
                 wake = self._add(subscription, grace, now, pending_known) or wake
             if wake:
-                self._get_strategy()
+                strategy = self._get_strategy()
                 self._ensure_thread()
+                wake = strategy.needs_wakeup([subscription.task_id for subscription in subscriptions])
         if wake:
             self.wakeup.set()
         return subscriptions

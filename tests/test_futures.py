@@ -14,7 +14,7 @@ import uuid
 import pytest
 from celery.exceptions import TaskRevokedError
 
-from offload import Future
+from offload import Future, Offload
 from offload.dispatch import CHUNK_TASK, chunk_call_ids
 from offload.exceptions import ResultBackendLimit, TaskLost
 from offload.futures import TaskEvents, wait_event
@@ -486,6 +486,26 @@ def test_an_unchanged_progress_task_lets_the_poll_back_off(embedded_off):
     print(f"backend reads per second, one PROGRESS task: {rate:.1f}")
     # At the 250 ms ceiling about 4 reads/s; the first steps of the back-off add a few.
     assert rate < 40, rate
+
+
+def test_a_burst_of_submits_wakes_no_reader_of_the_embedded_results(tmp_path):
+    """Ids handed out for submits can only hear of their task through the
+    results file's change feed, whose writers poke the reader: each submit
+    of a burst used to wake the hub's thread for a read of its own."""
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"],
+                   "CELERY_TASK_DEFAULT_QUEUE": f"burst-{uuid.uuid4().hex[:8]}"})  # no worker
+    hub = off.hub
+    first = off.submit(noop)
+    assert wait_until(lambda: hub.stats().reads >= 2, 10)  # the feed knows its position
+    assert wait_until(lambda: not hub.wakeup.is_set(), 10)
+    reads = hub.stats().reads
+    futures = [off.submit(noop) for _ in range(300)]
+    burst = hub.stats().reads - reads
+    assert burst < 50, burst  # a few polls backing off, not one read per submit
+    # Nothing is missed for it: a result stored now reaches its future.
+    off.celery.backend.store_result(futures[-1].id, 7, "SUCCESS")
+    assert futures[-1].result(timeout=10) == 7
+    assert not first.done()
 
 
 def test_an_id_nothing_is_heard_of_leaves_the_hub(off):

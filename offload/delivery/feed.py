@@ -71,6 +71,16 @@ class ChangeFeed:
             self._after = None
             self._fresh.clear()
 
+    def _forget_position_if_idle(self, hub: Hub) -> bool:
+        # Under the lock needs_wakeup takes: a subscription it let pass
+        # without a wake-up is in hub.watched by then.
+        with self._fresh_lock:
+            if hub.watched:
+                return False
+            self._after = None
+            self._fresh.clear()
+            return True
+
     def submit_options(self) -> dict[str, Any]:
         task_id = str(uuid.uuid4())
         with self._fresh_lock:
@@ -79,6 +89,18 @@ class ChangeFeed:
                     self._fresh.clear()
                 self._fresh.add(task_id)
         return {"task_id": task_id}
+
+    def needs_wakeup(self, task_ids: list[str]) -> bool:
+        """False when every id was handed out for a submit while the feed's
+        position was known: their states can only come after it, through the
+        feed, whose writers poke it then. A burst of submits then wakes
+        nobody (each wake-up cost the hub's thread a read and the submitting
+        thread the GIL)."""
+        with self._fresh_lock:
+            if self._after is None:
+                return True
+            fresh = self._fresh
+            return not all(task_id in fresh for task_id in task_ids)
 
     def _decode(self, value: Any) -> dict[str, Any] | None:
         try:
@@ -143,11 +165,10 @@ class ChangeFeed:
         next_full_read = time.monotonic() + FULL_READ
         while True:
             hub.housekeeping()
-            if not hub.watched:
+            if self._forget_position_if_idle(hub):
                 # Idle: nothing to read until a subscription. The change
                 # number is read again then (what passed meanwhile concerns
                 # nobody here).
-                self._forget_position()
                 hub.wakeup.wait(30)
                 hub.wakeup.clear()
                 continue
@@ -167,7 +188,9 @@ class ChangeFeed:
                 next_full_read = now + FULL_READ
                 news += self._read_ids(hub, hub.ids())
             hub.answered()
-            delay = MIN_POLL if news or new else min(delay * 1.5, MAX_POLL)
+            # Ids handed out for submits need no read: only news, or ids to
+            # read, keep the poll fast (the writers' pokes wake it anyway).
+            delay = MIN_POLL if news or unread else min(delay * 1.5, MAX_POLL)
             if read >= BUSY_READ:
                 time.sleep(BATCH_WAIT)
             if hub.wakeup.wait(delay):

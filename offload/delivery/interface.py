@@ -65,6 +65,10 @@ class Strategy(Protocol):
         """Options for ``apply_async`` so that this strategy hears of the task (its id, ``reply_to``)."""
         ...
 
+    def needs_wakeup(self, task_ids: list[str]) -> bool:
+        """Whether :meth:`run` must be woken to follow these newly subscribed ids."""
+        ...
+
     def reset(self) -> None:
         """Drop the connection after an error; :meth:`run` makes a new one."""
         ...

@@ -34,6 +34,9 @@ class BatchPoll:
     def submit_options(self) -> dict[str, Any]:
         return {"task_id": str(uuid.uuid4())}
 
+    def needs_wakeup(self, task_ids: list[str]) -> bool:
+        return True
+
     def fetch(self, hub: Hub, ids: list[str]) -> dict[str, dict[str, Any]]:
         if self.many:
             keys = [self.backend.get_key_for_task(i) for i in ids]

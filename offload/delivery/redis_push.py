@@ -97,6 +97,9 @@ class RedisPush:
     def submit_options(self) -> dict[str, Any]:
         return {"task_id": self.new_task_id()}
 
+    def needs_wakeup(self, task_ids: list[str]) -> bool:
+        return True
+
     def reset(self) -> None:
         if self.pubsub is not None:
             try:

@@ -39,6 +39,9 @@ class RpcPush:
     def submit_options(self) -> dict[str, Any]:
         return {"task_id": str(uuid.uuid4()), "reply_to": self.queue.name}
 
+    def needs_wakeup(self, task_ids: list[str]) -> bool:
+        return True
+
     def _connect(self) -> None:
         from kombu import Consumer
 
