@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from celery import states
 
 from .delivery import RpcPush, Strategy, strategy_for
+from .delivery.interface import Wakeup
 from .result_store import stores_results
 
 __all__ = ["LOST", "HubStats", "Listener", "ResultHub", "Subscription", "TaskEvent", "random_task_ids",
@@ -242,7 +243,7 @@ class ResultHub:
     def _fresh_state(self) -> None:
         # Everything a forked child must not share with its parent.
         self._lock = threading.RLock()
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()
         """Set to wake the hub's thread (a new id, a reconnection); the strategy clears it."""
         #: When the backend stopped answering (monotonic), None while it answers.
         self._outage_since: float | None = None

@@ -508,6 +508,46 @@ def test_a_burst_of_submits_wakes_no_reader_of_the_embedded_results(tmp_path):
     assert not first.done()
 
 
+def test_the_embedded_results_wake_the_hubs_own_thread(tmp_path):
+    """The hub's thread sleeps on the socket the results file's writers
+    poke, and a subscription's wake-up pokes that socket too: no thread of
+    its own stands between a write and the read."""
+    from offload.delivery.interface import Wakeup
+    from offload.transport.wakeup import Waker
+
+    waker, wakeup = Waker(), Wakeup()
+    try:
+        wakeup.attach(waker.poke)
+        wakeup.set()
+        assert wakeup.is_set() and waker.wait(0)
+        wakeup.clear()
+        wakeup.attach(None)
+        wakeup.set()
+        assert not waker.wait(0)
+    finally:
+        waker.close()
+
+    off = Offload({"OFFLOAD_DATA_DIR": str(tmp_path), "OFFLOAD_ALLOW": ["testapp"],
+                   "CELERY_TASK_DEFAULT_QUEUE": f"feed-{uuid.uuid4().hex[:8]}"})  # no worker
+    hub = off.hub
+
+    def result_threads() -> list[str]:
+        return sorted(thread.name for thread in threading.enumerate() if thread.name.startswith("offload-result"))
+
+    before = result_threads()  # other tests' hubs
+    future = off.submit(noop)
+    assert wait_until(lambda: hub.stats().reads >= 2, 10)
+    assert result_threads() == sorted([*before, "offload-result-hub"])
+    # A write by another connection (a worker's) reaches the future; so
+    # does one of an id subscribed later, which wakes the thread itself.
+    writer = off.celery.backend  # this thread's: the hub's thread has its own
+    writer.store_result(future.id, 5, "SUCCESS")
+    assert future.result(timeout=10) == 5
+    later = f"later-{uuid.uuid4()}"
+    writer.store_result(later, 6, "SUCCESS")
+    assert off.get(later).result(timeout=10) == 6
+
+
 def test_an_id_nothing_is_heard_of_leaves_the_hub(off):
     hub = off.hub
     hub.pending_limit = 0.5

@@ -5,7 +5,7 @@ write a change number and reads what changed since a number, so each new
 state is read once, however many ids are followed (:class:`BatchPoll` reads
 every followed id on every poll). Writers poke this process's wake-up
 socket after each commit (:meth:`~offload.transport.backend.SQLiteBackend.watch`),
-so a result is read as soon as it is stored; a poll that backs off like
+and the hub's thread sleeps on it, so a result is read as soon as it is stored; a poll that backs off like
 :class:`BatchPoll`'s covers a lost wake-up.
 """
 
@@ -52,7 +52,10 @@ class ChangeFeed:
         self.backend = backend
         #: The change number read up to; None until the first read.
         self._after: int | None = None
-        self._doorbell: _Doorbell | None = None
+        #: This process's wake-up socket, which the backend's writers poke.
+        self._watch: Any = None
+        #: The hub's wake-up, which pokes that socket too.
+        self._wakeup: Any = None
         #: Ids handed out for submits while the feed was being read: their
         #: results can only come after their subscription, so through the
         #: feed; they need no read of their own.
@@ -61,10 +64,14 @@ class ChangeFeed:
         self._plain_json = getattr(backend, "content_type", None) == "application/json"
 
     def reset(self) -> None:
+        # In the hub's thread, after run() raised: nobody sleeps on the watch.
         self._forget_position()
-        doorbell, self._doorbell = self._doorbell, None
-        if doorbell is not None:
-            doorbell.stop()
+        if self._wakeup is not None:
+            self._wakeup.attach(None)
+            self._wakeup = None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
 
     def _forget_position(self) -> None:
         with self._fresh_lock:
@@ -159,8 +166,14 @@ class ChangeFeed:
 
     def run(self, hub: Hub) -> None:
         backend = self.backend
-        if self._doorbell is None:
-            self._doorbell = _Doorbell(backend, hub.wakeup)
+        if self._watch is None:
+            self._watch = backend.watch()
+            # A subscription's wake-up pokes the socket the writers poke:
+            # this thread sleeps on both, and a writer's commit wakes it
+            # with no thread in between.
+            self._wakeup = hub.wakeup
+            hub.wakeup.attach(self._watch.poke)
+        watch = self._watch
         delay = MIN_POLL
         next_full_read = time.monotonic() + FULL_READ
         while True:
@@ -169,8 +182,7 @@ class ChangeFeed:
                 # Idle: nothing to read until a subscription. The change
                 # number is read again then (what passed meanwhile concerns
                 # nobody here).
-                hub.wakeup.wait(30)
-                hub.wakeup.clear()
+                _sleep(hub, watch, 30)
                 continue
             if self._after is None:
                 # First the number, then the ids' rows: a write after the
@@ -193,30 +205,17 @@ class ChangeFeed:
             delay = MIN_POLL if news or unread else min(delay * 1.5, MAX_POLL)
             if read >= BUSY_READ:
                 time.sleep(BATCH_WAIT)
-            if hub.wakeup.wait(delay):
-                hub.wakeup.clear()
+            _sleep(hub, watch, delay)
 
 
-class _Doorbell:
-    """A thread that turns the backend's wake-ups into ``event.set()`` (the hub's wake-up)."""
+def _sleep(hub: Hub, watch: Any, timeout: float) -> None:
+    """Until a writer's commit or a subscription pokes ``watch``, or ``timeout``.
 
-    def __init__(self, backend: Any, event: threading.Event) -> None:
-        self._watch = backend.watch()
-        self._event = event
-        self._stopped = False
-        self._thread = threading.Thread(target=self._listen, name="offload-result-doorbell", daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        watch = self._watch
-        try:
-            while not self._stopped:
-                if watch.wait(5.0) and not self._stopped:
-                    self._event.set()
-        finally:
-            # Closed here, not by stop(): never under a select() of this thread.
-            watch.close()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._watch.poke()
+    A ``set()`` of the hub's wake-up always pokes after it sets the event,
+    so clearing the event after the poke is read loses none; one that came
+    before the watch was attached is on the event alone.
+    """
+    wakeup = hub.wakeup
+    if not wakeup.is_set():
+        watch.wait(timeout)
+    wakeup.clear()

@@ -9,10 +9,31 @@ protocols.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-__all__ = ["Hub", "Strategy"]
+__all__ = ["Hub", "Strategy", "Wakeup"]
+
+
+class Wakeup(threading.Event):
+    """The hub's wake-up: an event that also pokes the strategy's own sleeper.
+
+    A strategy that sleeps on a socket (the embedded backend's writers poke
+    one) attaches that socket's poke: :meth:`set` then wakes it there too,
+    so one thread sleeps on both, with no thread between them.
+    """
+
+    _poke: Callable[[], None] | None = None
+
+    def attach(self, poke: Callable[[], None] | None) -> None:
+        """Call ``poke`` at each :meth:`set` from now on (None: stop)."""
+        self._poke = poke
+
+    def set(self) -> None:
+        super().set()
+        poke = self._poke
+        if poke is not None:
+            poke()
 
 
 class Hub(Protocol):
@@ -20,7 +41,7 @@ class Hub(Protocol):
 
     #: Set when there is something new to follow (or after a reconnection);
     #: a strategy waits on it while idle and clears it.
-    wakeup: threading.Event
+    wakeup: Wakeup
 
     @property
     def watched(self) -> Mapping[str, Any]:
