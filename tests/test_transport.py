@@ -525,6 +525,30 @@ def test_a_checkpoint_a_reader_blocked_is_done_at_the_next_compact(tmp_path):
     store.close()
 
 
+def test_a_broadcast_nobody_listens_to_takes_no_write_lock(tmp_path):
+    """Celery's task events go to an exchange no queue is bound to while no
+    monitor runs: two per task, which must not queue up behind the file's
+    writers (an insert that stores nothing still takes the lock)."""
+    db = tmp_path / "broker.db"
+    store = Store(str(db), lock_timeout=0.2)
+    store.declare_exchange("events", "fanout")
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        assert store.put_fanout("events", 0, "{}") == 0  # at once
+        with pytest.raises(DatabaseLocked):  # what a write does meanwhile
+            store.bind("events", "", "", "monitor")
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    # Once a queue is bound, each broadcast reaches it.
+    store.declare_queue("monitor", None)
+    store.bind("events", "", "", "monitor")
+    assert store.put_fanout("events", 0, "{}") == 1
+    assert store.take("monitor", None) is not None
+    store.close()
+
+
 def test_a_waiting_consumer_wakes_within_milliseconds(conn, db, child_env):
     queue = Queue("wake", Exchange("wake"), "wake")
     queue(conn.default_channel).declare()
