@@ -549,6 +549,151 @@ def test_a_broadcast_nobody_listens_to_takes_no_write_lock(tmp_path):
     store.close()
 
 
+def _lock_is_free(path: Path) -> bool:
+    """Whether another open file could take ``<file>-lock`` now."""
+    import fcntl
+
+    with open(f"{path}-lock", "a") as probe:
+        try:
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(probe.fileno(), fcntl.LOCK_UN)
+        return True
+
+
+def test_offloads_writers_take_turns_before_sqlites_lock(tmp_path):
+    """sqlite's busy handler sleeps a millisecond and more when two writers
+    meet; offload's own writers take turns on ``<file>-lock`` first."""
+    import threading
+
+    from offload.transport._sqlite import retrying
+
+    db = tmp_path / "broker.db"
+    store = Store(str(db))
+    store.declare_queue("q", None)
+    inside, leave = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def write() -> None:
+        def operation() -> None:
+            inside.set()
+            leave.wait(10)
+            # A write within a write keeps the outer one's turn.
+            store.put("q", 0, "{}")
+            seen.append(_lock_is_free(db))
+        retrying(operation, path=str(db))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert inside.wait(10)
+    assert not _lock_is_free(db)  # the writer has the turn
+    leave.set()
+    writer.join(10)
+    assert seen == [False]
+    assert _lock_is_free(db)  # given back
+    assert store.size("q") == 1
+    store.close()
+
+
+def test_a_turn_its_holder_keeps_is_done_without(tmp_path):
+    """A process paused with the turn held (or any program holding the
+    file) delays a write by at most WriterTurns.WAIT, never fails it."""
+    import fcntl
+
+    from offload.transport._sqlite import WriterTurns, _turns
+
+    db = tmp_path / "broker.db"
+    store = Store(str(db))
+    store.declare_queue("q", None)
+    with open(f"{db}-lock", "a") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        started = time.monotonic()
+        try:
+            store.put("q", 0, "{}")
+            waited = time.monotonic() - started
+            store.put("q", 0, "{}")  # no wait again: this process writes without turns a while
+            assert time.monotonic() - started - waited < WriterTurns.WAIT, waited
+        finally:
+            _turns._bypass_until = 0.0  # the other tests of this process take turns again
+    assert store.size("q") == 2
+    store.close()
+
+
+def test_a_forked_child_does_not_keep_its_parents_turn(tmp_path, child_env):
+    """Forked while another thread of its parent has the turn (a pool
+    process of a worker whose heartbeat is writing), a child must not keep
+    the turn's lock alive once that parent is killed."""
+    db = tmp_path / "broker.db"
+    script = f"""
+        import os, sys, threading, time
+        from offload.transport._sqlite import retrying
+        from offload.transport.store import Store
+        store = Store({str(db)!r})
+        store.declare_queue("q", None)
+        inside = threading.Event()
+        threading.Thread(target=lambda: retrying(lambda: (inside.set(), time.sleep(60)), path={str(db)!r}),
+                         daemon=True).start()
+        inside.wait(10)
+        if os.fork() == 0:
+            print("child", os.getpid(), flush=True)
+            time.sleep(60)
+            os._exit(0)
+        print("parent", flush=True)
+        time.sleep(60)
+    """
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=child_env,
+                              stdout=subprocess.PIPE, text=True)
+    child_pid = None
+    try:
+        lines = {parent.stdout.readline().split()[0] for _ in range(2)}
+        assert lines == {"child", "parent"}
+        assert not _lock_is_free(db)  # the parent's thread has the turn
+        child_pid = int(next(line for line in os.popen(f"pgrep -P {parent.pid}")).strip())
+        parent.kill()
+        parent.wait(10)
+        assert wait_until(lambda: _lock_is_free(db), timeout=10)
+        os.kill(child_pid, 0)  # the child lives on: it only closed its copy
+    finally:
+        parent.kill()
+        if child_pid is not None:
+            try:
+                os.kill(child_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_threads_turn_descriptor_goes_with_the_thread(tmp_path):
+    """A threaded web server writes from a new thread per request: none may
+    leave a descriptor behind."""
+    import threading
+
+    db = tmp_path / "broker.db"
+    store = Store(str(db))
+    store.declare_queue("q", None)
+
+    def lock_descriptors() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}").endswith("broker.db-lock")
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return count
+
+    before = lock_descriptors()
+    for _ in range(50):
+        thread = threading.Thread(target=lambda: (store.put("q", 0, "{}"), store.close()))
+        thread.start()
+        thread.join(10)
+    import gc
+
+    gc.collect()
+    assert lock_descriptors() <= before + 1
+    assert store.size("q") == 50
+    store.close()
+
+
 def test_a_waiting_consumer_wakes_within_milliseconds(conn, db, child_env):
     queue = Queue("wake", Exchange("wake"), "wake")
     queue(conn.default_channel).declare()
