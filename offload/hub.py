@@ -162,13 +162,26 @@ class HubStats:
 
 
 class _Entry:
-    __slots__ = ("subscriptions", "latest", "since", "grace")
+    __slots__ = ("task_id", "subscriptions", "_latest", "since", "grace")
 
     def __init__(self, task_id: str, grace: float, since: float) -> None:
+        self.task_id = task_id
         self.subscriptions: list[Subscription] = []
-        self.latest = TaskEvent(task_id, states.PENDING)
+        #: None while nothing but PENDING is known (no object per id of a
+        #: large map until its first news).
+        self._latest: TaskEvent | None = None
         self.since = since
         self.grace = grace  # extra patience: a countdown or eta
+
+    @property
+    def latest(self) -> TaskEvent:
+        latest = self._latest
+        return TaskEvent(self.task_id, states.PENDING) if latest is None else latest
+
+    @property
+    def pending(self) -> bool:
+        latest = self._latest
+        return latest is None or latest.state == states.PENDING
 
 
 def _event_from_meta(task_id: str, meta: dict[str, Any]) -> TaskEvent:
@@ -330,7 +343,7 @@ class ResultHub:
             entry.grace = max(entry.grace, grace)
             new = False
         entry.subscriptions.append(subscription)
-        if not pending_known or entry.latest.state != states.PENDING:
+        if not pending_known or not entry.pending:
             self._notify(subscription, entry.latest)
         return new
 
@@ -480,7 +493,7 @@ class ResultHub:
         return news
 
     def _publish(self, entry: _Entry, event: TaskEvent) -> None:
-        entry.latest = event
+        entry._latest = event
         subscriptions = list(entry.subscriptions)
         if event.ready:
             del self._entries[event.task_id]
@@ -516,10 +529,10 @@ class ResultHub:
         with self._lock:
             lost = [
                 entry for entry in self._entries.values()
-                if entry.latest.state == states.PENDING and now - entry.since > limit + entry.grace
+                if entry.pending and now - entry.since > limit + entry.grace
             ]
             for entry in lost:
-                task_id = entry.latest.task_id
+                task_id = entry.task_id
                 logger.info("no state of task %s for %.0f s: no longer followed", task_id, limit)
                 self._publish(entry, TaskEvent(task_id, LOST))
 

@@ -508,6 +508,41 @@ def test_a_burst_of_submits_wakes_no_reader_of_the_embedded_results(tmp_path):
     assert not first.done()
 
 
+def test_a_future_is_light_for_the_garbage_collector_and_still_a_concurrent_future():
+    """A map of 5,000 calls made 15 objects per future for the cyclic
+    collector (a Condition with its bound methods, locks, lists), and the
+    collections took a third of the time map spent sending."""
+    import gc
+
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        futures = [Future(f"light-{index}") for index in range(1000)]
+        per_future = (len(gc.get_objects()) - before - 1) / len(futures)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    assert per_future <= 4, per_future
+    # Every field of the base class's own is set (a Python that adds one
+    # fails here, not in a user's wait()).
+    assert set(vars(concurrent.futures.Future())) - {"_condition"} <= set(vars(futures[0]))
+    # The base class's API, its lock made when first needed.
+    futures[0].set_result(1)
+    futures[1].set_exception(ValueError("no"))
+    assert futures[2].cancel() and futures[3].set_running_or_notify_cancel()
+    done, not_done = concurrent.futures.wait(futures[:4], timeout=0)
+    assert done == set(futures[:3]) and not_done == {futures[3]}
+    finisher = threading.Timer(0.05, futures[3].set_result, (4,))
+    finisher.start()
+    assert [future.result() for future in concurrent.futures.as_completed(futures[3:4], timeout=10)] == [4]
+    seen: list[int] = []
+    futures[4].add_done_callback(lambda future: seen.append(future.result()))
+    futures[4]._finish(5)  # no hub: the callback runs in the finishing thread
+    assert seen == [5]
+    assert "finished returned int" in concurrent.futures.Future.__repr__(futures[0])
+
+
 def test_the_embedded_results_wake_the_hubs_own_thread(tmp_path):
     """The hub's thread sleeps on the socket the results file's writers
     poke, and a subscription's wake-up pokes that socket too: no thread of
