@@ -38,7 +38,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import Future as _BaseFuture
 from typing import Any, TypeVar, cast
 
@@ -112,7 +112,7 @@ class Future(_BaseFuture[T]):
         self._fired = False
 
     @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
+    def _condition(self) -> threading.Condition:
         # The base class's lock and wait, made at its first use: most
         # futures of a large map are only ever completed once and read once.
         condition = self.__dict__.get("_made_condition")
@@ -122,6 +122,12 @@ class Future(_BaseFuture[T]):
                 if condition is None:
                     condition = self.__dict__["_made_condition"] = threading.Condition()
         return cast(threading.Condition, condition)
+
+    @_condition.setter
+    def _condition(self, condition: threading.Condition) -> None:
+        # A settable attribute, as the base class's is (and as the types of
+        # concurrent.futures.wait and as_completed expect).
+        self.__dict__["_made_condition"] = condition
 
     def __repr__(self) -> str:
         return f"<offload.Future {self.id} {self._task_state}>"
@@ -157,10 +163,47 @@ class Future(_BaseFuture[T]):
             CancelledError: the task was revoked before it ran.
             Exception: what the task raised.
         """
+        if self._state == _FINISHED and self._exception is None:
+            return cast(T, self._result)  # ended: no lock to take (nothing changes after)
         try:
             return super().result(timeout)
         except (TimeoutError, CancelledError) as exc:
             raise self._explained(exc, timeout) from None
+
+    # The base class reads and sets its state under its Condition, made at
+    # its first use. A state is one attribute (read whole under the GIL),
+    # so reading it needs none; setting the end needs none while nobody
+    # waits (no Condition made yet: a waiter makes it under
+    # _conditions_lock, which the fast path holds while it sets the end).
+    # The hub ends thousands of futures of a map: none makes a Condition.
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def set_result(self, result: T) -> None:
+        if not self._end_unwatched(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._end_unwatched(None, exception):
+            super().set_exception(exception)
+
+    def _end_unwatched(self, result: Any, exception: BaseException | None) -> bool:
+        with _conditions_lock:
+            if "_made_condition" in self.__dict__:
+                return False  # someone may wait: the base class's way
+            if self._state in _DONE_STATES:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result, self._exception = result, exception
+            self._state = _FINISHED
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's, as it calls it
+        return True
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """What the task raised (None if it returned), waiting at most ``timeout`` seconds.
@@ -397,7 +440,10 @@ def _fire(future: _BaseFuture[Any]) -> None:
 #: Every Future's list of done-callbacks for the base class: only _fire
 #: (Future.add_done_callback keeps the others), so one shared tuple.
 _ON_DONE = (_fire,)
-_PENDING = "PENDING"  # concurrent.futures' own state name
+# concurrent.futures' own state names.
+_PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
+_CANCELLED_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED"})
+_DONE_STATES = _CANCELLED_STATES | {_FINISHED}
 _conditions_lock = threading.Lock()
 #: One lock for every future's callbacks and wakers, one for the race of a
 #: cancel with the hub's REVOKED (each held for a few list operations: two

@@ -527,6 +527,25 @@ def test_a_future_is_light_for_the_garbage_collector_and_still_a_concurrent_futu
     # Every field of the base class's own is set (a Python that adds one
     # fails here, not in a user's wait()).
     assert set(vars(concurrent.futures.Future())) - {"_condition"} <= set(vars(futures[0]))
+    import concurrent.futures._base as base
+
+    from offload import futures as module
+
+    assert (module._PENDING, module._RUNNING, module._FINISHED) == (base.PENDING, base.RUNNING, base.FINISHED)
+    assert module._CANCELLED_STATES == {base.CANCELLED, base.CANCELLED_AND_NOTIFIED}
+    # Ended while nobody waited: no Condition was made for it.
+    futures[5].set_result(6)
+    assert futures[5].result() == 6 and futures[5].done() and "_made_condition" not in vars(futures[5])
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        futures[5].set_result(7)
+    # A waiter in another thread makes it, and is woken by the end.
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(futures[6].result(timeout=10)))
+    waiter.start()
+    assert wait_until(lambda: "_made_condition" in vars(futures[6]), 10)
+    futures[6].set_result(7)
+    waiter.join(10)
+    assert got == [7]
     # The base class's API, its lock made when first needed.
     futures[0].set_result(1)
     futures[1].set_exception(ValueError("no"))
