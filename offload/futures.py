@@ -445,17 +445,19 @@ _PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
 _CANCELLED_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED"})
 _DONE_STATES = _CANCELLED_STATES | {_FINISHED}
 _conditions_lock = threading.Lock()
-#: One lock for every future's callbacks and wakers, one for the race of a
-#: cancel with the hub's REVOKED (each held for a few list operations: two
-#: locks per future were two more objects per call of a large map).
+#: One lock for every future's callbacks and wakers (held for a few list
+#: operations), one for the race of a cancel with the hub's REVOKED: two
+#: locks per future were two more objects per call of a large map. The
+#: cancel's is reentrant: a hub-less future runs its callbacks inline, and
+#: one may cancel another future.
 _callbacks_lock = threading.Lock()
-_cancel_lock = threading.Lock()
+_cancel_lock = threading.RLock()
 
 
 def _fresh_locks() -> None:
     # A fork while another thread held one must not leave the child's copy held.
     global _callbacks_lock, _cancel_lock, _conditions_lock
-    _callbacks_lock, _cancel_lock, _conditions_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    _callbacks_lock, _cancel_lock, _conditions_lock = threading.Lock(), threading.RLock(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_locks)

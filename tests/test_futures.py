@@ -562,6 +562,19 @@ def test_a_future_is_light_for_the_garbage_collector_and_still_a_concurrent_futu
     assert "finished returned int" in concurrent.futures.Future.__repr__(futures[0])
 
 
+def test_a_callback_that_cancels_another_future_does_not_hang():
+    """Futures share one lock for a cancel's race with the hub; a hub-less
+    future runs its callbacks inline, and one may cancel another future."""
+    first, second = Future("cancel-first"), Future("cancel-second")
+    first.add_done_callback(lambda _future: second.cancel())
+    canceller = threading.Thread(target=first.cancel, daemon=True)
+    canceller.start()
+    canceller.join(10)
+    assert not canceller.is_alive()
+    assert first.cancelled() and second.cancelled()
+    assert concurrent.futures.wait([first, second], timeout=0).not_done == set()
+
+
 def test_the_embedded_results_wake_the_hubs_own_thread(tmp_path):
     """The hub's thread sleeps on the socket the results file's writers
     poke, and a subscription's wake-up pokes that socket too: no thread of
