@@ -197,3 +197,33 @@ def test_a_state_is_stored_with_celerys_rules_in_one_statement(app):
     backend._conn.execute("UPDATE results SET expires = 1 WHERE key = ?", ("celery-task-meta-r",))
     backend.store_result("r", {"pid": 3}, states.STARTED)  # an expired SUCCESS is no SUCCESS
     assert backend.get_task_meta("r", cache=False)["status"] == states.STARTED
+
+
+def test_every_write_of_the_results_file_takes_its_writers_turn(app):
+    """A task's state, a chunk's results (map's calls) and their expiry each
+    wait for the turn on ``<file>-lock`` first (offload.transport._sqlite.WriterTurns):
+    one another process holds is waited for, then done without."""
+    import fcntl
+
+    from offload.transport._sqlite import _turns
+
+    backend = app.backend
+    backend.store_result("before", 1, states.SUCCESS)  # the file exists
+    writes = {
+        "state": lambda: backend.store_result("t-state", 1, states.SUCCESS),
+        "chunk": lambda: backend.set_many([(backend.get_key_for_task("t-chunk"),
+                                             backend.encode({"status": states.SUCCESS, "result": 2,
+                                                             "task_id": "t-chunk"}))]),
+    }
+    with open(f"{backend.path}-lock", "a") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        try:
+            for name, write in writes.items():
+                _turns._bypass_until = 0.0
+                write()
+                # It waited for the turn, gave up, and writes without turns a while.
+                assert _turns._bypass_until > time.monotonic(), name
+        finally:
+            _turns._bypass_until = 0.0
+    assert backend.get_task_meta("t-chunk", cache=False)["result"] == 2
+    assert backend.get_task_meta("t-state", cache=False)["result"] == 1

@@ -257,13 +257,13 @@ def _locked(path: str, deadline: float, exc: BaseException) -> DatabaseLocked:
         "The lock_timeout transport option sets this bound.")
 
 
-def release_free_pages(conn: sqlite3.Connection, min_free_pages: int) -> bool:
+def release_free_pages(conn: sqlite3.Connection, min_free_pages: int, path: str = "") -> bool:
     """Give the file's free pages back (incremental vacuum) once at least
     ``min_free_pages`` piled up; whether it did."""
     if conn.execute("PRAGMA freelist_count").fetchone()[0] < min_free_pages:
         return False
     # executescript steps it to the end; execute() would free one page.
-    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT)
+    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT, path)
     return True
 
 

@@ -187,7 +187,7 @@ class SQLiteBackend(KeyValueStoreBackend):
                 conn.execute("ROLLBACK")
                 raise
 
-        retrying(write)
+        retrying(write, path=self.path)
         self._wake_watchers()
         self._maybe_sweep()
 
@@ -227,7 +227,7 @@ class SQLiteBackend(KeyValueStoreBackend):
     def cleanup(self) -> None:
         """Delete expired results now (``celery beat``'s cleanup calls this too)."""
         self._deleting("DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),))
-        release_free_pages(self._conn, min_free_pages=65)
+        release_free_pages(self._conn, min_free_pages=65, path=self.path)
 
     # Following changes ----------------------------------------------------------
 

@@ -332,7 +332,7 @@ class Store:
     def compact(self, min_free_pages: int = 16) -> None:
         """Give free pages back to the file system once enough piled up."""
         conn = self.conn
-        if release_free_pages(conn, min_free_pages):
+        if release_free_pages(conn, min_free_pages, self.path):
             self._checkpoint_due = True
         if not self._checkpoint_due:
             return
