@@ -40,6 +40,12 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import Future as _BaseFuture
+# The base class's state names: a Future sets and reads its state itself.
+from concurrent.futures._base import CANCELLED as _CANCELLED
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
+from concurrent.futures._base import FINISHED as _FINISHED
+from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from typing import Any, TypeVar, cast
 
 from celery import bootsteps, states
@@ -440,9 +446,7 @@ def _fire(future: _BaseFuture[Any]) -> None:
 #: Every Future's list of done-callbacks for the base class: only _fire
 #: (Future.add_done_callback keeps the others), so one shared tuple.
 _ON_DONE = (_fire,)
-# concurrent.futures' own state names.
-_PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
-_CANCELLED_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED"})
+_CANCELLED_STATES = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED})
 _DONE_STATES = _CANCELLED_STATES | {_FINISHED}
 _conditions_lock = threading.Lock()
 #: One lock for every future's callbacks and wakers (held for a few list

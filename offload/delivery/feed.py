@@ -5,8 +5,9 @@ write a change number and reads what changed since a number, so each new
 state is read once, however many ids are followed (:class:`BatchPoll` reads
 every followed id on every poll). Writers poke this process's wake-up
 socket after each commit (:meth:`~offload.transport.backend.SQLiteBackend.watch`),
-and the hub's thread sleeps on it, so a result is read as soon as it is stored; a poll that backs off like
-:class:`BatchPoll`'s covers a lost wake-up.
+and the hub's thread sleeps on it, so a result is read as soon as it is
+stored; a poll that backs off like :class:`BatchPoll`'s covers a lost
+wake-up.
 """
 
 from __future__ import annotations
