@@ -21,6 +21,10 @@ from testapp.webservers import serve, serve_wsgi
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
+# Every page.wait_for_function here is given a function ("() => ..."), never an
+# expression: Playwright re-evaluates an expression with eval() on each poll,
+# which a page's Content Security Policy (the dashboard's: default-src 'self')
+# refuses; a function is compiled once, when the wait starts.
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -115,9 +119,9 @@ def test_a_page_on_another_origin_follows_a_job_over_json_rpc(kind, browser, _wo
         assert page_url == allowed
         page = browser.new_page()
         page.goto(f"{page_url}/")
-        page.wait_for_function("window.seenStates && window.seenStates.includes('PROGRESS')", timeout=60_000)
+        page.wait_for_function("() => window.seenStates && window.seenStates.includes('PROGRESS')", timeout=60_000)
         page.screenshot(path=str(shots / f"{kind}-progress.png"))
-        page.wait_for_function("document.getElementById('result').textContent !== ''", timeout=60_000)
+        page.wait_for_function("() => document.getElementById('result').textContent !== ''", timeout=60_000)
         page.screenshot(path=str(shots / f"{kind}-done.png"))
         assert page.inner_text("#result") == "result: 6"
         assert page.get_attribute(".offload-progress", "data-state") == "SUCCESS"
@@ -130,7 +134,7 @@ def test_a_page_on_another_origin_follows_a_job_over_json_rpc(kind, browser, _wo
         stranger = browser.new_page()
         before = len([r for r in recorded.seen if r[0] == "POST"])
         stranger.goto(f"{other_url}/")
-        stranger.wait_for_function("document.getElementById('result').textContent !== ''", timeout=60_000)
+        stranger.wait_for_function("() => document.getElementById('result').textContent !== ''", timeout=60_000)
         stranger.screenshot(path=str(shots / f"{kind}-refused.png"))
         assert stranger.inner_text("#result") == "error: NetworkError"
         # The preflight failed, so the browser never sent the call itself.
@@ -173,10 +177,10 @@ def test_the_demo_ledger_page_shows_a_total_live(browser, tmp_path):
         page.fill("#delay", "2")
         page.click("#start")
         page.wait_for_function(
-            "(() => { const p = document.querySelector('.offload-progress');"
-            " return p && p.dataset.state === 'PROGRESS'; })()", timeout=60_000)
+            "() => { const p = document.querySelector('.offload-progress');"
+            " return p && p.dataset.state === 'PROGRESS'; }", timeout=60_000)
         page.screenshot(path=str(tmp_path / "demo-progress.png"))
-        page.wait_for_function("document.getElementById('total').textContent !== ''", timeout=60_000)
+        page.wait_for_function("() => document.getElementById('total').textContent !== ''", timeout=60_000)
         page.screenshot(path=str(tmp_path / "demo-done.png"))
         assert page.inner_text("#total") == "total: 42"
         page.close()

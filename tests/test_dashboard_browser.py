@@ -68,7 +68,7 @@ def test_the_dashboard_follows_tasks_of_another_process_live(kind, protocol, bro
         assert page.get_attribute("[data-worker]", "data-status") == "online"
         assert page.locator("[data-queue]").count() >= 1
         page.evaluate(WATCH)
-        page.wait_for_function("document.getElementById('live').dataset.live === 'sse'", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('live').dataset.live === 'sse'", timeout=30_000)
         assert wait_until(lambda: off.monitor.listener.connected, timeout=30)
 
         log = tmp_path / f"submitter-{kind}.log"
@@ -143,7 +143,7 @@ def test_without_event_streams_the_page_polls(browser, _workers, tmp_path):  # n
         page = context.new_page()
         page.add_init_script("delete window.EventSource")
         page.goto(f"{base}/offload/dashboard")
-        page.wait_for_function("document.getElementById('live').dataset.live === 'poll'", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('live').dataset.live === 'poll'", timeout=30_000)
         assert wait_until(lambda: off.monitor.listener.connected, timeout=30)
         future = off.submit(webtasks.add, 40, 2)
         assert future.result(timeout=30) == 42

@@ -93,7 +93,7 @@ def test_pyjamas_jsonrpc_example_in_a_browser(tmp_path):
             page.fill("#text", "hello, other origin")
             page.fill("#delay", "2")
             page.click("#send")
-            page.wait_for_function("document.getElementById('result').textContent !== ''", timeout=90_000)
+            page.wait_for_function("() => document.getElementById('result').textContent !== ''", timeout=90_000)
             page.screenshot(path=str(tmp_path / "pyjamas_jsonrpc.png"))
             assert page.inner_text("#result") == "echo: hello, other origin"
             assert int(page.inner_text("#polls")) >= 2  # polled on a timer while it ran
