@@ -217,11 +217,11 @@ class WriterTurns:
 _turns = WriterTurns()
 
 
-def retrying(operation: Callable[[], T], deadline: float = BUSY_TIMEOUT, path: str = "") -> T:
+def retrying(operation: Callable[[], T], deadline: float = BUSY_TIMEOUT, *, path: str) -> T:
     """Run ``operation`` until it gets past SQLITE_BUSY, with jittered backoff.
 
-    With ``path``, in this process's turn to write that file
-    (:class:`WriterTurns`). sqlite's own busy handler already waits up to
+    In this process's turn to write the file at ``path`` (:class:`WriterTurns`:
+    a required argument, so that no write of offload's skips its turn). sqlite's own busy handler already waits up to
     the connection's timeout per statement; this loop covers the cases it
     does not (a lock upgrade refused at once in WAL mode). Once ``deadline``
     seconds have passed, :class:`DatabaseLocked` is raised: nothing is ever
@@ -257,13 +257,13 @@ def _locked(path: str, deadline: float, exc: BaseException) -> DatabaseLocked:
         "The lock_timeout transport option sets this bound.")
 
 
-def release_free_pages(conn: sqlite3.Connection, min_free_pages: int, path: str = "") -> bool:
+def release_free_pages(conn: sqlite3.Connection, min_free_pages: int, path: str) -> bool:
     """Give the file's free pages back (incremental vacuum) once at least
     ``min_free_pages`` piled up; whether it did."""
     if conn.execute("PRAGMA freelist_count").fetchone()[0] < min_free_pages:
         return False
     # executescript steps it to the end; execute() would free one page.
-    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT, path)
+    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT, path=path)
     return True
 
 
@@ -310,15 +310,15 @@ def connect(path: str, schema: str, synchronous: str = "NORMAL",
         # what lets the file shrink back when a queue drains. Setting it takes
         # the file's write lock, so it is set on a new file only: every
         # connection a thread opens would otherwise queue behind the writers.
-        if not retrying(lambda: conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone(), busy_timeout, path):
-            retrying(lambda: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), busy_timeout, path)
-        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), busy_timeout, path)
+        if not retrying(lambda: conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone(), busy_timeout, path=path):
+            retrying(lambda: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), busy_timeout, path=path)
+        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), busy_timeout, path=path)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         # After a checkpoint the -wal file is cut back to this size.
         conn.execute("PRAGMA journal_size_limit=4194304")
-        retrying(lambda: conn.executescript(schema), busy_timeout, path)
+        retrying(lambda: conn.executescript(schema), busy_timeout, path=path)
         if upgrade is not None:
-            retrying(lambda: upgrade(conn), busy_timeout, path)
+            retrying(lambda: upgrade(conn), busy_timeout, path=path)
     except DatabaseLocked:
         conn.close()
         raise

@@ -82,12 +82,12 @@ class Store:
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         conn = self.conn
-        return retrying(lambda: conn.execute(sql, tuple(params)), self.lock_timeout, self.path)
+        return retrying(lambda: conn.execute(sql, tuple(params)), self.lock_timeout, path=self.path)
 
     def _returning(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         conn = self.conn
         # fetchall: an autocommit statement commits only once fully stepped.
-        return retrying(lambda: conn.execute(sql, tuple(params)).fetchall(), self.lock_timeout, self.path)
+        return retrying(lambda: conn.execute(sql, tuple(params)).fetchall(), self.lock_timeout, path=self.path)
 
     def _transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         conn = self.conn
@@ -102,7 +102,7 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
 
-        retrying(run, self.lock_timeout, self.path)
+        retrying(run, self.lock_timeout, path=self.path)
 
     # Messages --------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class Store:
             conn = self.conn
             retrying(lambda: conn.executemany(
                 f"UPDATE messages SET {_GIVE_BACK} WHERE id = ? AND owner = ?",
-                [(row_id, owner) for row_id in row_ids]), self.lock_timeout, self.path)
+                [(row_id, owner) for row_id in row_ids]), self.lock_timeout, path=self.path)
 
     def reclaim(self, row_ids: list[int], owner: str) -> set[int]:
         """Lease again what ``owner`` held before its lease lapsed, where the
