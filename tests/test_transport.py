@@ -664,11 +664,13 @@ def test_a_forked_child_does_not_keep_its_parents_turn(tmp_path, child_env):
         threading.Thread(target=lambda: retrying(lambda: (inside.set(), time.sleep(60)), path={str(db)!r}),
                          daemon=True).start()
         inside.wait(10)
+        # One write(2) per line: with PYTHONUNBUFFERED, print() writes each
+        # piece on its own, and the two processes' pieces interleave.
         if os.fork() == 0:
-            print("child", os.getpid(), flush=True)
+            os.write(1, f"child {{os.getpid()}}\\n".encode())
             time.sleep(60)
             os._exit(0)
-        print("parent", flush=True)
+        os.write(1, b"parent\\n")
         time.sleep(60)
     """
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=child_env,
