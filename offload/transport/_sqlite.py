@@ -11,6 +11,7 @@ import io
 import os
 import random
 import sqlite3
+import struct
 import threading
 import time
 import weakref
@@ -131,36 +132,42 @@ class WriterTurns:
     worker's ack) lose a millisecond or more each time. So offload's
     writers first take an ``flock`` on ``<file>-lock``, polled from 20 us
     on: they then meet sqlite's lock free, and a write waits about as long
-    as the one before it takes. Other programs' writers meet sqlite's lock
+    as the ones before it take. Other programs' writers meet sqlite's lock
     as before; the lock is only a turn, sqlite's is what keeps the file
     whole.
 
-    Bad luck: the kernel drops a dead process's lock; a turn not had within
-    :attr:`WAIT` seconds (its holder paused) is done without, and that
-    process then writes without turns for :attr:`BYPASS` seconds; a forked
+    Each holder writes the time it took the turn into the lock file. A
+    waiter goes on waiting while the turns move (a long line of writers on
+    a loaded machine); while one holder has kept the turn for :attr:`WAIT`
+    seconds or more (paused, or in a long transaction), writes are done
+    without, at once. Giving up on a line that moves would be worse than
+    waiting in it: the writers that left it meet sqlite's lock, whose
+    sparse retries lose to the line's writers, and then wait seconds where
+    the line takes milliseconds.
+
+    Bad luck: the kernel drops a dead process's lock; a write waits for its
+    turn at most as long as for sqlite's lock (``lock_timeout``); a forked
     child closes the parent's descriptors (one it inherited locked must not
     outlive the parent). One descriptor per thread and process, closed with
     the thread's state.
     """
 
-    #: Longest wait for a turn before writing without it.
+    #: Longest time one holder keeps the turn before the others write without it.
     WAIT = 0.25
-    #: Seconds a process writes without turns after a wait ran out.
-    BYPASS = 5.0
     #: The first pause between two tries (doubling to 1 ms).
     FIRST_PAUSE = 0.00002
+    #: The lock file's content: when its holder took the turn (``time.monotonic``).
+    _STAMP = struct.Struct("=d")
 
     def __init__(self) -> None:
         self._local = threading.local()
         self._opened: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
-        self._bypass_until = 0.0
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
         for lock_file in list(self._opened):
             lock_file.close()
         self._opened = weakref.WeakSet()
-        self._bypass_until = 0.0
 
     def _files(self) -> tuple[dict[str, io.FileIO], set[str]]:
         local = self._local
@@ -168,9 +175,10 @@ class WriterTurns:
             local.pid, local.files, local.held = os.getpid(), {}, set()
         return local.files, local.held
 
-    def take(self, path: str) -> io.FileIO | None:
-        """This thread's turn to write ``path``; None: write without one."""
-        if fcntl is None or time.monotonic() < self._bypass_until:
+    def take(self, path: str, deadline: float = BUSY_TIMEOUT) -> io.FileIO | None:
+        """This thread's turn to write ``path``, waited for at most ``deadline``
+        seconds; None: write without one."""
+        if fcntl is None:
             return None
         files, held = self._files()
         if path in held:
@@ -178,19 +186,21 @@ class WriterTurns:
         lock_file = files.get(path)
         try:
             if lock_file is None:
-                lock_file = files[path] = io.FileIO(path + "-lock", "a",
-                                                    opener=lambda name, flags: os.open(name, flags, 0o600))
+                lock_file = files[path] = io.FileIO(
+                    path + "-lock", "r+", opener=lambda name, flags: os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
                 self._opened.add(lock_file)
-            if not self._wait(lock_file.fileno()):
+            fd = lock_file.fileno()
+            if not self._wait(fd, deadline):
                 return None
+            os.pwrite(fd, self._STAMP.pack(time.monotonic()), 0)
         except OSError:  # a read-only folder, no locks there: sqlite's alone
             return None
         held.add(path)
         return lock_file
 
-    def _wait(self, fd: int) -> bool:
+    def _wait(self, fd: int, deadline: float) -> bool:
         pause = self.FIRST_PAUSE
-        give_up = 0.0
+        give_up = time.monotonic() + deadline
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,13 +208,18 @@ class WriterTurns:
             except BlockingIOError:
                 pass
             now = time.monotonic()
-            if not give_up:
-                give_up = now + self.WAIT
-            elif now >= give_up:
-                self._bypass_until = now + self.BYPASS
+            if now >= give_up or self._held_too_long(fd, now):
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
+
+    def _held_too_long(self, fd: int, now: float) -> bool:
+        """Whether the turn's holder took it :attr:`WAIT` seconds ago or more
+        (or wrote no time: an older release of offload)."""
+        stamp = os.pread(fd, self._STAMP.size, 0)
+        if len(stamp) < self._STAMP.size:
+            return True
+        return not 0 <= now - self._STAMP.unpack(stamp)[0] < self.WAIT
 
     def give_back(self, path: str, lock_file: io.FileIO) -> None:
         self._files()[1].discard(path)
@@ -227,16 +242,16 @@ def retrying(operation: Callable[[], T], deadline: float = BUSY_TIMEOUT, *, path
     seconds have passed, :class:`DatabaseLocked` is raised: nothing is ever
     dropped silently.
     """
-    turn = _turns.take(path) if path else None
+    started = time.monotonic()
+    turn = _turns.take(path, deadline) if path else None
     try:
-        return _retry(operation, deadline, path)
+        return _retry(operation, started + deadline, deadline, path)
     finally:
         if turn is not None:
             _turns.give_back(path, turn)
 
 
-def _retry(operation: Callable[[], T], deadline: float, path: str) -> T:
-    give_up = time.monotonic() + deadline
+def _retry(operation: Callable[[], T], give_up: float, deadline: float, path: str) -> T:
     delay = 0.001
     while True:
         try:
@@ -244,13 +259,25 @@ def _retry(operation: Callable[[], T], deadline: float, path: str) -> T:
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
-            if time.monotonic() >= give_up:
+            if time.monotonic() >= give_up or _reads_an_older_state(exc):
                 raise _locked(path, deadline, exc) from exc
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.1)
 
 
-def _locked(path: str, deadline: float, exc: BaseException) -> DatabaseLocked:
+def _reads_an_older_state(exc: sqlite3.Error) -> bool:
+    # WAL mode: this connection still reads a state of the file older than
+    # the last commit (a cursor not read to its end), which it cannot write
+    # over. Waiting cannot end it: the read is this thread's own.
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_BUSY_SNAPSHOT"
+
+
+def _locked(path: str, deadline: float, exc: sqlite3.Error) -> DatabaseLocked:
+    if _reads_an_older_state(exc):
+        return DatabaseLocked(
+            f"the sqlite file {path or '(broker)'} cannot be written by this connection: it still "
+            f"holds a read of an older state of the file ({exc}, SQLITE_BUSY_SNAPSHOT); a cursor on "
+            "it was left unread to its end.")
     return DatabaseLocked(
         f"the sqlite file {path or '(broker)'} stayed locked by another connection for more than "
         f"{deadline:g} s ({exc}); is a process holding a long transaction on it? "
