@@ -82,6 +82,39 @@ def test_results_expire_without_beat(app):
     assert all("short" not in key for key in keys) and any("later" in key for key in keys)
 
 
+def test_a_large_sweep_goes_in_batches_and_gives_its_pages_back(app, monkeypatch):
+    """Expired results are deleted a batch per transaction (the writers wait
+    for one batch, not the whole sweep), all of them, and the pages they
+    held go back to the file system a step at a time."""
+    from offload.transport import _sqlite
+    from offload.transport import backend as module
+
+    vacuums = []
+
+    def vacuum_in_small_steps(conn, min_free_pages, path):
+        vacuums.append(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return _sqlite.release_free_pages(conn, min_free_pages, path, step=16)
+
+    monkeypatch.setattr(module, "release_free_pages", vacuum_in_small_steps)
+
+    backend = app.backend
+    count = 2 * module._SWEEP_BATCH + 500
+    backend.set_many([(f"old-{n}", "v" * 400) for n in range(count)])
+    backend.set("kept", "1")
+    with sqlite3.connect(backend.path) as raw:
+        raw.execute("UPDATE results SET expires = 1 WHERE key LIKE 'old-%'")
+    transactions = []
+    deleting = backend._deleting
+    backend._deleting = lambda sql, params: transactions.append(params) or deleting(sql, params)
+    backend.cleanup()
+    assert len(transactions) == 3  # two full batches, then the rest
+    with sqlite3.connect(backend.path) as raw:
+        assert raw.execute("SELECT count(*) FROM results WHERE key LIKE 'old-%'").fetchone()[0] == 0
+    assert backend.get("kept") == "1"
+    assert vacuums[-1] > 16  # more pages freed than one step gives back
+    assert backend._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
 def test_forget_incr_and_expire(app):
     backend = app.backend
     backend.store_result("f", 1, states.SUCCESS)

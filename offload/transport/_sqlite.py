@@ -284,13 +284,20 @@ def _locked(path: str, deadline: float, exc: sqlite3.Error) -> DatabaseLocked:
         "The lock_timeout transport option sets this bound.")
 
 
-def release_free_pages(conn: sqlite3.Connection, min_free_pages: int, path: str) -> bool:
+def release_free_pages(conn: sqlite3.Connection, min_free_pages: int, path: str, step: int = 1024) -> bool:
     """Give the file's free pages back (incremental vacuum) once at least
-    ``min_free_pages`` piled up; whether it did."""
-    if conn.execute("PRAGMA freelist_count").fetchone()[0] < min_free_pages:
+    ``min_free_pages`` piled up, ``step`` pages per transaction (the writers
+    wait for each); whether it did."""
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if free < min_free_pages:
         return False
-    # executescript steps it to the end; execute() would free one page.
-    retrying(lambda: conn.executescript("PRAGMA incremental_vacuum"), BUSY_TIMEOUT, path=path)
+    while free > 0:
+        # executescript steps it to the end; execute() would free one page.
+        retrying(lambda: conn.executescript(f"PRAGMA incremental_vacuum({step})"), BUSY_TIMEOUT, path=path)
+        left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if left >= free:  # another process's pages freed meanwhile, or none left to move
+            break
+        free = left
     return True
 
 

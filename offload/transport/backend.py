@@ -78,6 +78,10 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 _MGET_CHUNK = 500
 #: Seconds between two sweeps of expired rows (done by a writer, lazily).
 _SWEEP_INTERVAL = 60.0
+#: Expired results deleted per transaction.
+_SWEEP_BATCH = 2000
+_DELETE_EXPIRED = ("DELETE FROM results WHERE key IN "
+                   "(SELECT key FROM results WHERE expires IS NOT NULL AND expires <= ? LIMIT ?)")
 
 
 class SQLiteBackend(KeyValueStoreBackend):
@@ -191,21 +195,22 @@ class SQLiteBackend(KeyValueStoreBackend):
         self._wake_watchers()
         self._maybe_sweep()
 
-    def _deleting(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _deleting(self, sql: str, params: tuple[Any, ...]) -> int:
         # A delete keeps the highest change number first, in one transaction.
         conn = self._conn
 
-        def write() -> None:
+        def write() -> int:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute(_KEEP_LAST_SEQ)
-                conn.execute(sql, params)
+                deleted = conn.execute(sql, params).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            return deleted
 
-        retrying(write, path=self.path)
+        return retrying(write, path=self.path)
 
     def delete(self, key: Any) -> None:
         self._deleting("DELETE FROM results WHERE key = ?", (bytes_to_str(key),))
@@ -226,7 +231,11 @@ class SQLiteBackend(KeyValueStoreBackend):
 
     def cleanup(self) -> None:
         """Delete expired results now (``celery beat``'s cleanup calls this too)."""
-        self._deleting("DELETE FROM results WHERE expires IS NOT NULL AND expires <= ?", (time.time(),))
+        # A batch per transaction: a sweep of a million results must not keep
+        # the file's writers (a submit among them) waiting for seconds.
+        now = time.time()
+        while self._deleting(_DELETE_EXPIRED, (now, _SWEEP_BATCH)) == _SWEEP_BATCH:
+            pass
         release_free_pages(self._conn, min_free_pages=65, path=self.path)
 
     # Following changes ----------------------------------------------------------
