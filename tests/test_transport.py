@@ -1003,3 +1003,27 @@ def test_a_worker_paused_past_the_visibility_timeout_comes_back(tmp_path, monkey
     assert log.count(f"[{future.id}] received") == 1, log[-3000:]
     assert _succeeded(worker.log_path)[future.id] == 1
     assert "lease had lapsed" in log
+
+
+def test_a_turn_whose_time_cannot_be_written_is_still_had_and_given_back(tmp_path, monkeypatch):
+    """A full disk refuses the holder's time in ``<file>-lock``: the turn
+    is had all the same, and given back; nothing is left locked."""
+    import os
+
+    from offload.transport._sqlite import _turns
+
+    db = tmp_path / "broker.db"
+    store = Store(str(db))
+    store.declare_queue("q", None)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    turn = _turns.take(str(db))
+    assert turn is not None and not _lock_is_free(db)
+    _turns.give_back(str(db), turn)
+    assert _lock_is_free(db)
+    store.put("q", 0, "{}")
+    assert store.size("q") == 1
+    store.close()

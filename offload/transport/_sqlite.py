@@ -192,9 +192,12 @@ class WriterTurns:
             fd = lock_file.fileno()
             if not self._wait(fd, deadline):
                 return None
-            os.pwrite(fd, self._STAMP.pack(time.monotonic()), 0)
         except OSError:  # a read-only folder, no locks there: sqlite's alone
             return None
+        try:
+            os.pwrite(fd, self._STAMP.pack(time.monotonic()), 0)
+        except OSError:  # a full disk: the others, reading an old time, write around this turn
+            pass
         held.add(path)
         return lock_file
 
