@@ -239,11 +239,12 @@ def retrying(operation: Callable[[], T], deadline: float = BUSY_TIMEOUT, *, path
     """Run ``operation`` until it gets past SQLITE_BUSY, with jittered backoff.
 
     In this process's turn to write the file at ``path`` (:class:`WriterTurns`:
-    a required argument, so that no write of offload's skips its turn). sqlite's own busy handler already waits up to
-    the connection's timeout per statement; this loop covers the cases it
-    does not (a lock upgrade refused at once in WAL mode). Once ``deadline``
-    seconds have passed, :class:`DatabaseLocked` is raised: nothing is ever
-    dropped silently.
+    a required argument, so that no write of offload's skips its turn).
+    sqlite's own busy handler already waits up to the connection's timeout
+    per statement; this loop covers the cases it does not (a lock upgrade
+    refused at once in WAL mode). Once ``deadline`` seconds have passed,
+    the wait for the turn included, :class:`DatabaseLocked` is raised:
+    nothing is ever dropped silently.
     """
     started = time.monotonic()
     turn = _turns.take(path, deadline) if path else None
