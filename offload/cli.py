@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,6 +77,38 @@ class _Target:
         return off
 
 
+class _Command(click.Command):
+    """A command of offload's, which says where ``--app`` goes when it comes after the command.
+
+    ``offload worker --app myapp`` reads naturally but names the app too late:
+    the group loads it (as ``celery -A myapp worker`` and ``flask --app myapp
+    run`` do). Click's own answer would be "No such option".
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        for index, arg in enumerate(args[:end]):
+            if arg in ("-A", "--app"):
+                spec, others = args[index + 1:index + 2] or ["SPEC"], args[:index] + args[index + 2:]
+            elif arg.startswith(("--app=", "-A")):
+                spec = [arg.partition("=")[2] if arg.startswith("--app=") else arg[2:]]
+                others = args[:index] + args[index + 1:]
+            else:
+                continue
+            raise click.UsageError(_where_the_app_goes(ctx, spec[0], others), ctx)
+        return super().parse_args(ctx, args)
+
+
+def _where_the_app_goes(ctx: click.Context, spec: str, others: list[str]) -> str:
+    root = ctx.find_root()
+    if any(param.name in ("app", "app_spec") for param in root.command.params):
+        rest = ctx.command_path[len(root.info_name or ""):].strip()
+        command = shlex.join([*(root.info_name or "offload").split(), "--app", spec, *rest.split(), *others])
+        return f"--app names the app before the command, as an option of {root.info_name!r}: {command}"
+    return (f"{ctx.command_path} takes no --app: it runs this project's app, the one "
+            f"{root.info_name!r} loads")
+
+
 def _offload(ctx: click.Context) -> Any:
     target = ctx.find_object(_Target)
     if target is None:  # a command invoked outside our groups
@@ -113,7 +146,7 @@ def _emit(as_json: bool, event: str, text: str, **data: Any) -> None:
 
 # worker ------------------------------------------------------------------------------
 
-@click.command()
+@click.command(cls=_Command)
 @click.option("-n", "--name", help="Node name (foo or foo@%h). A name from CELERY_WORKERS "
               "starts that worker with its configured options.")
 @click.option("-Q", "--queues", help="Comma-separated queues to consume (default: the app's).")
@@ -154,7 +187,7 @@ def worker(ctx: click.Context, name: str | None, queues: str | None, concurrency
 
 # beat --------------------------------------------------------------------------------
 
-@click.command()
+@click.command(cls=_Command)
 @click.option("-l", "--loglevel", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
 @click.pass_context
@@ -181,7 +214,7 @@ def _start_flower(off: Any, address: str, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-@click.command()
+@click.command(cls=_Command)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every worker.")
 @click.option("--flower/--no-flower", default=True, show_default=True,
               help="Also run Flower (when it is installed).")
@@ -281,7 +314,7 @@ def cluster(ctx: click.Context, timeout: float, flower: bool, flower_address: st
 
 # monitoring --------------------------------------------------------------------------
 
-@click.command("status")
+@click.command("status", cls=_Command)
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
 @click.option("--json", "as_json", is_flag=True, help="Compact one-line JSON.")
 @click.pass_context
@@ -305,7 +338,7 @@ def _print_human(result: dict[str, Any]) -> None:
             click.echo("  " + json.dumps(items, indent=2).replace("\n", "\n  "))
 
 
-@click.command("inspect")
+@click.command("inspect", cls=_Command)
 @click.argument("what", type=click.Choice(INSPECT_TARGETS), metavar="WHAT")
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
 @click.option("--json", "as_json", is_flag=True, help="Print the replies as JSON.")
@@ -324,7 +357,7 @@ def inspect_command(ctx: click.Context, what: str, timeout: float, as_json: bool
         ctx.exit(1)
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(cls=_Command, context_settings={"ignore_unknown_options": True})
 @click.option("--address", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5555, show_default=True, type=int)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
@@ -339,7 +372,7 @@ def flower(ctx: click.Context, address: str, port: int, flower_args: tuple[str, 
     off.celery.start(["flower", f"--address={address}", f"--port={port}", *flower_args])
 
 
-@click.command()
+@click.command(cls=_Command)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. Only loopback clients may look (there is no login here).")
 @click.option("--port", default=5556, show_default=True, type=click.IntRange(1, 65535))
@@ -392,7 +425,7 @@ def dashboard(ctx: click.Context, host: str, port: int, prefix: str) -> None:
         server.server_close()
 
 
-@click.command()
+@click.command(cls=_Command)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,

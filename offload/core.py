@@ -605,7 +605,7 @@ class Offload:
         commits, and never if it rolls back (the future then stays pending);
         outside a transaction it leaves at once. It needs an integration
         that knows the transaction (``offload.django``, ``offload.pyramid``
-        with ``pyramid_tm``).
+        with ``pyramid_tm``, ``offload.flask`` with Flask-SQLAlchemy).
         """
         queue = kwargs.pop("queue", None)
         on_commit = kwargs.pop("on_commit", False)
@@ -620,8 +620,9 @@ class Offload:
         if not self._commit_hooks:
             raise ConfigurationError(
                 "submit(..., on_commit=True) needs an integration that knows the app's "
-                "transactions: add 'offload.django' to INSTALLED_APPS, or "
-                "config.include('offload.pyramid') with pyramid_tm")
+                "transactions: add 'offload.django' to INSTALLED_APPS, "
+                "config.include('offload.pyramid') with pyramid_tm, or Offload(app) on a Flask "
+                "app with Flask-SQLAlchemy")
         import uuid
 
         options = {**options, "task_id": options.get("task_id") or str(uuid.uuid4())}
@@ -663,7 +664,8 @@ class Offload:
 
         Calls of a plain function go several to a message, which a worker
         runs in a loop, each call with its own future, id, state and
-        exception (``offload.dispatch_chunk``; README: *Many small calls*).
+        exception (``offload.dispatch_chunk``; the guide's *Futures*: "``map``: many small
+        calls, few messages").
         By default chunks grow from 1 call to 128 (:func:`chunk_sizes`);
         ``chunksize=n`` fixes the size, ``chunksize=1`` sends one message
         per call. ``options`` are those of :meth:`options`.

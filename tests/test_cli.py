@@ -95,6 +95,38 @@ def test_an_unknown_inspect_target_lists_the_valid_ones(data_root):
         assert what in result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["worker", "--app", "shop", "--loglevel", "INFO"],
+    ["worker", "--app=shop", "--loglevel", "INFO"],
+    ["worker", "-Ashop", "--loglevel", "INFO"],
+])
+def test_an_app_named_after_the_command_is_shown_where_it_goes(args):
+    result = CliRunner().invoke(main, args, prog_name="offload")
+    assert result.exit_code == 2
+    assert "offload --app shop worker --loglevel INFO" in result.output
+    assert "No such option" not in result.output
+
+
+def test_every_command_says_where_the_app_goes_under_a_framework_too():
+    from offload.cli import group_for
+
+    for name in main.commands:
+        result = CliRunner().invoke(main, [name, "-A", "shop"], prog_name="offload")
+        assert result.exit_code == 2 and f"offload --app shop {name}" in result.output, name
+    managed = group_for(lambda: None, name="manage.py offload")
+    result = CliRunner().invoke(managed, ["worker", "--app", "shop"])
+    assert result.exit_code == 2
+    assert "manage.py offload worker takes no --app" in result.output
+
+
+def test_flask_names_the_app_before_its_offload_command(data_root):
+    result = subprocess.run([os.path.join(BIN, "flask"), "--app", "testapp.flaskapp", "offload",
+                             "worker", "--app", "testapp.flaskapp", "-c", "1"],
+                            env=worker_env(), text=True, capture_output=True, timeout=60)
+    assert result.returncode == 2
+    assert "flask --app testapp.flaskapp offload worker -c 1" in result.stderr
+
+
 def test_status_exits_1_when_no_worker_answers(data_root):
     require_service("redis")
     result = CliRunner().invoke(main, ["--app", "testapp.idle:off", "status", "--timeout", "0.3"])

@@ -1,6 +1,6 @@
 """examples/bugzscout_wsgi run as its README says: the seed's app and the
 middleware form, each behind a real web server, a worker started with
-``offload worker --app myapp``, a loopback server playing FogBugz."""
+``offload --app myapp worker``, a loopback server playing FogBugz."""
 
 from __future__ import annotations
 

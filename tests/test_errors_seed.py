@@ -1,6 +1,6 @@
 """Seed 000 (BugzScout's "WSGI server using the celery extension") as its users
 wrote it: its myapp.py copied with only the imports changed, a real worker
-started as the docs now say (``offload worker --app myapp``), a loopback
+started as the docs now say (``offload --app myapp worker``), a loopback
 server standing for FogBugz."""
 
 from __future__ import annotations

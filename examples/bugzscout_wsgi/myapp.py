@@ -6,7 +6,7 @@ folder::
 
     python myapp.py 8000                       # the seed's app: http://127.0.0.1:8000
     python myapp.py 8001 --middleware          # the same routes behind ErrorReporter
-    offload worker --app myapp --loglevel INFO
+    offload --app myapp worker --loglevel INFO
 
 GET says hello, POST counts the bytes it was sent, PUT and DELETE fail.
 FogBugz's address comes from ``BUGZSCOUT_URL``.

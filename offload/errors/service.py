@@ -7,7 +7,7 @@ Delivering what :mod:`.capture` captured; the entry points (``setup``,
 ``offload.errors.send`` (deliver a report to every sink, retrying with
 backoff) and ``offload.errors.submit_error`` (the seed's
 ``submit_error.delay(description, extra)``). A worker started for the app
-(``celery --app=myapp worker``, ``offload worker --app myapp``) imports the
+(``celery --app=myapp worker``, ``offload --app myapp worker``) imports the
 module that called ``setup`` (or built an ``ErrorReporter``), so it knows both
 tasks and the sinks. The same call connects Celery's ``task_failure`` signal
 for this app only, and adds a worker step that re-sends spooled reports.
@@ -469,10 +469,11 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
     - ``window``: seconds a new error waits for copies of itself; copies
       within it make one report with a ``count`` (default 2; 0 sends at once).
     - ``scrub``: parts of header, query and argument names whose values are
-      replaced by ``[Filtered]`` (default: ``report.SECRET_NAME_PARTS``,
+      replaced by ``[Filtered]`` (default: ``offload.errors.scrub.SECRET_NAME_PARTS``,
       password, secret, token, key, session, auth, csrf, ...);
       ``scrub_headers``: headers always replaced (Authorization,
-      Proxy-Authorization, Cookie, Set-Cookie); ``scrub_also``: names added
+      Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key,
+      X-Amz-Security-Token); ``scrub_also``: names added
       to the defaults (see :mod:`offload.errors.scrub` for the whole policy).
     - ``mask_task_args``: report failed tasks without their argument values.
     - ``task_failures``: report failures of this app's tasks (default True).
@@ -493,7 +494,8 @@ def setup(off: OffloadLike, sinks: Sequence[Sink] | None = None, **options: Any)
         >>> application = ErrorReporter(lambda environ, start_response: [b"ok"], errors)
 
     Calling it again for the same Offload returns the first setup when
-    ``sinks`` is None or the same sinks; other sinks are an error.
+    ``sinks`` is None, or the same sinks without options; other sinks, or
+    the same ones with options, are an error.
     """
     task = off.celery.tasks.get(SEND_TASK) if SEND_TASK in off.celery.tasks else None
     existing = getattr(task, "reporting", None)
@@ -580,7 +582,7 @@ def default() -> ErrorReporting:
 
                 config["OFFLOAD_DATA_DIR"] = default_data_dir(caller)
             off = Offload(config, name=caller)
-            # `offload worker --app module` finds this Offload from the
+            # `offload --app module worker` finds this Offload from the
             # module's `celery = offload.errors.celery`.
             off.celery.offload = off
             _default = ErrorReporting(off, [Log()], app_name=caller)
