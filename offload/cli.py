@@ -89,13 +89,14 @@ class _Command(click.Command):
         end = args.index("--") if "--" in args else len(args)
         for index, arg in enumerate(args[:end]):
             if arg in ("-A", "--app"):
-                spec, others = args[index + 1:index + 2] or ["SPEC"], args[:index] + args[index + 2:]
+                spec = args[index + 1] if index + 1 < len(args) else "SPEC"
+                others = args[:index] + args[index + 2:]
             elif arg.startswith(("--app=", "-A")):
-                spec = [arg.partition("=")[2] if arg.startswith("--app=") else arg[2:]]
+                spec = arg.partition("=")[2] if arg.startswith("--app=") else arg[2:]
                 others = args[:index] + args[index + 1:]
             else:
                 continue
-            raise click.UsageError(_where_the_app_goes(ctx, spec[0], others), ctx)
+            raise click.UsageError(_where_the_app_goes(ctx, spec, others), ctx)
         return super().parse_args(ctx, args)
 
 
