@@ -61,6 +61,7 @@ from celery.worker.request import Request as _CeleryRequest
 from kombu import compression as _compression
 from kombu.serialization import prepare_accept_content
 
+from .datadir import make_private_dirs, private_opener
 from .dispatch import dispatch_shape_error, fail_calls
 from .exceptions import RejectedMessage
 from .ids import is_task_id
@@ -270,13 +271,14 @@ class DeadLetters:
         line = json.dumps(entry) + "\n"
         try:
             with self._lock:
-                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                make_private_dirs(os.path.dirname(self.path) or ".")
                 try:
                     if os.path.getsize(self.path) > DEAD_LETTERS_MAX_BYTES:
                         os.replace(self.path, self.path + ".1")
                 except FileNotFoundError:
                     pass
-                with open(self.path, "a", encoding="utf-8") as out:
+                # The bodies are tasks' arguments: owner-only, as the broker's file.
+                with open(self.path, "a", encoding="utf-8", opener=private_opener) as out:
                     out.write(line)
         except OSError:
             logger.exception("could not record the dead letter in %s", self.path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import uuid
 import zlib
 from pathlib import Path
@@ -146,6 +147,9 @@ def test_a_forged_message_is_dead_lettered_and_the_worker_keeps_running(intake, 
         assert wait_until(lambda: any(entry["task_id"] == task_id for entry in dead_letters(off)))
         entries = [entry for entry in dead_letters(off) if entry["task_id"] == task_id]
         assert len(entries) == 1 and reason in entries[0]["reason"], entries
+        # The bodies are tasks' arguments: the file is its owner's alone.
+        mode = (Path(off.settings.data_dir) / "dead-letters.jsonl").stat().st_mode
+        assert stat.S_IMODE(mode) == 0o600
         # Its future ends with the reason instead of waiting forever.
         error = off.get(task_id).exception(timeout=30)
         assert isinstance(error, RejectedMessage) and reason in str(error)
@@ -156,6 +160,29 @@ def test_a_forged_message_is_dead_lettered_and_the_worker_keeps_running(intake, 
     if attack == "gzip-bomb":
         # Refused without inflating it (kombu inflated 300 MB before any check).
         assert rss_mb(worker.pid) - before < 100
+
+
+def test_dead_letters_are_written_owner_only_whatever_the_umask(tmp_path, monkeypatch):
+    """The file holds message bodies (tasks' arguments), as the broker's
+    file does: it and the folders made for it are created owner-only, also
+    after it is moved aside to ``.1``."""
+    from offload import intake as intake_module
+    from offload.intake import DeadLetters
+
+    path = tmp_path / "data" / "dead-letters.jsonl"
+    letters = DeadLetters(str(path))
+    old_umask = os.umask(0)
+    try:
+        letters.record("a reason", task_id="t1", body=b'{"card": "4111"}')
+        monkeypatch.setattr(intake_module, "DEAD_LETTERS_MAX_BYTES", 10)
+        letters.record("another", task_id="t2", body=b"{}")  # past the size: the first moves to .1
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for written in (path, path.with_name(path.name + ".1")):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["task_id"] == "t2"
+    assert json.loads(path.with_name(path.name + ".1").read_text())["task_id"] == "t1"
 
 
 def test_a_compression_the_app_uses_inflates_to_a_bound_only():
