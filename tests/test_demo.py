@@ -21,12 +21,13 @@ from conftest import closed_port, wait_until
 class Demo:
     """``python -m offload.demo`` on a free port with its own data folder."""
 
-    def __init__(self, data_dir: Path, command: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = closed_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "demo.log"
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, OFFLOAD_DEMO_DATA_DIR=str(data_dir / "data"))
+        env = dict(os.environ, OFFLOAD_DEMO_DATA_DIR=str(data_dir / "data"), **(env or {}))
         # cwd in the temp folder: nothing the demo writes lands in the repo.
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m", "offload.demo"]), "--port", str(self.port)],
@@ -121,6 +122,24 @@ def test_offload_demo_takes_data_dir_and_a_second_session_answers_42_again(tmp_p
             demo.proc.wait(30)
             demo.close()
     assert (tmp_path / "named" / "ledger.sqlite3").exists()
+
+
+def test_the_demo_worker_runs_the_demo_whatever_app_the_shell_exports(tmp_path):
+    """The guides tell users to export OFFLOAD_APP for their own app; the
+    demo's worker builds the demo's app all the same, not theirs (where the
+    demo's tasks are not registered)."""
+    (tmp_path / "mytasks.py").write_text(
+        "from offload import Offload\n"
+        "off = Offload({'CELERY_BROKER_URL': 'memory://', 'CELERY_RESULT_BACKEND': 'cache+memory://'})\n")
+    command = [os.path.join(os.path.dirname(sys.executable), "offload"), "demo"]
+    demo = Demo(tmp_path, command, env={"OFFLOAD_APP": "mytasks:off", "FLASK_APP": "mytasks:off"})
+    try:
+        assert readme_session(demo) == "42\n", demo.log_tail()
+        assert "not registered" not in demo.log_path.read_text(errors="replace")
+    finally:
+        demo.proc.send_signal(signal.SIGTERM)
+        demo.proc.wait(30)
+        demo.close()
 
 
 def test_totals_the_ledger_on_a_worker(demo):

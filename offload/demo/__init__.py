@@ -149,5 +149,8 @@ def _ignore_signals() -> Iterator[None]:
 
 def _start_workers(off: Any) -> Callable[[], None]:
     """Start the demo's local worker (its CELERY_WORKERS); return what stops it."""
+    # The worker builds the demo's app, whatever OFFLOAD_APP or FLASK_APP
+    # the shell exports for the user's own (the guides tell them to).
+    off.workers.app_spec = "offload.demo.app:off"
     off.start()
     return off.stop
