@@ -250,6 +250,9 @@ class Offload:
         #: A copy of the mapping the last :meth:`configure` read (local
         #: workers are started with it, :mod:`offload.workers`).
         self.configured_from: dict[str, Any] = {}
+        #: The mapping given to the constructor: a value still there (the
+        #: same object) is rebuilt by a worker's own import of the module.
+        self.constructed_from: dict[str, Any] = {}
         self._references: dict[Any, str] = {}
         self._commit_hooks: list[CommitHook] = []
         self._allow = AllowList(())
@@ -275,6 +278,7 @@ class Offload:
             self.init_app(config)
         else:
             self.configure(config)
+            self.constructed_from = dict(self.configured_from)
 
     def __repr__(self) -> str:
         return f"<Offload {self.import_name} broker={self.broker_url!r}>"

@@ -145,6 +145,20 @@ def starter_settings(off: Any) -> tuple[dict[str, Any], list[str]]:
     return values, left
 
 
+def _maybe_built_otherwise(off: Any, keys: list[str]) -> list[str]:
+    """Which of the settings ``keys`` (kept as the worker's import makes
+    them) that import may build otherwise than ``off`` holds them.
+
+    A value given to the ``Offload(...)`` constructor of an app no web app
+    configured (a ``crontab`` in ``CELERY_BEAT_SCHEDULE``, a kombu ``Queue``)
+    is the same object still: the worker's import of the module runs the
+    same constructor. A value set later (``configure``, a Flask app's
+    config, a factory) may not be set there at all.
+    """
+    rebuilt = off.constructed_from if off.app_hooks is None else {}
+    return [key for key in keys if not (key in rebuilt and rebuilt[key] is off.configured_from[key])]
+
+
 def module_attr_holding(module_name: str, obj: Any) -> str | None:
     """The name under which the module ``module_name`` holds ``obj``, or None."""
     module = sys.modules.get(module_name)
@@ -368,10 +382,11 @@ class LocalWorkers:
         holds the broker's password and the app's secrets.
         """
         values, left = starter_settings(self._off)
-        if left and left != self._warned_left:
-            self._warned_left = left
+        unsure = _maybe_built_otherwise(self._off, left)
+        if unsure and unsure != self._warned_left:
+            self._warned_left = unsure
             warnings.warn(
-                f"the local workers cannot be given the setting(s) {', '.join(left)}: their values "
+                f"the local workers cannot be given the setting(s) {', '.join(unsure)}: their values "
                 "are not JSON (strings, numbers, lists, dicts), so the workers take them from their "
                 f"own import of the app ({app_spec}). Give them as JSON values, or set them where "
                 "that import builds the app.", UserWarning, stacklevel=4)

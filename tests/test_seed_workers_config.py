@@ -248,3 +248,43 @@ def test_an_offload_plus_redis_url_runs_tasks(tmp_path, monkeypatch):
         assert "Connected to offload-redis://127.0.0.1:6379/" in log and ":**@" not in log
     finally:
         off.stop()
+
+
+def test_a_schedule_the_module_builds_travels_by_the_workers_own_import(tmp_path, monkeypatch):
+    """periodic.md's app: a ``crontab`` in ``CELERY_BEAT_SCHEDULE``, given to
+    the module-level ``Offload(...)``, is not JSON, but the worker's import
+    of the module builds it the same: ``start()`` warns of nothing, and the
+    worker holds the schedule."""
+    require_service("redis")
+    name = f"periodic_{test_id().replace('-', '_')}"
+    settings = local_settings(name, OFFLOAD_DATA_DIR=str(tmp_path / "data"), OFFLOAD_ALLOW=[name],
+                              CELERY_WORKERS=["solo"])
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f'''
+        from celery.schedules import crontab
+
+        from offload import Offload
+
+        off = Offload({{**{settings!r},
+                       "CELERY_BEAT_SCHEDULE": {{"nightly": {{"task": "{name}.report",
+                                                              "schedule": crontab(hour=3, minute=0)}}}}}})
+
+
+        @off.task(name="{name}.report")
+        def report():
+            return "report"
+
+
+        def nightly_schedule():
+            return repr(off.celery.conf.beat_schedule["nightly"]["schedule"])
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    module = __import__(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module.off.start()
+        assert module.off.submit(module.nightly_schedule).result(timeout=60) == "<crontab: 0 3 * * * (m/h/dM/MY/d)>"
+    finally:
+        module.off.stop()
+        sys.modules.pop(name, None)
