@@ -295,6 +295,45 @@ def test_a_line_of_writers_that_moves_is_waited_in(app):
     assert done.is_set()
 
 
+def test_a_writer_taking_turn_after_turn_lets_a_waiter_in(app):
+    """An flock is not fair: a writer that gives the turn back and takes it
+    again at once (expired results swept in batches, acks one after the
+    other) kept it from a waiter, whose tries come up to a millisecond
+    apart, until its batches ended or the waiter's lock_timeout passed (a
+    submit then failed with DatabaseLocked). A waiter that has waited
+    WriterTurns.STARVED is let in first."""
+    import threading
+
+    from offload.transport._sqlite import _turns
+
+    backend = app.backend
+    backend.store_result("before", 1, states.SUCCESS)
+    path, rounds = backend.path, 500
+    holding, done = threading.Event(), []
+
+    def batches() -> None:  # turn after turn, each held 2 ms, none let go of for long
+        for _ in range(rounds):
+            turn = _turns.take(path)
+            holding.set()
+            time.sleep(0.002)
+            _turns.give_back(path, turn)
+            done.append(1)
+
+    other = threading.Thread(target=batches)
+    other.start()
+    try:
+        assert holding.wait(10)
+        turn = _turns.take(path)
+        rounds_before = len(done)
+        assert turn is not None
+        _turns.give_back(path, turn)
+    finally:
+        other.join(60)
+    assert len(done) == rounds
+    # Had while the batches went on, not once they ended.
+    assert rounds_before < rounds // 5, rounds_before
+
+
 def test_a_write_over_its_own_unread_cursor_says_so(app):
     """A connection still reading an older state of the file (a cursor not
     read to its end) cannot write once another connection has committed:

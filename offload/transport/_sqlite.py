@@ -145,6 +145,16 @@ class WriterTurns:
     sparse retries lose to the line's writers, and then wait seconds where
     the line takes milliseconds.
 
+    A waiter notes in the lock file since when it waits and when it last
+    tried; a writer that comes for the turn while one has waited
+    :attr:`STARVED` seconds or more (the holder that just gave it back,
+    sweeping expired results in batches, acking message after message)
+    first steps aside until that waiter has it, for :attr:`STEP_ASIDE`
+    seconds at most. An ``flock`` is not fair: without
+    this, a writer taking the turn again at once kept it from the others,
+    whose tries come up to a millisecond apart, for as long as its batches
+    lasted (a submit then failed with :class:`DatabaseLocked`).
+
     Bad luck: the kernel drops a dead process's lock; a write waits for its
     turn at most as long as for sqlite's lock (``lock_timeout``); a forked
     child closes the parent's descriptors (one it inherited locked must not
@@ -156,8 +166,17 @@ class WriterTurns:
     WAIT = 0.25
     #: The first pause between two tries (doubling to 1 ms).
     FIRST_PAUSE = 0.00002
-    #: The lock file's content: when its holder took the turn (``time.monotonic``).
+    #: A waiter that tried this recently is waiting still (it tries at least every ms).
+    FRESH = 0.0025
+    #: A waiter that has waited this long is let in first.
+    STARVED = 0.005
+    #: Longest time a writer steps aside for a waiter before coming for the turn.
+    STEP_ASIDE = 0.003
+    #: The lock file's content: when its holder took the turn (``time.monotonic``),
+    #: then since when the longest waiter waits and when it last tried (0.0: none does).
     _STAMP = struct.Struct("=d")
+    _WAITER = struct.Struct("=dd")
+    _WAITER_AT = 8
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -190,6 +209,7 @@ class WriterTurns:
                     path + "-lock", "r+", opener=lambda name, flags: os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
                 self._opened.add(lock_file)
             fd = lock_file.fileno()
+            self._step_aside(fd)
             if not self._wait(fd, deadline):
                 return None
         except OSError:  # a read-only folder, no locks there: sqlite's alone
@@ -201,20 +221,57 @@ class WriterTurns:
         held.add(path)
         return lock_file
 
+    def _step_aside(self, fd: int) -> None:
+        """Let a writer that has waited :attr:`STARVED` seconds for the turn
+        have it first (until it took it, or for :attr:`STEP_ASIDE` seconds at most)."""
+        now = time.monotonic()
+        give_up, pause = now + self.STEP_ASIDE, self.FIRST_PAUSE
+        while now < give_up:
+            since = self._waiter(fd, now)
+            if since is None or now - since < self.STARVED:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.0002)
+            now = time.monotonic()
+
+    def _waiter(self, fd: int, now: float) -> float | None:
+        """Since when the longest waiter still trying waits; None: none is."""
+        noted = os.pread(fd, self._WAITER.size, self._WAITER_AT)
+        if len(noted) < self._WAITER.size:
+            return None
+        since, tried = self._WAITER.unpack(noted)
+        return since if 0 <= now - tried < self.FRESH else None
+
     def _wait(self, fd: int, deadline: float) -> bool:
         pause = self.FIRST_PAUSE
-        give_up = time.monotonic() + deadline
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                pass
-            now = time.monotonic()
-            if now >= give_up or self._held_too_long(fd, now):
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+        started = time.monotonic()
+        give_up = started + deadline
+        noted = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    pass
+                now = time.monotonic()
+                if now >= give_up or self._held_too_long(fd, now):
+                    return False
+                if now - started >= self.STARVED / 2:  # a wait of one write or two is not noted
+                    longest = self._waiter(fd, now)
+                    self._note(fd, started if longest is None or started <= longest else longest, now)
+                    noted = True
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+        finally:
+            if noted:  # had, or given up on: no longer waiting
+                self._note(fd, 0.0, 0.0)
+
+    def _note(self, fd: int, since: float, tried: float) -> None:
+        try:
+            os.pwrite(fd, self._WAITER.pack(since, tried), self._WAITER_AT)
+        except OSError:  # a full disk: the holders do not step aside for this waiter
+            pass
 
     def _held_too_long(self, fd: int, now: float) -> bool:
         """Whether the turn's holder took it :attr:`WAIT` seconds ago or more
