@@ -29,7 +29,8 @@ from .config import default_data_dir as _default_data_dir
 from .config import translate
 from .dispatch import (CHUNK_TASK, AllowList, chunk_call_ids, default_allow, install_chunk_dispatcher,
                        install_dispatcher, reference)
-from .exceptions import CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit, broker_unreachable
+from .exceptions import (CONNECTION_ERRORS, BrokerUnavailable, ConfigurationError, ResultBackendLimit,
+                         _ResultStoreUnreachable, broker_unreachable, result_store_unreachable)
 from .executor import Executor
 from .exposure import Exposures
 from .frameworks import INTEGRATIONS, AppHooks, integration_for
@@ -390,7 +391,10 @@ class Offload:
                     from celery.utils import uuid
 
                     task_id = task_id or uuid()
-                    off.exposures.mark([task_id], self.name, self.public_errors)
+                    try:
+                        off.exposures.mark([task_id], self.name, self.public_errors)
+                    except CONNECTION_ERRORS as exc:
+                        raise result_store_unreachable(self.app, exc, f"send the task {self.name}") from exc
                 # .delay() too: a dead broker is offload's BrokerUnavailable,
                 # as for submit (still a kombu OperationalError).
                 try:
@@ -823,6 +827,9 @@ class Offload:
                 f"the arguments of {getattr(fn, '__name__', fn)!r} must be JSON-serializable "
                 f"(str, int, float, bool, None, list, dict): {exc}"
             ) from None
+        except _ResultStoreUnreachable:
+            future.unfollow()
+            raise
         except BrokerUnavailable as exc:  # from Task.apply_async: said here as submit says it
             future.unfollow()
             cause = exc.__cause__ or exc
@@ -848,7 +855,7 @@ class Offload:
         try:
             self.exposures.mark(task_ids, name, (*getattr(task, "public_errors", ()), *public))
         except CONNECTION_ERRORS as exc:
-            raise broker_unreachable(self.celery, exc, "record the task for the web task API") from exc
+            raise result_store_unreachable(self.celery, exc, "send the task") from exc
 
     # Workers and monitoring (offload.workers) ------------------------------
 
@@ -1105,7 +1112,7 @@ class _Submitter:
         except BaseException as exc:
             for future in futures[sent:]:
                 future.unfollow()
-            if isinstance(exc, CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, _ResultStoreUnreachable):
                 cause = (exc.__cause__ or exc) if isinstance(exc, BrokerUnavailable) else exc
                 raise broker_unreachable(off.celery, cause, "send the tasks") from cause
             raise

@@ -53,6 +53,19 @@ class BrokerUnavailable(OffloadError, ConnectionError, OperationalError):
     """
 
 
+class _ResultStoreUnreachable(BrokerUnavailable):
+    """The call was not sent: its mark for the web task API could not be
+    written to the result store (a :class:`BrokerUnavailable` all the same,
+    as ``submit`` documents; its message names the store, not the broker)."""
+
+
+def result_store_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:
+    """The error for a result store that did not answer while a call was being sent."""
+    return _ResultStoreUnreachable(
+        f"cannot {doing}: the result store at {maybe_sanitize_url(str(app.conf.result_backend))!r} did not "
+        f"answer ({exc}); the task was not sent.")
+
+
 def broker_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:
     """The error for a broker that did not answer while offload tried ``doing``.
 

@@ -169,7 +169,9 @@ def test_authorize_refuses_with_403(web_off, kind):
 
 
 def test_unreachable_broker_is_503_and_wrong_arguments_are_checked_first(kind, tmp_path):
-    broken = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    # The result store answers (the calls' marks are written): the broker is what fails.
+    broken = Offload({"CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "OFFLOAD_DATA_DIR": str(tmp_path),
+                      "CELERY_RESULT_BACKEND": "sqlite://"})
     from testapp.webtasks import add
 
     broken.task(expose=True)(add)
@@ -183,8 +185,35 @@ def test_unreachable_broker_is_503_and_wrong_arguments_are_checked_first(kind, t
         assert answer.headers["retry-after"]
         rpc = c.post("/offload/rpc", json={"jsonrpc": "2.0", "method": "add", "params": [1], "id": 7}).json()
         assert rpc["error"]["code"] == -32002 and rpc["id"] == 7
-        status = c.get(f"/offload/tasks/{uuid.uuid4()}")  # its result backend is that Redis too
+
+
+def test_an_unreachable_result_store_is_named_and_the_call_not_sent(kind, tmp_path):
+    """The embedded broker answers, the result store (a Redis on a closed
+    port) does not: a call's mark for the web API cannot be written, so the
+    call is not sent. The API answers 503 BackendUnavailable; submit raises
+    BrokerUnavailable (what it documents) naming the store, not the broker;
+    nothing is queued."""
+    from offload.exceptions import BrokerUnavailable
+
+    broken = Offload({"OFFLOAD_DATA_DIR": str(tmp_path), "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/0"})
+    from testapp.webtasks import add
+
+    task = broken.task(expose=True)(add)
+    with serve(kind, make_api(broken)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        answer = c.post("/offload/tasks/add", json={"args": [1, 2]})
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        assert answer.json()["error"]["type"] == "BackendUnavailable"
+        assert "result store" in answer.json()["error"]["message"]
+        rpc = c.post("/offload/rpc", json={"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 3}).json()
+        assert rpc["error"]["code"] == -32002 and "result store" in rpc["error"]["message"]
+        status = c.get(f"/offload/tasks/{uuid.uuid4()}")  # reading a state needs the store too
         assert status.status_code == 503 and status.json()["error"]["type"] == "BackendUnavailable"
+    for send in (lambda: broken.submit(task, 1, 2), lambda: task.delay(1, 2)):
+        with pytest.raises(BrokerUnavailable, match=r"the result store at 'redis://127.0.0.1:1/0' did not answer"):
+            send()
+    with broken.celery.connection_for_write() as conn:
+        queue = broken.celery.conf.task_default_queue
+        assert conn.default_channel.queue_declare(queue, passive=False).message_count == 0
 
 
 # Server-sent events ------------------------------------------------------------

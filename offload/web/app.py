@@ -23,7 +23,7 @@ from urllib.parse import quote
 from celery import exceptions as celery_exceptions
 from celery import states
 
-from ..exceptions import BrokerUnavailable, ConfigurationError
+from ..exceptions import BrokerUnavailable, ConfigurationError, _ResultStoreUnreachable
 from ..exposure import Exposure
 from . import strict_json
 from .interface import OffloadLike
@@ -197,6 +197,11 @@ class TaskAPI:
             return answer
         except HTTPError as exc:
             return error_response(exc.status, exc.kind, exc.message, exc.headers)
+        except _ResultStoreUnreachable as exc:  # the call's mark could not be written: not sent
+            logger.warning("task API: %s", exc)
+            return error_response(503, "BackendUnavailable",
+                                  "the result store is unreachable or busy; try again shortly",
+                                  [("Retry-After", "2")])
         except BrokerUnavailable as exc:
             logger.warning("task API: %s", exc)
             return error_response(503, "BrokerUnavailable",

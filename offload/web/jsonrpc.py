@@ -44,7 +44,7 @@ INTERNAL_ERROR = -32603
 TASK_FAILED = -32000
 #: ``authorize`` refused the call.
 FORBIDDEN = -32001
-#: The broker could not be reached.
+#: The broker or the result store could not be reached.
 UNAVAILABLE = -32002
 #: ``task.result``: the task did not end within the timeout.
 NOT_FINISHED = -32003
@@ -169,7 +169,7 @@ def _failure(shown: dict[str, Any]) -> RPCError:
 
 
 def _dispatch(api: Any, request: RequestInfo, method: str, params: Any, deadline: float) -> Steps[Any]:
-    from ..exceptions import BrokerUnavailable
+    from ..exceptions import BrokerUnavailable, _ResultStoreUnreachable
 
     if method == "task.status":
         task_id = _task_id(api, params)
@@ -202,6 +202,8 @@ def _dispatch(api: Any, request: RequestInfo, method: str, params: Any, deadline
     args, kwargs = (params, {}) if isinstance(params, list) else ([], params)
     try:
         task_id = yield from api.start(task, args, kwargs)
+    except _ResultStoreUnreachable:
+        raise RPCError(UNAVAILABLE, "the result store is unreachable or busy; try again shortly") from None
     except BrokerUnavailable:
         raise RPCError(UNAVAILABLE, "the task broker is unreachable; try again shortly") from None
     return task_id
