@@ -39,7 +39,7 @@ from typing import Any
 from kombu.exceptions import EncodeError
 
 from .core import CONNECTION_ERRORS, Offload
-from .exceptions import ConfigurationError, InvalidTaskId, OffloadError, broker_unreachable
+from .exceptions import ConfigurationError, InvalidTaskId, OffloadError, _ResultStoreUnreachable, broker_unreachable
 from .futures import Future
 from .ids import check_task_id
 
@@ -290,6 +290,8 @@ def delay_task(request: Any, fn: Callable[..., Any] | str, /, *args: Any, **kwar
         return task.apply_async(args, kwargs)
     except EncodeError as exc:
         raise TypeError(f"the arguments of task {task.name!r} must be JSON-serializable: {exc}") from None
+    except _ResultStoreUnreachable:  # said already, naming the store
+        raise
     except CONNECTION_ERRORS as exc:
         raise broker_unreachable(off.celery, exc, f"send task {task.name!r}") from exc
 

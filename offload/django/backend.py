@@ -22,7 +22,7 @@ from typing import Any
 from celery import states
 
 from ..core import CONNECTION_ERRORS
-from ..exceptions import NotAllowedError, broker_unreachable
+from ..exceptions import NotAllowedError, result_store_unreachable
 from ..ids import is_task_id
 from . import _compat as fw
 from .attempt import _class_path, _iso, _new_result, _now, _reference, _result, _status, _task_as_enqueued
@@ -140,10 +140,13 @@ class TaskBackend(fw.BaseTaskBackend):
                 records.write(task_id, {"ref": _reference(task), "args": result.args, "kwargs": result.kwargs,
                                         "options": options, "enqueued_at": _iso(enqueued)})
             except CONNECTION_ERRORS as exc:
-                raise broker_unreachable(off.celery, exc, f"enqueue {task.module_path}") from exc
+                raise result_store_unreachable(off.celery, exc, f"enqueue {task.module_path}") from exc
             try:
                 if self.expose:
-                    off.exposures.mark([task_id], task.module_path)
+                    try:
+                        off.exposures.mark([task_id], task.module_path)
+                    except CONNECTION_ERRORS as exc:
+                        raise result_store_unreachable(off.celery, exc, f"enqueue {task.module_path}") from exc
                 off.options(**send_options).submit(runner, _reference(task), result.args, result.kwargs, options)
             except BaseException:
                 records.forget(task_id)  # not sent: no id that reads as enqueued
