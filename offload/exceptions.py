@@ -54,9 +54,12 @@ class BrokerUnavailable(OffloadError, ConnectionError, OperationalError):
 
 
 class _ResultStoreUnreachable(BrokerUnavailable):
-    """The call was not sent: its mark for the web task API could not be
-    written to the result store (a :class:`BrokerUnavailable` all the same,
-    as ``submit`` documents; its message names the store, not the broker)."""
+    """The call was not sent: what is written to the result store before it
+    (its mark for the web task API, a Django task's record) could not be.
+
+    A :class:`BrokerUnavailable` all the same, as ``submit`` documents; its
+    message names the store, not the broker.
+    """
 
 
 def result_store_unreachable(app: Any, exc: BaseException, doing: str) -> BrokerUnavailable:
