@@ -25,6 +25,8 @@ from celery import Celery
 from offload.transport._sqlite import WriterTurns
 
 WRITE_EVERY = 0.005
+#: How long a waiter waits before a writer coming back steps aside for it (offload's own value).
+STARVED = WriterTurns.STARVED
 
 
 def _backend(path: str):
@@ -58,7 +60,7 @@ def _fill(path: str, count: int):
 
 def one(count: int, fair: bool) -> tuple[float, int, float]:
     """(sweep seconds, writes during it, longest write in ms)."""
-    WriterTurns.STARVED = 0.005 if fair else float("inf")
+    WriterTurns.STARVED = STARVED if fair else float("inf")
     folder = tempfile.mkdtemp(prefix="offload-sweep-")
     path = os.path.join(folder, "results.sqlite3")
     backend = _fill(path, count)

@@ -150,10 +150,10 @@ class WriterTurns:
     :attr:`STARVED` seconds or more (the holder that just gave it back,
     sweeping expired results in batches, acking message after message)
     first steps aside until that waiter has it, for :attr:`STEP_ASIDE`
-    seconds at most. An ``flock`` is not fair: without
-    this, a writer taking the turn again at once kept it from the others,
-    whose tries come up to a millisecond apart, for as long as its batches
-    lasted (a submit then failed with :class:`DatabaseLocked`).
+    seconds at most. An ``flock`` is not fair: without this, a writer
+    taking the turn again at once kept it from the others, whose tries come
+    up to a millisecond apart, for as long as its batches lasted (a submit
+    then failed with :class:`DatabaseLocked`).
 
     Bad luck: the kernel drops a dead process's lock; a write waits for its
     turn at most as long as for sqlite's lock (``lock_timeout``); a forked
